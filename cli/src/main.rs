@@ -1,0 +1,90 @@
+//! `kvtier` — the command-line client of kvtier: namespaces, blocks, lookup,
+//! stats, benchmarks and trace replay. See `kvtier --help`.
+
+mod bench;
+mod blocks;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kvtier_client::{Client, DEFAULT_SOCKET};
+
+#[derive(Parser)]
+#[command(name = "kvtier", version, about = "kvtier command-line client")]
+struct Cli {
+    /// kvbm address: a Unix socket path, unix:/path, or http://host:port.
+    #[arg(long, global = true, env = "KVTIER_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Namespaces (one per KV layout).
+    Ns {
+        #[command(subcommand)]
+        cmd: blocks::NsCmd,
+    },
+    /// Put or get one block.
+    Block {
+        #[command(subcommand)]
+        cmd: blocks::BlockCmd,
+    },
+    /// Longest prefix of a key chain present, per tier.
+    Lookup(blocks::LookupArgs),
+    /// Wait until write-behind is on disk; prints the durable block count.
+    Sync,
+    /// Daemon statistics.
+    Stats {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks against a plain baseline in the same run.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvtier: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvtier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Bench { cmd } => bench::run(cmd).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Ns { cmd } => blocks::ns(&connect(&cli.socket).await?, cmd).await,
+        Cmd::Block { cmd } => blocks::block(&connect(&cli.socket).await?, cmd).await,
+        Cmd::Lookup(args) => blocks::lookup(&connect(&cli.socket).await?, args).await,
+        Cmd::Sync => {
+            let n = connect(&cli.socket).await?.sync().await?;
+            println!("{n} blocks durable on disk");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stats { json } => blocks::stats(&connect(&cli.socket).await?, json).await,
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect(addr).await?)
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds what the GPU machine needs (it has Python 3.12, torch and CUDA, but
+# no cargo and no package registry) into .gpu/ (git-ignored):
+#   .gpu/kvtier-*.whl  the connector: an abi3 wheel (CPython >= 3.11), built
+#                      on glibc 2.36 for x86_64, stripped
+#   .gpu/kvbm          the daemon, release, stripped
+# On the GPU machine:
+#   pip install --no-deps --target .gpu/site .gpu/kvtier-*.whl
+#   PYTHONPATH=.gpu/site python connectors/bench/gpu_throughput.py --kvbm .gpu/kvbm
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+mkdir -p .gpu
+MATURIN=${MATURIN:-maturin}
+if ! command -v "$MATURIN" >/dev/null; then
+    python3 -m venv .gpu/build-venv
+    .gpu/build-venv/bin/pip install -q 'maturin>=1.7,<2'
+    MATURIN=.gpu/build-venv/bin/maturin
+fi
+PY=${KVTIER_PYTHON:-python3}
+rm -f .gpu/kvtier-*.whl
+"$MATURIN" build --release --strip -m connectors/pyproject.toml -i "$PY" -o .gpu
+cargo build --release -p kvbm
+strip -o .gpu/kvbm target/release/kvbm
+ls -la .gpu

@@ -1,0 +1,171 @@
+"""Latency of KvtierConnector.get_num_new_matched_tokens against a local kvbm.
+
+An 8k-token request (512 blocks of 16 tokens) whose blocks are all in kvbm;
+the scheduler-side connector asks kvbm for the match, as vLLM's scheduler
+does for every new request. Prints one JSON line (microseconds).
+
+    python connectors/bench/latency.py [--socket PATH] [--iters N]
+
+Without --socket it starts ``$KVTIER_BIN_DIR/kvbm`` (default
+``target/release/kvbm``, else ``target/debug/kvbm``) in a temporary
+directory.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
+    bin_dir = os.environ.get("KVTIER_BIN_DIR")
+    candidates = [Path(bin_dir) / "kvbm"] if bin_dir else []
+    candidates += [ROOT / "target/release/kvbm", ROOT / "target/debug/kvbm"]
+    binary = next((p for p in candidates if p.exists()), None)
+    if binary is None:
+        sys.exit("no kvbm binary: cargo build --release -p kvbm")
+    socket = os.path.join(workdir, "kvbm.sock")
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--data-dir",
+            os.path.join(workdir, "data"),
+            "--socket",
+            socket,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--host-bytes",
+            "64MiB",
+            "--disk-bytes",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    line = proc.stdout.readline().decode()
+    if "kvbm listening" not in line:
+        proc.kill()
+        sys.exit(f"kvbm did not start: {line!r}")
+    return proc, socket
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket")
+    ap.add_argument("--iters", type=int, default=3000)
+    ap.add_argument("--tokens", type=int, default=8192)
+    args = ap.parse_args()
+
+    import torch
+    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
+    from vllm.v1.request import Request
+
+    from kvtier import Client, Pool
+    from kvtier.vllm import KvtierConnector
+
+    proc = None
+    tmp = tempfile.TemporaryDirectory()
+    socket = args.socket
+    if socket is None:
+        proc, socket = start_daemon(tmp.name)
+    try:
+        bs = 16
+        config = VllmConfig(
+            cache_config=CacheConfig(block_size=bs, prefix_caching_hash_algo="sha256_cbor"),
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="KvtierConnector",
+                kv_connector_module_path="kvtier.vllm",
+                kv_role="kv_both",
+                kv_connector_extra_config={
+                    "socket": socket,
+                    "model": "bench/llama-3-8b",
+                    "events": False,
+                },
+            ),
+            device_config=DeviceConfig(device="cpu"),
+        )
+        names = [f"model.layers.{i}.self_attn.attn" for i in range(32)]
+        spec = FullAttentionSpec(block_size=bs, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+        kcc = KVCacheConfig(
+            num_blocks=1024, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)]
+        )
+        sched = KvtierConnector(config, KVConnectorRole.SCHEDULER, kcc)
+        ns = sched.scheduler_side.namespaces[0]
+
+        init_none_hash(sha256_cbor)
+        req = Request(
+            "bench",
+            list(range(args.tokens)),
+            SamplingParams(max_tokens=1),
+            None,
+            block_hasher=get_request_block_hasher(bs, sha256_cbor),
+        )
+        keys = list(req.block_hashes)
+
+        # Store the chain through the pool (small blocks: only keys matter).
+        client = Client(socket)
+        client.register_namespace(ns, 4096, {"model": "bench", "tokens_per_block": bs})
+        pool = Pool(socket)
+        parents = [b""] + keys[:-1]
+        client.reserve(pool.session, ns, keys, parents, list(range(args.tokens)), bs)
+        client.commit(pool.session, ns, keys)
+
+        matched = sched.get_num_new_matched_tokens(req, 0)
+        assert matched == (args.tokens - 1, True), matched
+        for _ in range(200):
+            sched.get_num_new_matched_tokens(req, 0)
+        samples = []
+        for _ in range(args.iters):
+            t = time.perf_counter_ns()
+            sched.get_num_new_matched_tokens(req, 0)
+            samples.append((time.perf_counter_ns() - t) / 1000)
+        raw = []
+        for _ in range(args.iters):
+            t = time.perf_counter_ns()
+            client.lookup(ns, keys)
+            raw.append((time.perf_counter_ns() - t) / 1000)
+        samples.sort()
+        raw.sort()
+        print(
+            json.dumps(
+                {
+                    "bench": "get_num_new_matched_tokens",
+                    "tokens": args.tokens,
+                    "blocks": len(keys),
+                    "runtime": os.environ.get("KVTIER_RUNTIME", "current"),
+                    "iters": args.iters,
+                    "median_us": round(statistics.median(samples), 1),
+                    "p90_us": round(samples[int(0.9 * len(samples))], 1),
+                    "p99_us": round(samples[int(0.99 * len(samples))], 1),
+                    "client_lookup_median_us": round(statistics.median(raw), 1),
+                }
+            )
+        )
+        pool.close()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+//! Attaching kvbm's shared host pool.
+//!
+//! Wire format of the pool socket (`<socket>.pool`, a `SOCK_STREAM` Unix
+//! socket): on accept the daemon sends one 16-byte message
+//! `[session: u64 LE][pool_len: u64 LE]` with the pool's memfd attached as
+//! `SCM_RIGHTS`. The client keeps the connection open for as long as it uses
+//! the session: when it closes (or the process dies) the daemon releases the
+//! session's leases and reservations.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// The pool socket that belongs to a daemon's gRPC Unix socket.
+pub fn pool_socket_path(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".pool");
+    PathBuf::from(s)
+}
+
+/// The daemon's host pool, mapped read/write into this process.
+pub struct Pool {
+    session: u64,
+    base: *mut u8,
+    len: usize,
+    // Held open: the session lives as long as this connection.
+    _conn: UnixStream,
+}
+
+// SAFETY: the mapping is plain shared memory; `Pool` only hands out raw
+// pointers and slices whose use is the caller's responsibility (slots it was
+// granted by Reserve/Acquire).
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("session", &self.session)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Connects to the pool socket next to the daemon's gRPC socket
+    /// `socket` and maps the pool. Blocking.
+    pub fn attach(socket: &Path) -> Result<Pool> {
+        let path = pool_socket_path(socket);
+        let err = |source| Error::Pool {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = UnixStream::connect(&path).map_err(err)?;
+        let (header, fd) = recv_with_fd(&conn).map_err(err)?;
+        let session = u64::from_le_bytes(header[0..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()) as usize;
+        if len == 0 {
+            return Err(err(std::io::Error::other("daemon announced an empty pool")));
+        }
+        // SAFETY: mapping a shared memfd we own a descriptor for; the length
+        // is the daemon's pool size, which is the memfd's size.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(Pool {
+            session,
+            base: base as *mut u8,
+            len,
+            _conn: conn,
+        })
+    }
+
+    /// The session id to pass in Reserve/Commit/Abort/Acquire/Release.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Base address of the mapping (for engines that copy with their own
+    /// kernels, e.g. torch over the pool).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// The bytes of a slot, for reading. `None` when the range lies outside
+    /// the pool (a reply that does not fit this pool is never trusted).
+    pub fn slot(&self, offset: u64, length: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(length)?;
+        if end > self.len as u64 {
+            return None;
+        }
+        // SAFETY: in bounds of a live mapping; concurrent writers are other
+        // clients writing slots they reserved, never a slot leased to us.
+        Some(unsafe { std::slice::from_raw_parts(self.base.add(offset as usize), length as usize) })
+    }
+
+    /// The bytes of a slot, for writing a reserved block.
+    #[allow(clippy::mut_from_ref)]
+    pub fn slot_mut(&self, offset: u64, length: u64) -> Option<&mut [u8]> {
+        let end = offset.checked_add(length)?;
+        if end > self.len as u64 {
+            return None;
+        }
+        // SAFETY: in bounds; the daemon grants a reserved slot to one
+        // session only, so no one else reads or writes it until commit.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.base.add(offset as usize), length as usize)
+        })
+    }
+}
+
+// Added for the Python connector (kvtier-py): detecting a daemon restart.
+impl Pool {
+    /// Whether the daemon still holds this session: `false` once the pool
+    /// connection was closed by the other side (daemon stopped or
+    /// restarted), after which slot offsets no longer refer to this
+    /// mapping. Non-blocking: one `poll(2)`.
+    pub fn is_alive(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self._conn.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one descriptor we own, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n < 0 {
+            return true;
+        }
+        pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLIN) == 0
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping created in `attach`.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Receives the 16-byte header and the descriptor sent with it.
+fn recv_with_fd(conn: &UnixStream) -> std::io::Result<([u8; 16], OwnedFd)> {
+    let mut header = [0u8; 16];
+    // Room for one descriptor in the control message, 8-byte aligned.
+    let mut cmsg = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: header.as_mut_ptr() as *mut libc::c_void,
+        iov_len: header.len(),
+    };
+    // SAFETY: msghdr built over buffers that outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    // SAFETY: recvmsg on a connected socket into the buffers above.
+    let n = unsafe { libc::recvmsg(conn.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != header.len() {
+        return Err(std::io::Error::other(format!(
+            "short pool handshake: {n} bytes"
+        )));
+    }
+    // SAFETY: walking the control messages the kernel filled in.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                return Ok((header, OwnedFd::from_raw_fd(fd)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Err(std::io::Error::other(
+        "pool handshake carried no descriptor",
+    ))
+}

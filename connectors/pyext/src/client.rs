@@ -1,0 +1,541 @@
+//! `Client`: synchronous kvbm calls for Python.
+//!
+//! Every call releases the GIL, runs on the process-wide runtime and carries
+//! a deadline (`timeout_ms`). A transport failure or a timeout drops the
+//! connection and raises `KvbmUnavailable`; the next call reconnects, but
+//! after a failed connect no new attempt is made for `retry_ms`, so a dead
+//! daemon costs callers one fast error, not a connect per call.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kvtier_client::v1;
+use kvtier_client::v1::kvbm_client::KvbmClient;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::{runtime, KvbmError, KvbmUnavailable};
+
+/// What a failed call is, before it becomes a Python exception.
+enum CallError {
+    /// No connection, a broken one, or the deadline passed.
+    Unavailable(String),
+    /// The daemon answered with an error status.
+    Daemon(String),
+}
+
+impl CallError {
+    fn from_status(s: tonic::Status) -> CallError {
+        let msg = format!("kvbm {:?}: {}", s.code(), s.message());
+        match s.code() {
+            // `Unknown` is how tonic reports transport failures on a call.
+            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => {
+                CallError::Unavailable(msg)
+            }
+            _ => CallError::Daemon(msg),
+        }
+    }
+
+    fn into_py(self) -> PyErr {
+        match self {
+            CallError::Unavailable(m) => KvbmUnavailable::new_err(m),
+            CallError::Daemon(m) => KvbmError::new_err(m),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Conn {
+    client: Option<KvbmClient<Channel>>,
+    /// After a failed connect: no new attempt before this instant.
+    retry_at: Option<Instant>,
+}
+
+/// A connection to one kvbm daemon (`/path/to/kvbm.sock`, `unix:/path` or
+/// `http://host:port`), opened lazily and reopened after failures.
+#[pyclass(frozen, module = "kvtier._kvtier")]
+pub struct Client {
+    addr: String,
+    timeout: Duration,
+    retry: Duration,
+    conn: Mutex<Conn>,
+    connects: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Client {
+    /// The gRPC client, connecting first when there is none.
+    fn rpc(&self) -> Result<KvbmClient<Channel>, CallError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| CallError::Unavailable("client state poisoned".into()))?;
+        if let Some(c) = &conn.client {
+            return Ok(c.clone());
+        }
+        if let Some(at) = conn.retry_at {
+            if Instant::now() < at {
+                return Err(CallError::Unavailable(format!(
+                    "kvbm at {} unreachable; next attempt in {:?}",
+                    self.addr,
+                    at.saturating_duration_since(Instant::now())
+                )));
+            }
+        }
+        let rt = runtime::get().map_err(CallError::Unavailable)?;
+        let addr = self.addr.clone();
+        let res = rt.block_on(async {
+            tokio::time::timeout(self.timeout, kvtier_client::Client::connect(&addr)).await
+        });
+        match res {
+            Ok(Ok(c)) => {
+                self.connects.fetch_add(1, Ordering::Relaxed);
+                let rpc = c.rpc();
+                conn.client = Some(rpc.clone());
+                conn.retry_at = None;
+                Ok(rpc)
+            }
+            Ok(Err(e)) => {
+                conn.retry_at = Some(Instant::now() + self.retry);
+                Err(CallError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                conn.retry_at = Some(Instant::now() + self.retry);
+                Err(CallError::Unavailable(format!(
+                    "connecting to kvbm at {} timed out",
+                    self.addr
+                )))
+            }
+        }
+    }
+
+    /// Forgets the connection after a transport failure.
+    fn reset(&self) {
+        if let Ok(mut conn) = self.conn.lock() {
+            conn.client = None;
+        }
+    }
+
+    /// Runs one call with the GIL released and the deadline applied.
+    fn call<T, F, Fut>(&self, py: Python<'_>, f: F) -> PyResult<T>
+    where
+        T: Send,
+        F: FnOnce(KvbmClient<Channel>) -> Fut + Send,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let res = py.detach(|| {
+            let rpc = self.rpc()?;
+            let rt = runtime::get().map_err(CallError::Unavailable)?;
+            match rt.block_on(async { tokio::time::timeout(self.timeout, f(rpc)).await }) {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(status)) => Err(CallError::from_status(status)),
+                Err(_) => Err(CallError::Unavailable(format!(
+                    "kvbm call timed out after {:?}",
+                    self.timeout
+                ))),
+            }
+        });
+        res.map_err(|e| {
+            if let CallError::Unavailable(_) = e {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.reset();
+            }
+            e.into_py()
+        })
+    }
+}
+
+/// Copies a Python sequence of `bytes` (vLLM's `BlockHash`es) into keys.
+fn keys_of(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+    if let Ok(list) = keys.cast::<PyList>() {
+        let mut out = Vec::with_capacity(list.len());
+        for k in list.iter() {
+            out.push(k.cast::<PyBytes>()?.as_bytes().to_vec());
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    for k in keys.try_iter()? {
+        out.push(k?.cast::<PyBytes>()?.as_bytes().to_vec());
+    }
+    Ok(out)
+}
+
+fn slots_of(slots: Vec<v1::Slot>) -> Vec<(u64, u64)> {
+    slots.into_iter().map(|s| (s.offset, s.length)).collect()
+}
+
+fn layout_of(d: &Bound<'_, PyDict>) -> PyResult<v1::Layout> {
+    fn get<'py, T: for<'a> FromPyObject<'a, 'py>>(
+        d: &Bound<'py, PyDict>,
+        k: &str,
+    ) -> PyResult<Option<T>> {
+        match d.get_item(k)? {
+            Some(v) => Ok(Some(v.extract::<T>().map_err(Into::into)?)),
+            None => Ok(None),
+        }
+    }
+    Ok(v1::Layout {
+        model: get(d, "model")?.unwrap_or_default(),
+        num_layers: get(d, "num_layers")?.unwrap_or_default(),
+        num_kv_heads: get(d, "num_kv_heads")?.unwrap_or_default(),
+        head_dim: get(d, "head_dim")?.unwrap_or_default(),
+        dtype: get(d, "dtype")?.unwrap_or_default(),
+        tokens_per_block: get(d, "tokens_per_block")?.unwrap_or_default(),
+        tp_rank: get(d, "tp_rank")?.unwrap_or_default(),
+        tp_world: get(d, "tp_world")?.unwrap_or_default(),
+        extra: get(d, "extra")?.unwrap_or_default(),
+    })
+}
+
+fn tier_name(t: i32) -> &'static str {
+    match v1::Tier::try_from(t) {
+        Ok(v1::Tier::Gpu) => "gpu",
+        Ok(v1::Tier::Host) => "host",
+        Ok(v1::Tier::Disk) => "disk",
+        Ok(v1::Tier::Remote) => "remote",
+        _ => "unspecified",
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// `addr`: the daemon's Unix socket path (or `unix:/path`, or
+    /// `http://host:port`). Nothing is dialled until the first call.
+    #[new]
+    #[pyo3(signature = (addr, timeout_ms = 1000, retry_ms = 1000))]
+    fn new(addr: String, timeout_ms: u64, retry_ms: u64) -> Client {
+        Client {
+            addr,
+            timeout: Duration::from_millis(timeout_ms.max(1)),
+            retry: Duration::from_millis(retry_ms),
+            conn: Mutex::new(Conn::default()),
+            connects: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    #[getter]
+    fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Successful connects so far (1 + reconnects).
+    #[getter]
+    fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Calls that failed for want of a working daemon.
+    #[getter]
+    fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection is open now (it may still be broken).
+    #[getter]
+    fn connected(&self) -> bool {
+        self.conn
+            .lock()
+            .map(|c| c.client.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Connects now (raises `KvbmUnavailable` when it cannot), ignoring the
+    /// retry back-off.
+    fn connect(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            if let Ok(mut c) = self.conn.lock() {
+                c.retry_at = None;
+            }
+            self.rpc().map(|_| ())
+        })
+        .map_err(CallError::into_py)
+    }
+
+    /// Registers (or finds) namespace `name`; `layout` is a dict with the
+    /// `Layout` message's fields. Returns `{name, id, block_bytes}`.
+    fn register_namespace<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        block_bytes: u64,
+        layout: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let layout = layout_of(layout)?;
+        let ns = self.call(py, |mut c| async move {
+            let r = c
+                .register_namespace(v1::RegisterNamespaceRequest {
+                    name,
+                    block_bytes,
+                    layout: Some(layout),
+                })
+                .await?;
+            r.into_inner()
+                .namespace
+                .ok_or_else(|| tonic::Status::internal("reply without a namespace"))
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("name", ns.name)?;
+        d.set_item("id", ns.id)?;
+        d.set_item("block_bytes", ns.block_bytes)?;
+        Ok(d)
+    }
+
+    /// Length of the longest prefix of the `keys` chain present in any tier.
+    fn lookup(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |mut c| async move {
+            Ok(c.lookup(v1::LookupRequest { namespace, keys })
+                .await?
+                .into_inner()
+                .matched)
+        })
+    }
+
+    /// `(matched, {tier: prefix blocks}, [fastest tier of each matched
+    /// block])`, tiers named `host`, `disk`, `remote`, `gpu`.
+    fn lookup_tiers<'py>(
+        &self,
+        py: Python<'py>,
+        namespace: String,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<(u32, Bound<'py, PyDict>, Vec<&'static str>)> {
+        let keys = keys_of(keys)?;
+        let r = self.call(py, |mut c| async move {
+            Ok(c.lookup(v1::LookupRequest { namespace, keys })
+                .await?
+                .into_inner())
+        })?;
+        let tiers = PyDict::new(py);
+        for t in &r.tiers {
+            tiers.set_item(tier_name(t.tier), t.blocks)?;
+        }
+        let locations = r.locations.iter().map(|&t| tier_name(t)).collect();
+        Ok((r.matched, tiers, locations))
+    }
+
+    /// Reserves pool slots for blocks `keys` whose parents are `parents`
+    /// (empty bytes for a root) and whose tokens are `tokens`,
+    /// `tokens_per_block` per key in order. Returns `[(offset, length)]`,
+    /// length 0 for a block that needs no write.
+    #[pyo3(signature = (session, namespace, keys, parents, tokens, tokens_per_block))]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+        parents: &Bound<'_, PyAny>,
+        tokens: Vec<u32>,
+        tokens_per_block: usize,
+    ) -> PyResult<Vec<(u64, u64)>> {
+        let keys = keys_of(keys)?;
+        let parents = keys_of(parents)?;
+        if parents.len() != keys.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "reserve: keys and parents differ in length",
+            ));
+        }
+        let tpb = tokens_per_block.max(1);
+        let blocks = keys
+            .into_iter()
+            .zip(parents)
+            .enumerate()
+            .map(|(i, (key, parent))| v1::BlockMeta {
+                key,
+                parent,
+                token_ids: tokens
+                    .get(i * tpb..((i + 1) * tpb).min(tokens.len()))
+                    .map(<[u32]>::to_vec)
+                    .unwrap_or_default(),
+            })
+            .collect();
+        self.call(py, |mut c| async move {
+            Ok(slots_of(
+                c.reserve(v1::ReserveRequest {
+                    session,
+                    namespace,
+                    blocks,
+                })
+                .await?
+                .into_inner()
+                .slots,
+            ))
+        })
+    }
+
+    /// Publishes reserved blocks once their bytes are written.
+    fn commit(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+    ) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |mut c| async move {
+            Ok(c.commit(v1::CommitRequest {
+                session,
+                namespace,
+                keys,
+            })
+            .await?
+            .into_inner()
+            .committed)
+        })
+    }
+
+    /// Gives reserved slots back unwritten.
+    fn abort(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+    ) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |mut c| async move {
+            Ok(c.abort(v1::AbortRequest {
+                session,
+                namespace,
+                keys,
+            })
+            .await?
+            .into_inner()
+            .aborted)
+        })
+    }
+
+    /// Leases the longest present prefix of `keys` in the pool:
+    /// `(lease, [(offset, length)])`, lease 0 when nothing was leased.
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+    ) -> PyResult<(u64, Vec<(u64, u64)>)> {
+        let keys = keys_of(keys)?;
+        self.call(py, |mut c| async move {
+            let r = c
+                .acquire(v1::AcquireRequest {
+                    session,
+                    namespace,
+                    keys,
+                })
+                .await?
+                .into_inner();
+            Ok((r.lease, slots_of(r.slots)))
+        })
+    }
+
+    /// Ends a lease.
+    fn release(&self, py: Python<'_>, session: u64, lease: u64) -> PyResult<()> {
+        self.call(py, |mut c| async move {
+            c.release(v1::ReleaseRequest { session, lease }).await?;
+            Ok(())
+        })
+    }
+
+    /// Drops blocks from every tier; returns how many were dropped.
+    fn evict(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |mut c| async move {
+            Ok(c.evict(v1::EvictRequest { namespace, keys })
+                .await?
+                .into_inner()
+                .evicted)
+        })
+    }
+
+    /// Waits until write-behind is durable; returns the durable block count.
+    fn sync(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |mut c| async move {
+            Ok(c.sync(v1::SyncRequest {})
+                .await?
+                .into_inner()
+                .durable_blocks)
+        })
+    }
+
+    /// The daemon's `Stats` as a dict; `tiers` maps a tier name to its
+    /// counters.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.call(py, |mut c| async move {
+            Ok(c.stats(v1::StatsRequest {}).await?.into_inner())
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("incarnation", s.incarnation)?;
+        d.set_item("event_seq", s.event_seq)?;
+        d.set_item("namespaces", s.namespaces)?;
+        d.set_item("index_blocks", s.index_blocks)?;
+        d.set_item("index_bytes", s.index_bytes)?;
+        let tiers = PyDict::new(py);
+        for t in s.tiers {
+            let td = PyDict::new(py);
+            td.set_item("capacity_bytes", t.capacity_bytes)?;
+            td.set_item("used_bytes", t.used_bytes)?;
+            td.set_item("blocks", t.blocks)?;
+            td.set_item("hits", t.hits)?;
+            td.set_item("misses", t.misses)?;
+            td.set_item("evictions", t.evictions)?;
+            td.set_item("dropped_writes", t.dropped_writes)?;
+            td.set_item("checksum_failures", t.checksum_failures)?;
+            td.set_item("degraded", t.degraded)?;
+            td.set_item("degraded_reason", t.degraded_reason)?;
+            tiers.set_item(tier_name(t.tier), td)?;
+        }
+        d.set_item("tiers", tiers)?;
+        Ok(d)
+    }
+
+    /// Stores one block by copy (tests and tools; engines use the pool).
+    fn put(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        key: &[u8],
+        parent: &[u8],
+        data: &[u8],
+    ) -> PyResult<bool> {
+        let (key, parent, data) = (key.to_vec(), parent.to_vec(), data.to_vec());
+        self.call(py, |mut c| async move {
+            Ok(c.put(v1::PutRequest {
+                namespace,
+                block: Some(v1::BlockMeta {
+                    key,
+                    parent,
+                    token_ids: Vec::new(),
+                }),
+                data,
+            })
+            .await?
+            .into_inner()
+            .stored)
+        })
+    }
+
+    /// Reads one block by copy; `None` on a miss.
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        namespace: String,
+        key: &[u8],
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let key = key.to_vec();
+        let r = self.call(py, |mut c| async move {
+            match c.get(v1::GetRequest { namespace, key }).await {
+                Ok(r) => Ok(Some(r.into_inner().data)),
+                Err(s) if s.code() == Code::NotFound => Ok(None),
+                Err(s) => Err(s),
+            }
+        })?;
+        Ok(r.map(|d| PyBytes::new(py, &d)))
+    }
+}

@@ -1,0 +1,695 @@
+"""``KvtierConnector``: vLLM's KV connector (``KVConnectorBase_V1``) over kvbm.
+
+Load with::
+
+    --kv-transfer-config '{"kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"socket": "/run/kvbm/kvbm.sock"}}'
+
+Scheduler side (``_SchedulerSide``): asks kvbm how many of a request's
+blocks beyond the GPU's own prefix hit it holds (loaded asynchronously),
+plans loads and saves into each step's ``KvtierMetadata``, holds a finished
+request's blocks while its offload is in flight, and turns kvbm's tier events
+into vLLM's KV events.
+
+Worker side (``_WorkerSide``): learns the layout from the KV tensors,
+registers the namespace, maps kvbm's shared pool and moves blocks with
+batched copies (``kvtier.mover``): saves through Reserve → copy → Commit,
+loads through Acquire → copy → Release.
+
+When kvbm is down, slow or restarting the engine keeps serving: lookups
+report no match, saves are skipped and counted, loads that cannot complete
+report their blocks through ``get_block_ids_with_load_errors`` (vLLM
+recomputes them), and both sides reconnect by themselves.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_events import (
+    BlockRemoved,
+    BlockStored,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier._kvtier import Client, EventStream, KvbmError, KvbmUnavailable, Pool
+from kvtier.config import KvtierSettings, LayoutInfo, layout_info
+from kvtier.mover import Mover, Transfer, block_dim, pool_tensor
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvtier.vllm")
+
+# kvtier.v1.Tier numbers → vLLM event medium.
+_MEDIUM = {2: "CPU", 3: "DISK", 4: "REMOTE"}
+
+
+@dataclass
+class LoadSpec:
+    """Onboard ``keys`` into the engine's blocks ``block_ids``."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    """Offload the engine's blocks ``block_ids`` as ``keys``."""
+
+    req_id: str
+    keys: list[bytes]
+    parents: list[bytes]
+    block_ids: list[int]
+    tokens: list[int]
+
+
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    """One step's work for the workers. Plain data: it is pickled."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """vLLM connector offloading to and onboarding from kvbm."""
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a dropped offload is a later miss.
+        return False
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig",
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.settings = KvtierSettings.from_extra(extra)
+        self.info = layout_info(vllm_config, kv_cache_config, self.settings)
+        self._scheduler: _SchedulerSide | None = None
+        self._worker: _WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _SchedulerSide(self.settings, self.info)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            try:
+                tp_rank = get_tensor_model_parallel_rank()
+            except Exception:  # noqa: BLE001 - no process group (tests, 1 GPU)
+                tp_rank = 0
+            self._worker = _WorkerSide(self.settings, self.info, kv_cache_config, tp_rank)
+        logger.info(
+            "kvtier: %s connector for namespace %s at %s",
+            role.name.lower(),
+            self.info.namespace(0),
+            self.settings.socket,
+        )
+
+    # ---- scheduler side ----
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._scheduler.matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ):
+        self._scheduler.after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self._scheduler.build_meta(scheduler_output)
+
+    def request_finished(
+        self, request: "Request", block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.finished(request), None
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        self._scheduler.on_output(connector_output)
+
+    def take_events(self):
+        return self._scheduler.take_events()
+
+    # ---- worker side ----
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._worker.register(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata):
+        if self._worker is not None:
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._worker.start_loads(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are asynchronous and whole-request: the request runs only
+        # after get_finished reported it.
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Saves are batched over all layers in wait_for_save.
+        return
+
+    def wait_for_save(self):
+        if self.has_connector_metadata():
+            self._worker.start_saves(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+    # ---- introspection (tests, benchmarks) ----
+
+    @property
+    def scheduler_side(self) -> "_SchedulerSide":
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> "_WorkerSide":
+        return self._worker
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    block_ids: list[int]
+    # Blocks [0, saved) are planned for saving (or known present in kvbm).
+    saved: int = 0
+    had_saves: bool = False
+
+
+class _SchedulerSide:
+    def __init__(self, settings: KvtierSettings, info: LayoutInfo):
+        self.settings = settings
+        self.info = info
+        self.block_size = info.block_size
+        self.namespaces = [info.namespace(r) for r in range(info.tp_world)]
+        self.client = Client(
+            settings.socket,
+            timeout_ms=settings.lookup_timeout_ms,
+            retry_ms=settings.retry_ms,
+        )
+        self.reqs: dict[str, _ReqState] = {}
+        # req_id → the block-aligned local hit passed with the last match.
+        self.local_hit: dict[str, int] = {}
+        self.pending_loads: list[LoadSpec] = []
+        self.events: EventStream | None = None
+        self.stats = {
+            "lookups": 0,
+            "lookup_failures": 0,
+            "matched_blocks": 0,
+            "planned_save_blocks": 0,
+            "planned_load_blocks": 0,
+            "events_skipped": 0,
+        }
+
+    def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not self.settings.load:
+            return 0, False
+        bs = self.block_size
+        hashes = request.block_hashes
+        first = num_computed_tokens // bs
+        if len(hashes) <= first:
+            return 0, False
+        self.stats["lookups"] += 1
+        rest = hashes[first:]
+        try:
+            matched = min(self.client.lookup(ns, rest) for ns in self.namespaces)
+        except KvbmError as e:
+            self.stats["lookup_failures"] += 1
+            logger.debug("kvtier: lookup failed: %s", e)
+            return 0, False
+        if matched < max(self.settings.min_match_blocks, 1):
+            return 0, False
+        hit_tokens = (first + matched) * bs
+        # A step needs one token to compute: never claim the whole prompt.
+        hit_tokens = min(hit_tokens, request.num_tokens - 1)
+        ext = hit_tokens - num_computed_tokens
+        if ext <= 0:
+            return 0, False
+        self.local_hit[request.request_id] = num_computed_tokens
+        return ext, True
+
+    def after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        req_id = request.request_id
+        block_ids = list(blocks.get_block_ids()[0])
+        st = self.reqs.get(req_id)
+        if st is None:
+            st = self.reqs[req_id] = _ReqState(request, block_ids)
+        else:
+            st.request = request
+            if len(block_ids) >= len(st.block_ids):
+                st.block_ids = block_ids
+        if num_external_tokens <= 0:
+            return
+        bs = self.block_size
+        local = self.local_hit.pop(req_id, request.num_computed_tokens)
+        first = local // bs
+        last = min(-(-(local + num_external_tokens) // bs), len(request.block_hashes))
+        if last <= first or last > len(block_ids):
+            return
+        self.pending_loads.append(
+            LoadSpec(req_id, list(request.block_hashes[first:last]), block_ids[first:last])
+        )
+        self.stats["planned_load_blocks"] += last - first
+        # Loaded blocks are in kvbm already: saving starts past them.
+        st.saved = max(st.saved, last)
+
+    def build_meta(self, so) -> KvtierMetadata:
+        meta = KvtierMetadata(loads=self.pending_loads)
+        self.pending_loads = []
+        meta.preempted = set(so.preempted_req_ids or ())
+        for req_id in meta.preempted:
+            st = self.reqs.get(req_id)
+            if st is not None:
+                st.block_ids = []
+        for new in so.scheduled_new_reqs:
+            st = self.reqs.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                self._plan_save(meta, new.req_id, st, new.num_computed_tokens, so)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            self._plan_save(meta, req_id, st, cached.num_computed_tokens[i], so)
+        return meta
+
+    def _plan_save(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
+        if not self.settings.save:
+            return
+        request = st.request
+        bs = self.block_size
+        done_tokens = computed + so.num_scheduled_tokens.get(req_id, 0)
+        full = min(done_tokens // bs, len(request.block_hashes), len(st.block_ids))
+        start = st.saved
+        if full <= start:
+            return
+        hashes = request.block_hashes
+        keys = list(hashes[start:full])
+        parents = [hashes[start - 1] if start > 0 else b""] + keys[:-1]
+        tokens = list(request.all_token_ids[start * bs : full * bs])
+        meta.saves.append(SaveSpec(req_id, keys, parents, st.block_ids[start:full], tokens))
+        st.saved = full
+        st.had_saves = True
+        self.stats["planned_save_blocks"] += full - start
+
+    def finished(self, request) -> bool:
+        req_id = request.request_id
+        self.local_hit.pop(req_id, None)
+        st = self.reqs.pop(req_id, None)
+        # The worker reports a request with saves in finished_sending once
+        # they are done; until then vLLM keeps its blocks.
+        return st is not None and st.had_saves
+
+    def on_output(self, output) -> None:
+        return
+
+    def take_events(self) -> list:
+        if not self.settings.events:
+            return []
+        if self.events is None:
+            self.events = EventStream(self.settings.socket, retry_ms=self.settings.retry_ms)
+            return []
+        ns = self.namespaces[0]
+        out = []
+        for _incarnation, _seq, _snapshot, events in self.events.drain():
+            for ev in events:
+                kind = ev[0]
+                if kind == "stored":
+                    _, tier, namespace, keys, parent, tokens, tpb = ev
+                    if namespace != ns or tier not in _MEDIUM:
+                        continue
+                    out.append(
+                        BlockStored(
+                            block_hashes=list(keys),
+                            parent_block_hash=parent or None,
+                            token_ids=list(tokens),
+                            block_size=int(tpb) or self.block_size,
+                            lora_id=None,
+                            medium=_MEDIUM[tier],
+                            lora_name=None,
+                        )
+                    )
+                elif kind == "removed":
+                    _, tier, namespace, keys = ev
+                    if namespace != ns or tier not in _MEDIUM:
+                        continue
+                    out.append(BlockRemoved(block_hashes=list(keys), medium=_MEDIUM[tier]))
+                else:
+                    # A cleared tier has no vLLM form that spares the GPU's
+                    # own blocks (AllBlocksCleared would drop them too).
+                    self.stats["events_skipped"] += 1
+        return out
+
+    def shutdown(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
+
+@dataclass
+class _Save:
+    keys: list[bytes]
+    req_ids: list[str]
+    transfer: Transfer
+
+
+@dataclass
+class _Load:
+    req_id: str
+    lease: int
+    failed: list[int]
+    transfer: Transfer
+    loaded: int = 0
+
+
+class _WorkerSide:
+    def __init__(self, settings: KvtierSettings, info: LayoutInfo, kv_cache_config, tp_rank: int):
+        self.settings = settings
+        self.info = info
+        self.tp_rank = tp_rank
+        self.namespace = info.namespace(tp_rank)
+        self.kv_cache_config = kv_cache_config
+        self.client = Client(
+            settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
+        )
+        self.layers: list[torch.Tensor] = []
+        self.layout_extra = ""
+        self.block_bytes = 0
+        self.pool: Pool | None = None
+        self.mover: Mover | None = None
+        self.pinned = False
+        self.retry_at = 0.0
+        self.disabled_reason = ""
+        # In flight.
+        self.saves: list[_Save] = []
+        self.loads: list[_Load] = []
+        # req_id → saves not yet finished; requests that ever had saves.
+        self.pending_saves: dict[str, int] = {}
+        self.save_reqs: set[str] = set()
+        self.finished_waiting: set[str] = set()
+        self.recved: set[str] = set()
+        self.load_errors: set[int] = set()
+        self.stats = {
+            "saved_blocks": 0,
+            "save_skipped_blocks": 0,
+            "save_present_blocks": 0,
+            "loaded_blocks": 0,
+            "load_failed_blocks": 0,
+            "reattaches": 0,
+        }
+
+    # ---- set-up ----
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self.kv_cache_config.kv_cache_groups[0].layer_names if n in kv_caches]
+        names += [n for n in kv_caches if n not in names]
+        num_blocks = self.kv_cache_config.num_blocks
+        views = []
+        for name in names:
+            t = kv_caches[name]
+            d = block_dim(t, num_blocks)
+            views.append(t.movedim(d, 0) if d else t)
+        shapes = {(tuple(v.shape), v.dtype) for v in views}
+        if len(shapes) != 1:
+            self.disabled_reason = f"layers differ in KV shape: {sorted(map(str, shapes))}"
+            logger.error("kvtier: connector disabled: %s", self.disabled_reason)
+            return
+        self.layers = views
+        page = "x".join(str(s) for s in views[0].shape[1:])
+        self.layout_extra = f"engine=vllm;page={page};layers={len(views)}"
+        self.block_bytes = views[0][0].numel() * views[0].element_size() * len(views)
+        self._ensure_ready()
+
+    def _ensure_ready(self) -> bool:
+        """Registers the namespace and attaches the pool when not done yet
+        (again after a failure, at most every retry_ms)."""
+        if self.mover is not None:
+            if self.pool.alive:
+                return True
+            # The daemon closed our session (it stopped or restarted): its
+            # slot offsets no longer refer to this mapping.
+            self._detach("pool session closed")
+        if not self.layers or time.monotonic() < self.retry_at:
+            return False
+        try:
+            self.client.register_namespace(
+                self.namespace,
+                self.block_bytes,
+                self.info.layout(self.tp_rank, self.layout_extra),
+            )
+            pool = Pool(self.settings.socket)
+        except KvbmError as e:
+            self.retry_at = time.monotonic() + self.settings.retry_ms / 1000
+            logger.warning("kvtier: kvbm not ready (%s); offload paused", e)
+            return False
+        tensor = pool_tensor(pool.address, pool.size)
+        if self.layers[0].device.type == "cuda" and self.settings.pin_pool != "off":
+            rc = torch.cuda.cudart().cudaHostRegister(pool.address, pool.size, 0)
+            self.pinned = int(getattr(rc, "value", rc)) == 0
+            if not self.pinned:
+                logger.warning("kvtier: cudaHostRegister failed (%s)", rc)
+        self.pool = pool
+        self.mover = Mover(self.layers, tensor)
+        return True
+
+    def _detach(self, why: str) -> None:
+        """Drops the pool after kvbm failed (it may have restarted with a new
+        pool); the next use attaches again."""
+        if self.mover is None:
+            return
+        logger.warning("kvtier: kvbm failed (%s); re-attaching", why)
+        self.mover.sync()
+        for s in self.saves:
+            s.transfer.wait()
+        for ld in self.loads:
+            ld.transfer.wait()
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.pool.address)
+            self.pinned = False
+        self.mover = None
+        # Leases and reservations of the old session die with it.
+        for ld in self.loads:
+            ld.lease = 0
+        self.pool.close()
+        self.pool = None
+        self.stats["reattaches"] += 1
+        self.retry_at = time.monotonic() + self.settings.retry_ms / 1000
+
+    # ---- loads ----
+
+    def start_loads(self, meta: KvtierMetadata) -> None:
+        for spec in meta.loads:
+            self._start_load(spec)
+
+    def _start_load(self, spec: LoadSpec) -> None:
+        if not self.settings.load or not self._ensure_ready():
+            self._fail_load(spec.req_id, spec.block_ids)
+            return
+        try:
+            lease, slots = self.client.acquire(self.pool.session, self.namespace, spec.keys)
+        except KvbmError as e:
+            self._fail_load(spec.req_id, spec.block_ids)
+            if isinstance(e, KvbmUnavailable):
+                self._detach(str(e))
+            return
+        good = 0
+        for _off, length in slots:
+            if length != self.block_bytes:
+                break
+            good += 1
+        offsets = [off for off, _ in slots[:good]]
+        failed = list(spec.block_ids[good:])
+        try:
+            transfer = self.mover.load(spec.block_ids[:good], offsets)
+        except (RuntimeError, ValueError) as e:
+            logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
+            transfer, failed = Transfer(), list(spec.block_ids)
+        loaded = len(spec.block_ids) - len(failed)
+        self.loads.append(_Load(spec.req_id, lease, failed, transfer, loaded))
+
+    def _fail_load(self, req_id: str, block_ids: list[int]) -> None:
+        self.loads.append(_Load(req_id, 0, list(block_ids), Transfer()))
+
+    def _poll_loads(self) -> None:
+        still = []
+        for ld in self.loads:
+            if not ld.transfer.done():
+                still.append(ld)
+                continue
+            if ld.lease and self.pool is not None:
+                try:
+                    self.client.release(self.pool.session, ld.lease)
+                except KvbmError as e:
+                    logger.debug("kvtier: release failed: %s", e)
+            self.load_errors.update(ld.failed)
+            self.stats["load_failed_blocks"] += len(ld.failed)
+            self.stats["loaded_blocks"] += ld.loaded
+            self.recved.add(ld.req_id)
+        self.loads = still
+
+    # ---- saves ----
+
+    def handle_preemptions(self, meta: KvtierMetadata) -> None:
+        # A preempted request's blocks may be rewritten by the coming
+        # forward: order it after the copies still reading them.
+        if meta.preempted and self.mover is not None:
+            self.mover.order_after_copies()
+
+    def start_saves(self, meta: KvtierMetadata) -> None:
+        if not meta.saves:
+            return
+        keys, parents, tokens, block_ids, owners = [], [], [], [], []
+        seen = set()
+        for spec in meta.saves:
+            self.save_reqs.add(spec.req_id)
+            for i, key in enumerate(spec.keys):
+                if key in seen:
+                    continue
+                seen.add(key)
+                keys.append(key)
+                parents.append(spec.parents[i])
+                bs = self.info.block_size
+                tokens.extend(spec.tokens[i * bs : (i + 1) * bs])
+                block_ids.append(spec.block_ids[i])
+            owners.append(spec.req_id)
+        if not self.settings.save or not self._ensure_ready():
+            self.stats["save_skipped_blocks"] += len(keys)
+            return
+        session = self.pool.session
+        try:
+            slots = self.client.reserve(
+                session, self.namespace, keys, parents, tokens, self.info.block_size
+            )
+        except KvbmError as e:
+            self.stats["save_skipped_blocks"] += len(keys)
+            if isinstance(e, KvbmUnavailable):
+                self._detach(str(e))
+            return
+        write_keys, write_ids, offsets, bad = [], [], [], []
+        for key, bid, (off, length) in zip(keys, block_ids, slots):
+            if length == 0:
+                self.stats["save_present_blocks"] += 1
+            elif length == self.block_bytes:
+                write_keys.append(key)
+                write_ids.append(bid)
+                offsets.append(off)
+            else:
+                bad.append(key)
+        if bad:
+            self._abort(bad)
+        if not write_keys:
+            return
+        try:
+            transfer = self.mover.save(write_ids, offsets)
+        except (RuntimeError, ValueError) as e:
+            logger.error("kvtier: offload copy failed: %s", e)
+            self._abort(write_keys)
+            return
+        for r in owners:
+            self.pending_saves[r] = self.pending_saves.get(r, 0) + 1
+        self.saves.append(_Save(write_keys, owners, transfer))
+
+    def _abort(self, keys: list[bytes]) -> None:
+        self.stats["save_skipped_blocks"] += len(keys)
+        if self.pool is None:
+            return
+        try:
+            self.client.abort(self.pool.session, self.namespace, keys)
+        except KvbmError as e:
+            logger.debug("kvtier: abort failed: %s", e)
+
+    def _poll_saves(self) -> None:
+        done_keys: list[bytes] = []
+        still = []
+        for s in self.saves:
+            if not s.transfer.done():
+                still.append(s)
+                continue
+            done_keys.extend(s.keys)
+            for r in s.req_ids:
+                n = self.pending_saves.get(r, 0) - 1
+                if n > 0:
+                    self.pending_saves[r] = n
+                else:
+                    self.pending_saves.pop(r, None)
+        self.saves = still
+        if not done_keys or self.pool is None:
+            return
+        try:
+            self.client.commit(self.pool.session, self.namespace, done_keys)
+            self.stats["saved_blocks"] += len(done_keys)
+        except KvbmError as e:
+            self.stats["save_skipped_blocks"] += len(done_keys)
+            if isinstance(e, KvbmUnavailable):
+                self._detach(str(e))
+
+    # ---- completion ----
+
+    def finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._poll_saves()
+        self._poll_loads()
+        self.finished_waiting.update(r for r in finished_req_ids if r in self.save_reqs)
+        sending = {r for r in self.finished_waiting if r not in self.pending_saves}
+        self.finished_waiting -= sending
+        self.save_reqs -= sending
+        recving, self.recved = self.recved, set()
+        return (sending or None), (recving or None)
+
+    def take_load_errors(self) -> set[int]:
+        errors, self.load_errors = self.load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self.mover is not None:
+            self.mover.sync()
+        self._poll_saves()
+        self._poll_loads()
+        if self.pool is not None:
+            if self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(self.pool.address)
+            self.mover = None
+            self.pool.close()
+            self.pool = None

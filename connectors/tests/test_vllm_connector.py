@@ -1,0 +1,217 @@
+"""Contract tests of kvtier.vllm.KvtierConnector against a real kvbm daemon
+and the real vllm package (both connector roles, CPU KV tensors)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Daemon
+from engine import Engine
+
+from kvtier import Client
+from kvtier.config import HashConfigError
+
+BS = 16
+HERE = Path(__file__).resolve().parent
+
+
+def prompt(n_tokens: int, start: int = 1000) -> list[int]:
+    return list(range(start, start + n_tokens))
+
+
+def run_a(eng: Engine, tokens: list[int], req_id="A"):
+    """Request A: no match, computed in one step, saved, finished."""
+    a = eng.request(req_id, tokens)
+    assert eng.scheduler.get_num_new_matched_tokens(a, 0) == (0, False)
+    eng.allocate(a, 0)
+    eng.step(new=[(a, a.num_tokens)])
+    assert eng.scheduler.request_finished(a, eng.blocks[req_id])[0] is True
+    out = eng.step(finished={req_id})
+    assert out.finished_sending == {req_id}
+    return a
+
+
+def test_save_then_load_prefix_bytes_identical(daemon):
+    eng = Engine(daemon.socket)
+    a = run_a(eng, prompt(80))  # 5 full blocks
+    assert eng.worker.worker_side.stats["saved_blocks"] == 5
+
+    # B shares A's first 4 blocks (64 tokens), then diverges.
+    b = eng.request("B", prompt(64) + prompt(30, start=5000))
+    matched, is_async = eng.scheduler.get_num_new_matched_tokens(b, 0)
+    assert (matched, is_async) == (64, True)
+    eng.allocate(b, matched)
+    out = eng.step()  # B waits for its load: not scheduled this step
+    assert out.finished_recving == {"B"}
+    assert not out.invalid_block_ids
+    for i in range(4):
+        assert torch.equal(
+            eng.block_bytes(eng.blocks["B"][i]), eng.block_bytes(eng.blocks["A"][i])
+        ), f"block {i}"
+        assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(a.block_hashes[i]))
+    eng.shutdown()
+
+
+def test_match_beyond_local_hit_and_whole_prompt(daemon):
+    eng = Engine(daemon.socket)
+    run_a(eng, prompt(80))
+    b = eng.request("B", prompt(80))
+    # 2 blocks already in the GPU prefix cache: only the 3 beyond count.
+    assert eng.scheduler.get_num_new_matched_tokens(b, 2 * BS) == (3 * BS - 1, True)
+    # Whole prompt present: one token is left to compute.
+    c = eng.request("C", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(c, 0) == (79, True)
+    d = eng.request("D", prompt(40, start=9000))
+    assert eng.scheduler.get_num_new_matched_tokens(d, 0) == (0, False)
+    eng.shutdown()
+
+
+def test_incremental_saves_and_events(daemon):
+    eng = Engine(daemon.socket)
+    eng.scheduler.take_events()  # starts the subscription
+    a = eng.request("A", prompt(64))
+    eng.allocate(a, 0)
+    eng.step(new=[(a, 20)])  # chunked prefill: 1 full block
+    eng.step(cached=[(a, 44)])  # 3 more
+    assert eng.worker.worker_side.stats["saved_blocks"] == 4
+    deadline = time.monotonic() + 5
+    stored = []
+    while time.monotonic() < deadline and len(stored) < 4:
+        for ev in eng.scheduler.take_events():
+            if type(ev).__name__ == "BlockStored":
+                assert ev.medium == "CPU" and ev.block_size == BS
+                stored.extend(ev.block_hashes)
+        time.sleep(0.05)
+    assert set(a.block_hashes[:4]) <= set(stored)
+    eng.shutdown()
+
+
+def test_second_engine_process_finds_blocks(daemon):
+    eng = Engine(daemon.socket)
+    run_a(eng, prompt(80))
+    script = HERE / "second_engine.py"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + sys.path)
+    out = subprocess.run(
+        [sys.executable, str(script), daemon.socket, json.dumps(prompt(80))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["matched"] == 79 and result["async"] is True
+    assert result["identical"] is True
+    eng.shutdown()
+
+
+def test_daemon_killed_engine_continues_and_reconnects(tmp_path):
+    d = Daemon(tmp_path).start()
+    eng = Engine(d.socket, retry_ms=100, lookup_timeout_ms=50, timeout_ms=500)
+    run_a(eng, prompt(80))
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0)[0] == 79
+    eng.allocate(b, 79)
+    d.kill()
+    # The load planned before the crash fails: its blocks go back to vLLM.
+    out = eng.step()
+    assert out.finished_recving == {"B"}
+    assert set(eng.blocks["B"][:5]) == out.invalid_block_ids
+    # No matches, saves skipped and counted, steps go on.
+    c = eng.request("C", prompt(48, start=7000))
+    t = time.perf_counter()
+    assert eng.scheduler.get_num_new_matched_tokens(c, 0) == (0, False)
+    assert time.perf_counter() - t < 1.0
+    eng.allocate(c, 0)
+    eng.step(new=[(c, c.num_tokens)])
+    assert eng.worker.worker_side.stats["save_skipped_blocks"] >= 3
+    assert eng.scheduler.scheduler_side.stats["lookup_failures"] >= 1
+    # The daemon comes back (empty): the connector reconnects by itself.
+    d.start()
+    time.sleep(0.3)
+    e = eng.request("E", prompt(48, start=8000))
+    eng.scheduler.get_num_new_matched_tokens(e, 0)
+    eng.allocate(e, 0)
+    eng.step(new=[(e, e.num_tokens)])
+    assert eng.worker.worker_side.stats["saved_blocks"] >= 5 + 3
+    f = eng.request("F", prompt(48, start=8000))
+    assert eng.scheduler.get_num_new_matched_tokens(f, 0) == (47, True)
+    eng.shutdown()
+    d.stop()
+
+
+def test_load_error_reports_block_ids(daemon):
+    eng = Engine(daemon.socket)
+    a = run_a(eng, prompt(80))
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    eng.allocate(b, 79)
+    # Blocks 3 and 4 vanish between the match and the load.
+    ns = eng.worker.worker_side.namespace
+    assert Client(daemon.socket).evict(ns, a.block_hashes[3:5]) == 2
+    out = eng.step()
+    assert out.finished_recving == {"B"}
+    assert out.invalid_block_ids == set(eng.blocks["B"][3:5])
+    for i in range(3):
+        assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(a.block_hashes[i]))
+    eng.shutdown()
+
+
+def test_abort_during_load_leaks_nothing(daemon):
+    eng = Engine(daemon.socket)
+    a = run_a(eng, prompt(80))
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    eng.allocate(b, 79)
+    # Aborted while waiting for its load (before the worker ran it).
+    assert eng.scheduler.request_finished(b, eng.blocks["B"]) == (False, None)
+    out = eng.step(finished={"B"})
+    assert out.finished_recving == {"B"}  # reported exactly once
+    out = eng.step(finished={"B"})
+    assert not out.finished_recving and not out.finished_sending
+    w = eng.worker.worker_side
+    assert not w.loads and not w.saves and not w.pending_saves
+    # No lease remains: leased blocks cannot be evicted, these all can.
+    ns = w.namespace
+    assert Client(daemon.socket).evict(ns, a.block_hashes[:5]) == 5
+    eng.shutdown()
+
+
+def test_preempted_request_is_not_leaked(daemon):
+    eng = Engine(daemon.socket)
+    a = eng.request("A", prompt(64))
+    eng.allocate(a, 0)
+    eng.step(new=[(a, 32)])
+    eng.step(preempted={"A"}, compute=False)
+    assert eng.scheduler.request_finished(a, [])[0] is True
+    out = eng.step(finished={"A"})
+    assert out.finished_sending == {"A"}
+    out = eng.step(finished=set())
+    assert not out.finished_sending
+    eng.shutdown()
+
+
+def test_refuses_non_reproducible_hash(daemon, monkeypatch):
+    with pytest.raises(HashConfigError, match="sha256_cbor"):
+        Engine(daemon.socket, hash_algo="sha256")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    with pytest.raises(HashConfigError, match="random seed"):
+        Engine(daemon.socket, hash_algo="xxhash_cbor")
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    Engine(daemon.socket, hash_algo="xxhash_cbor").shutdown()
+
+
+def test_namespace_shared_by_equal_layouts(daemon):
+    e1 = Engine(daemon.socket)
+    e2 = Engine(daemon.socket)
+    assert e1.worker.worker_side.namespace == e2.worker.worker_side.namespace
+    e3 = Engine(daemon.socket, num_kv_heads=4)
+    assert e3.worker.worker_side.namespace != e1.worker.worker_side.namespace
+    for e in (e1, e2, e3):
+        e.shutdown()

@@ -1,0 +1,224 @@
+//! The catalog: durable metadata of namespaces, blocks and disk regions.
+//!
+//! Behind the [`Catalog`] trait so the store does not depend on RocksDB (the
+//! one implementation, [`rocks::RocksCatalog`]). Block bytes never go here:
+//! only what is needed to find, verify and describe them after a restart.
+
+pub mod rocks;
+
+use crate::error::{Error, Result};
+
+/// Where a block's bytes live on the disk tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskLoc {
+    pub region: u32,
+    /// The region's generation when written: a recycled region has a newer
+    /// one, and a location with an old generation is stale.
+    pub generation: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Everything kvbm keeps about a block besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub ns: u32,
+    pub key: Vec<u8>,
+    pub parent: Vec<u8>,
+    pub tokens: Vec<u32>,
+    pub size: u64,
+    /// xxh3-64 of the bytes; 0 until the block was written to disk.
+    pub checksum: u64,
+    pub disk: Option<DiskLoc>,
+    pub hits: u32,
+}
+
+/// A registered namespace: name, id, block size, layout (encoded proto).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceRecord {
+    pub id: u32,
+    pub name: String,
+    pub block_bytes: u64,
+    /// The `kvtier.v1.Layout` message, protobuf-encoded.
+    pub layout: Vec<u8>,
+}
+
+/// A disk region in use: sealed or being filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionRecord {
+    pub region: u32,
+    pub generation: u64,
+}
+
+pub trait Catalog: Send + Sync {
+    /// Writes block records. `durable`: the write is in the catalog's log
+    /// (fsynced by [`Catalog::sync`]); otherwise it may be lost in a crash,
+    /// which is fine for blocks that only live in memory.
+    fn put_blocks(&self, blocks: &[BlockRecord], durable: bool) -> Result<()>;
+    fn get_block(&self, ns: u32, key: &[u8]) -> Result<Option<BlockRecord>>;
+    fn delete_blocks(&self, keys: &[(u32, Vec<u8>)]) -> Result<()>;
+    /// Calls `f` for every block record; undecodable records are reported
+    /// through `bad` (their keys) so the caller can delete them.
+    fn scan_blocks(
+        &self,
+        f: &mut dyn FnMut(BlockRecord),
+        bad: &mut dyn FnMut(Vec<u8>),
+    ) -> Result<()>;
+    fn delete_raw_block_keys(&self, raw: &[Vec<u8>]) -> Result<()>;
+
+    fn put_namespace(&self, ns: &NamespaceRecord) -> Result<()>;
+    fn namespaces(&self) -> Result<Vec<NamespaceRecord>>;
+
+    fn put_region(&self, region: RegionRecord) -> Result<()>;
+    fn delete_region(&self, region: u32) -> Result<()>;
+    fn regions(&self) -> Result<Vec<RegionRecord>>;
+
+    /// Makes every durable write so far survive a crash.
+    fn sync(&self) -> Result<()>;
+}
+
+// --- record encoding -------------------------------------------------------
+//
+// A small fixed binary format, versioned by its first byte, so the catalog
+// needs no schema library and decoding a corrupt value is an error, not a
+// panic.
+
+const BLOCK_V1: u8 = 1;
+
+pub(crate) fn block_db_key(ns: u32, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + key.len());
+    k.extend_from_slice(&ns.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+pub(crate) fn encode_block(b: &BlockRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + b.parent.len() + 4 * b.tokens.len());
+    v.push(BLOCK_V1);
+    v.extend_from_slice(&b.size.to_le_bytes());
+    v.extend_from_slice(&b.checksum.to_le_bytes());
+    v.extend_from_slice(&b.hits.to_le_bytes());
+    match b.disk {
+        Some(d) => {
+            v.push(1);
+            v.extend_from_slice(&d.region.to_le_bytes());
+            v.extend_from_slice(&d.generation.to_le_bytes());
+            v.extend_from_slice(&d.offset.to_le_bytes());
+            v.extend_from_slice(&d.len.to_le_bytes());
+        }
+        None => v.push(0),
+    }
+    v.push(b.parent.len() as u8);
+    v.extend_from_slice(&b.parent);
+    v.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
+    for t in &b.tokens {
+        v.extend_from_slice(&t.to_le_bytes());
+    }
+    v
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(Error::new(
+                crate::error::ErrorKind::Catalog,
+                "truncated catalog record",
+            ));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+pub(crate) fn decode_block(db_key: &[u8], value: &[u8]) -> Result<BlockRecord> {
+    let bad = |what: &str| Error::new(crate::error::ErrorKind::Catalog, what.to_string());
+    if db_key.len() < 5 || db_key.len() > 4 + 32 {
+        return Err(bad("catalog block key of invalid length"));
+    }
+    let ns = u32::from_be_bytes([db_key[0], db_key[1], db_key[2], db_key[3]]);
+    let mut r = Reader(value);
+    if r.u8()? != BLOCK_V1 {
+        return Err(bad("unknown catalog record version"));
+    }
+    let size = r.u64()?;
+    let checksum = r.u64()?;
+    let hits = r.u32()?;
+    let disk = match r.u8()? {
+        0 => None,
+        1 => Some(DiskLoc {
+            region: r.u32()?,
+            generation: r.u64()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        }),
+        _ => return Err(bad("bad disk location tag in catalog record")),
+    };
+    let plen = r.u8()? as usize;
+    let parent = r.take(plen)?.to_vec();
+    let ntok = r.u32()? as usize;
+    let raw = r.take(
+        ntok.checked_mul(4)
+            .ok_or_else(|| bad("token count overflow"))?,
+    )?;
+    let tokens = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(BlockRecord {
+        ns,
+        key: db_key[4..].to_vec(),
+        parent,
+        tokens,
+        size,
+        checksum,
+        disk,
+        hits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_record_round_trip() {
+        let b = BlockRecord {
+            ns: 7,
+            key: vec![1; 32],
+            parent: vec![2; 32],
+            tokens: (0..16).collect(),
+            size: 2 << 20,
+            checksum: 0xdead_beef,
+            disk: Some(DiskLoc {
+                region: 3,
+                generation: 9,
+                offset: 4096,
+                len: 2 << 20,
+            }),
+            hits: 5,
+        };
+        let k = block_db_key(b.ns, &b.key);
+        assert_eq!(decode_block(&k, &encode_block(&b)).unwrap(), b);
+        // Every truncation is an error, never a panic.
+        let v = encode_block(&b);
+        for n in 0..v.len() {
+            assert!(decode_block(&k, &v[..n]).is_err());
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Daemon configuration: embedded defaults, then a TOML file (`--config`),
+//! then environment variables (`KVBM_*`), then command-line flags; each later
+//! source overrides the earlier ones. Every default is stated where the field
+//! is defined.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How the disk tier decides which blocks are worth writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Admission {
+    /// Every committed block is written behind to disk.
+    Always,
+    /// Only blocks seen at least twice (put or looked up) are written, to
+    /// spare the drive from one-off prompts.
+    Frequency,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Root of everything the daemon writes. Default `./kvtier-data`.
+    pub data_dir: PathBuf,
+    /// Size of the shared host pool (G2). Default 1 GiB.
+    pub host_bytes: u64,
+    /// Size of the disk tier file (G3); 0 disables the tier. Default 8 GiB
+    /// (allocated region by region as it fills, not up front).
+    pub disk_bytes: u64,
+    /// Disk admission policy. Default `always`.
+    pub disk_admit: Admission,
+    /// The disk tier's file (a file on the NVMe file system, or a raw
+    /// device). Default `<data-dir>/g3.dat`.
+    pub disk_path: PathBuf,
+    /// Disk region size: the unit of allocation and eviction. Default 64 MiB.
+    pub region_bytes: u64,
+    /// Disk I/O queue depth per ring. Default 32.
+    pub disk_queue_depth: u32,
+    /// Pending write-behind blocks before new ones are dropped. Default 1024.
+    pub write_queue: usize,
+    /// gRPC Unix socket. Default `<data-dir>/kvbm.sock`; the pool socket is
+    /// that path with `.pool` appended.
+    pub socket: PathBuf,
+    /// gRPC TCP address. Default `127.0.0.1:50051`; empty disables TCP.
+    pub grpc: String,
+    /// HTTP address for `/metrics` and `/healthz`. Default `127.0.0.1:9091`;
+    /// empty disables it.
+    pub http: String,
+    /// A lease not released by then is dropped. Default 30 s.
+    pub lease_ttl: Duration,
+    /// Event batches kept for subscribers to resume from. Default 4096.
+    pub event_ring: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let data_dir = PathBuf::from("kvtier-data");
+        Config {
+            socket: data_dir.join("kvbm.sock"),
+            disk_path: data_dir.join("g3.dat"),
+            data_dir,
+            host_bytes: 1 << 30,
+            disk_bytes: 8 << 30,
+            disk_admit: Admission::Always,
+            region_bytes: 64 << 20,
+            disk_queue_depth: 32,
+            write_queue: 1024,
+            grpc: "127.0.0.1:50051".into(),
+            http: "127.0.0.1:9091".into(),
+            lease_ttl: Duration::from_secs(30),
+            event_ring: 4096,
+        }
+    }
+}
+
+/// The TOML file: every key optional, same names as the flags with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub host_bytes: Option<Size>,
+    pub disk_bytes: Option<Size>,
+    pub disk_admit: Option<Admission>,
+    pub disk_path: Option<PathBuf>,
+    pub region_bytes: Option<Size>,
+    pub disk_queue_depth: Option<u32>,
+    pub write_queue: Option<usize>,
+    pub socket: Option<PathBuf>,
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+    pub lease_ttl_secs: Option<u64>,
+    pub event_ring: Option<usize>,
+}
+
+/// Command-line flags; each also read from the environment variable named.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "kvbm",
+    version,
+    about = "kvtier's per-node KV block manager daemon"
+)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, env = "KVBM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./kvtier-data].
+    #[arg(long, env = "KVBM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Host pool size, e.g. 512MiB, 8GiB [default: 1GiB].
+    #[arg(long, env = "KVBM_HOST_BYTES")]
+    pub host_bytes: Option<Size>,
+    /// Disk tier size; 0 disables it [default: 8GiB].
+    #[arg(long, env = "KVBM_DISK_BYTES")]
+    pub disk_bytes: Option<Size>,
+    /// Disk admission policy [default: always].
+    #[arg(long, env = "KVBM_DISK_ADMIT")]
+    pub disk_admit: Option<Admission>,
+    /// Disk tier file [default: <data-dir>/g3.dat].
+    #[arg(long, env = "KVBM_DISK_PATH")]
+    pub disk_path: Option<PathBuf>,
+    /// Disk region size [default: 64MiB].
+    #[arg(long, env = "KVBM_REGION_BYTES")]
+    pub region_bytes: Option<Size>,
+    /// gRPC Unix socket [default: <data-dir>/kvbm.sock].
+    #[arg(long, env = "KVBM_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// gRPC TCP address; "" disables [default: 127.0.0.1:50051].
+    #[arg(long, env = "KVBM_GRPC")]
+    pub grpc: Option<String>,
+    /// HTTP address for /metrics and /healthz; "" disables [default: 127.0.0.1:9091].
+    #[arg(long, env = "KVBM_HTTP")]
+    pub http: Option<String>,
+    /// Lease time-to-live in seconds [default: 30].
+    #[arg(long, env = "KVBM_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: Option<u64>,
+}
+
+impl Config {
+    /// Builds the configuration from the flags (which clap already merged
+    /// with the environment) over the TOML file over the defaults.
+    pub fn load(flags: Flags) -> Result<Config> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Config::default();
+        let data_dir = flags.data_dir.or(file.data_dir);
+        if let Some(d) = data_dir {
+            c.socket = d.join("kvbm.sock");
+            c.disk_path = d.join("g3.dat");
+            c.data_dir = d;
+        }
+        set(
+            &mut c.host_bytes,
+            flags.host_bytes.or(file.host_bytes).map(|s| s.0),
+        );
+        set(
+            &mut c.disk_bytes,
+            flags.disk_bytes.or(file.disk_bytes).map(|s| s.0),
+        );
+        set(&mut c.disk_admit, flags.disk_admit.or(file.disk_admit));
+        set(&mut c.disk_path, flags.disk_path.or(file.disk_path));
+        set(
+            &mut c.region_bytes,
+            flags.region_bytes.or(file.region_bytes).map(|s| s.0),
+        );
+        set(&mut c.disk_queue_depth, file.disk_queue_depth);
+        set(&mut c.write_queue, file.write_queue);
+        set(&mut c.socket, flags.socket.or(file.socket));
+        set(&mut c.grpc, flags.grpc.or(file.grpc));
+        set(&mut c.http, flags.http.or(file.http));
+        set(
+            &mut c.lease_ttl,
+            flags
+                .lease_ttl_secs
+                .or(file.lease_ttl_secs)
+                .map(Duration::from_secs),
+        );
+        set(&mut c.event_ring, file.event_ring);
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.host_bytes < 1 << 20 {
+            return Err(Error::invalid("host-bytes must be at least 1MiB"));
+        }
+        if self.disk_bytes != 0 && self.region_bytes < 1 << 20 {
+            return Err(Error::invalid("region-bytes must be at least 1MiB"));
+        }
+        if self.disk_bytes != 0 && self.disk_bytes < self.region_bytes {
+            return Err(Error::invalid(format!(
+                "disk-bytes ({}) is smaller than one region ({})",
+                self.disk_bytes, self.region_bytes
+            )));
+        }
+        if self.disk_queue_depth == 0 || self.write_queue == 0 || self.event_ring == 0 {
+            return Err(Error::invalid(
+                "disk_queue_depth, write_queue and event_ring must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pool socket next to the gRPC socket.
+    pub fn pool_socket(&self) -> PathBuf {
+        let mut s = self.socket.as_os_str().to_owned();
+        s.push(".pool");
+        PathBuf::from(s)
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("cannot read config {}", path.display()), e))?;
+    toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))
+}
+
+/// A byte size: `4096`, `512KiB`, `512MiB`, `8GiB`, `1TiB` (also `KB`,
+/// `MB`, `GB`, `TB` as powers of ten, and `K`/`M`/`G`/`T` as powers of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Size, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 512MiB or 8GiB"))?;
+        let bytes = n * mult as f64;
+        if !(0.0..=u64::MAX as f64).contains(&bytes) {
+            return Err(format!("size {s:?} out of range"));
+        }
+        Ok(Size(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("512MiB".parse::<Size>(), Ok(Size(512 << 20)));
+        assert_eq!("8GiB".parse::<Size>(), Ok(Size(8 << 30)));
+        assert_eq!("4096".parse::<Size>(), Ok(Size(4096)));
+        assert_eq!("1.5GiB".parse::<Size>(), Ok(Size(3 << 29)));
+        assert_eq!("2GB".parse::<Size>(), Ok(Size(2_000_000_000)));
+        assert!("12 parsecs".parse::<Size>().is_err());
+        assert!("GiB".parse::<Size>().is_err());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvbm.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/srv/kv\"\nhost_bytes = \"2GiB\"\ndisk_admit = \"frequency\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(path),
+            host_bytes: Some(Size(64 << 20)),
+            ..Flags::default()
+        };
+        let c = Config::load(flags).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/kv"));
+        assert_eq!(c.socket, PathBuf::from("/srv/kv/kvbm.sock"));
+        assert_eq!(c.host_bytes, 64 << 20);
+        assert_eq!(c.disk_admit, Admission::Frequency);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvbm.toml");
+        std::fs::write(&path, "host_byts = 5\n").unwrap();
+        let err = Config::load(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("host_byts"), "{err}");
+    }
+}

@@ -1,0 +1,458 @@
+//! The in-memory block index: every block kvbm holds, where its copies are,
+//! who pins it, and the host tier's eviction order.
+//!
+//! Entries live in a slab (`Vec<Entry>`, ids are `u32`) found through a hash
+//! table of ids, so the per-block cost stays near 110 bytes (see
+//! [`Index::memory_bytes`]). Parent links are ids tagged with a few bits of
+//! the parent key's hash: an id reused by another block after its parent was
+//! removed is detected and ignored, which can only affect eviction order,
+//! never data.
+//!
+//! Host eviction respects prefixes: a block is evictable only when no child
+//! of it is in host memory and nobody pins it; among those, least recently
+//! used first (an intrusive list). A block whose last host child goes away is
+//! queued as the next victim, so chains are trimmed from their tail.
+
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const NONE: u32 = u32::MAX;
+pub const NO_SLOT: u64 = u64::MAX;
+pub const MAX_KEY: usize = 32;
+
+/// A block key: the engine's block hash, 1 to 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    bytes: [u8; MAX_KEY],
+    len: u8,
+}
+
+impl Key {
+    pub fn new(b: &[u8]) -> Option<Key> {
+        if b.is_empty() || b.len() > MAX_KEY {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_KEY];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Key {
+            bytes,
+            len: b.len() as u8,
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.as_bytes() {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn hash(ns: u32, key: &Key) -> u64 {
+    xxh3_64(key.as_bytes()) ^ (ns as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Where a block stands in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Slot unused (on the free list).
+    Free,
+    /// Host slot granted to a writer; invisible to readers until commit.
+    Reserved,
+    /// Readable.
+    Ready,
+}
+
+/// Disk copy of a block: region, its generation, byte offset in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRef {
+    pub region: u32,
+    pub generation: u64,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: Key,
+    pub state: State,
+    /// The host copy is being read from disk; readers wait for it.
+    pub loading: bool,
+    /// A write-behind of this block is in flight.
+    pub writing: bool,
+    pub ns: u32,
+    parent: u32,
+    parent_tag: u32,
+    /// Children of this block that have a host copy.
+    pub host_children: u32,
+    /// Leases, reservations and in-flight I/O holding the host copy.
+    pub pins: u32,
+    /// Offset of the host slot, or [`NO_SLOT`].
+    pub host: u64,
+    pub disk: Option<DiskRef>,
+    /// xxh3-64 of the bytes once written to disk (0 before).
+    pub checksum: u64,
+    pub hits: u32,
+    lru_prev: u32,
+    lru_next: u32,
+    in_lru: bool,
+}
+
+impl Entry {
+    pub fn has_host(&self) -> bool {
+        self.host != NO_SLOT
+    }
+}
+
+#[derive(Default)]
+pub struct Index {
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    table: HashTable<u32>,
+    lru_head: u32,
+    lru_tail: u32,
+    live: usize,
+}
+
+impl Index {
+    pub fn new() -> Index {
+        Index {
+            lru_head: NONE,
+            lru_tail: NONE,
+            ..Index::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Estimated heap memory of the index: slab, free list and hash table.
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.free.capacity() * 4
+            + self.table.capacity() * (std::mem::size_of::<u32>() + 1)
+    }
+
+    pub fn find(&self, ns: u32, key: &Key) -> Option<u32> {
+        let entries = &self.entries;
+        self.table
+            .find(hash(ns, key), |&id| {
+                let e = &entries[id as usize];
+                e.ns == ns && e.key == *key
+            })
+            .copied()
+    }
+
+    pub fn get(&self, id: u32) -> &Entry {
+        &self.entries[id as usize]
+    }
+
+    pub fn get_mut(&mut self, id: u32) -> &mut Entry {
+        &mut self.entries[id as usize]
+    }
+
+    /// Ids of every live entry (for snapshots and clears).
+    pub fn ids(&self) -> Vec<u32> {
+        (0..self.entries.len() as u32)
+            .filter(|&id| self.entries[id as usize].state != State::Free)
+            .collect()
+    }
+
+    /// Adds a block (the caller checked it is absent). `parent` is the
+    /// parent's id when the parent is present.
+    pub fn insert(&mut self, ns: u32, key: Key, state: State, parent: Option<u32>) -> u32 {
+        let (parent, parent_tag) = match parent {
+            Some(p) => (p, self.tag_of(p)),
+            None => (NONE, 0),
+        };
+        let entry = Entry {
+            key,
+            state,
+            loading: false,
+            writing: false,
+            ns,
+            parent,
+            parent_tag,
+            host_children: 0,
+            pins: 0,
+            host: NO_SLOT,
+            disk: None,
+            checksum: 0,
+            hits: 0,
+            lru_prev: NONE,
+            lru_next: NONE,
+            in_lru: false,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[id as usize] = entry;
+                id
+            }
+            None => {
+                self.entries.push(entry);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        let entries = &self.entries;
+        self.table.insert_unique(hash(ns, &key), id, |&i| {
+            let e = &entries[i as usize];
+            hash(e.ns, &e.key)
+        });
+        self.live += 1;
+        id
+    }
+
+    /// Removes a block from the index. Its host copy must already be gone.
+    pub fn remove(&mut self, id: u32) {
+        let (ns, key) = {
+            let e = &self.entries[id as usize];
+            debug_assert!(!e.has_host());
+            (e.ns, e.key)
+        };
+        self.lru_unlink(id);
+        let entries = &self.entries;
+        if let Ok(slot) = self.table.find_entry(hash(ns, &key), |&i| {
+            let e = &entries[i as usize];
+            e.ns == ns && e.key == key
+        }) {
+            slot.remove();
+        }
+        let e = &mut self.entries[id as usize];
+        e.state = State::Free;
+        e.disk = None;
+        self.free.push(id);
+        self.live -= 1;
+    }
+
+    fn tag_of(&self, id: u32) -> u32 {
+        let e = &self.entries[id as usize];
+        hash(e.ns, &e.key) as u32
+    }
+
+    /// The parent's id, when it is still the block this entry was linked to.
+    pub fn parent_of(&self, id: u32) -> Option<u32> {
+        let e = &self.entries[id as usize];
+        if e.parent == NONE {
+            return None;
+        }
+        let p = &self.entries[e.parent as usize];
+        (p.state != State::Free && self.tag_of(e.parent) == e.parent_tag).then_some(e.parent)
+    }
+
+    /// Links `id` to its parent (recovery, where parents may be found after
+    /// their children).
+    pub fn relink(&mut self, id: u32, parent: u32) {
+        let tag = self.tag_of(parent);
+        let e = &mut self.entries[id as usize];
+        e.parent = parent;
+        e.parent_tag = tag;
+    }
+
+    /// Records that `id` got a host copy at `slot`.
+    pub fn set_host(&mut self, id: u32, slot: u64) {
+        self.entries[id as usize].host = slot;
+        if let Some(p) = self.parent_of(id) {
+            self.entries[p as usize].host_children += 1;
+            self.lru_unlink(p);
+        }
+    }
+
+    /// Records that `id` lost its host copy; returns the slot it had.
+    pub fn clear_host(&mut self, id: u32) -> Option<u64> {
+        let slot = std::mem::replace(&mut self.entries[id as usize].host, NO_SLOT);
+        if slot == NO_SLOT {
+            return None;
+        }
+        self.lru_unlink(id);
+        if let Some(p) = self.parent_of(id) {
+            let pe = &mut self.entries[p as usize];
+            pe.host_children = pe.host_children.saturating_sub(1);
+            // The parent is now the natural next victim of this chain.
+            self.refresh(p, false);
+        }
+        Some(slot)
+    }
+
+    /// Puts `id` in the eviction order if it is evictable (a ready, unpinned
+    /// host copy with no host children), at the MRU end when `used`, else at
+    /// the LRU end; takes it out otherwise.
+    pub fn refresh(&mut self, id: u32, used: bool) {
+        let e = &self.entries[id as usize];
+        let evictable = e.state == State::Ready
+            && e.has_host()
+            && !e.loading
+            && e.pins == 0
+            && e.host_children == 0;
+        if !evictable {
+            self.lru_unlink(id);
+            return;
+        }
+        if e.in_lru && !used {
+            return;
+        }
+        self.lru_unlink(id);
+        if used {
+            self.lru_push_back(id);
+        } else {
+            self.lru_push_front(id);
+        }
+    }
+
+    /// The next host victim, if any block is evictable.
+    pub fn lru_victim(&self) -> Option<u32> {
+        (self.lru_head != NONE).then_some(self.lru_head)
+    }
+
+    fn lru_unlink(&mut self, id: u32) {
+        let (prev, next, in_lru) = {
+            let e = &self.entries[id as usize];
+            (e.lru_prev, e.lru_next, e.in_lru)
+        };
+        if !in_lru {
+            return;
+        }
+        if prev == NONE {
+            self.lru_head = next;
+        } else {
+            self.entries[prev as usize].lru_next = next;
+        }
+        if next == NONE {
+            self.lru_tail = prev;
+        } else {
+            self.entries[next as usize].lru_prev = prev;
+        }
+        let e = &mut self.entries[id as usize];
+        e.lru_prev = NONE;
+        e.lru_next = NONE;
+        e.in_lru = false;
+    }
+
+    fn lru_push_back(&mut self, id: u32) {
+        let tail = self.lru_tail;
+        {
+            let e = &mut self.entries[id as usize];
+            e.lru_prev = tail;
+            e.lru_next = NONE;
+            e.in_lru = true;
+        }
+        if tail == NONE {
+            self.lru_head = id;
+        } else {
+            self.entries[tail as usize].lru_next = id;
+        }
+        self.lru_tail = id;
+    }
+
+    fn lru_push_front(&mut self, id: u32) {
+        let head = self.lru_head;
+        {
+            let e = &mut self.entries[id as usize];
+            e.lru_prev = NONE;
+            e.lru_next = head;
+            e.in_lru = true;
+        }
+        if head == NONE {
+            self.lru_tail = id;
+        } else {
+            self.entries[head as usize].lru_prev = id;
+        }
+        self.lru_head = id;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> Key {
+        Key::new(&i.to_be_bytes()).unwrap()
+    }
+
+    /// Inserts a ready host block with the given parent.
+    fn put(ix: &mut Index, i: u32, parent: Option<u32>) -> u32 {
+        let id = ix.insert(1, key(i), State::Ready, parent);
+        ix.set_host(id, i as u64 * 4096);
+        ix.refresh(id, true);
+        id
+    }
+
+    #[test]
+    fn find_insert_remove() {
+        let mut ix = Index::new();
+        let a = put(&mut ix, 1, None);
+        assert_eq!(ix.find(1, &key(1)), Some(a));
+        assert_eq!(ix.find(2, &key(1)), None);
+        ix.clear_host(a);
+        ix.remove(a);
+        assert_eq!(ix.find(1, &key(1)), None);
+        assert!(ix.is_empty());
+        assert!(Key::new(&[]).is_none() && Key::new(&[0; 33]).is_none());
+    }
+
+    #[test]
+    fn parents_outlive_children() {
+        let mut ix = Index::new();
+        let a = put(&mut ix, 1, None);
+        let b = put(&mut ix, 2, Some(a));
+        let c = put(&mut ix, 3, Some(b));
+        let x = put(&mut ix, 9, None);
+        // Only leaves are victims, oldest first: c (older than x).
+        assert_eq!(ix.lru_victim(), Some(c));
+        ix.clear_host(c);
+        // b lost its last host child: it goes next, before x.
+        assert_eq!(ix.lru_victim(), Some(b));
+        ix.clear_host(b);
+        assert_eq!(ix.lru_victim(), Some(a));
+        ix.clear_host(a);
+        assert_eq!(ix.lru_victim(), Some(x));
+    }
+
+    #[test]
+    fn pinned_and_used_blocks() {
+        let mut ix = Index::new();
+        let a = put(&mut ix, 1, None);
+        let b = put(&mut ix, 2, None);
+        ix.get_mut(a).pins += 1;
+        ix.refresh(a, false);
+        assert_eq!(ix.lru_victim(), Some(b));
+        ix.get_mut(a).pins -= 1;
+        ix.refresh(a, true);
+        assert_eq!(ix.lru_victim(), Some(b));
+        ix.refresh(b, true);
+        assert_eq!(ix.lru_victim(), Some(a));
+    }
+
+    #[test]
+    fn reused_parent_id_is_not_a_parent() {
+        let mut ix = Index::new();
+        let a = put(&mut ix, 1, None);
+        let b = ix.insert(1, key(2), State::Ready, Some(a));
+        ix.clear_host(a);
+        ix.remove(a);
+        let z = ix.insert(1, key(77), State::Ready, None);
+        assert_eq!(z, a, "slab reuses the id");
+        assert_eq!(ix.parent_of(b), None);
+    }
+
+    #[test]
+    fn memory_per_block_is_bounded() {
+        let mut ix = Index::new();
+        let n = 100_000u32;
+        for i in 0..n {
+            ix.insert(1, key(i), State::Ready, None);
+        }
+        let per = ix.memory_bytes() as f64 / n as f64;
+        println!("index bytes per block: {per:.1}");
+        assert!(per < 200.0, "{per}");
+    }
+}

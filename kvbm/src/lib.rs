@@ -1,0 +1,32 @@
+//! kvbm — kvtier's per-node KV block manager.
+//!
+//! The daemon keeps KV-cache blocks of LLM engines in a shared host pool (G2)
+//! and on local disk (G3), remembers them in a RocksDB catalog so a restart
+//! is warm, and serves them over gRPC (Unix socket and TCP) with a zero-copy
+//! path for local clients.
+//!
+//! - [`config`]: flags, environment, TOML file and their defaults.
+//! - [`store`]: the block store every API call goes through.
+//! - [`index`]: the in-memory block index and host eviction order.
+//! - [`pool`]: the shared-memory host pool and its slot allocator.
+//! - [`disk`]: the NVMe tier (io_uring, `O_DIRECT`, append-only regions).
+//! - [`catalog`]: durable metadata (RocksDB behind a trait).
+//! - [`events`]: numbered block-event batches and their replay ring.
+//! - [`server`]: gRPC, the pool socket, HTTP metrics and health.
+//! - [`bench_disk`]: the plain io_uring loop `kvtier bench disk` compares with.
+
+pub mod bench_disk;
+pub mod catalog;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod events;
+pub mod index;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use error::{Error, ErrorKind, Result};
+pub use store::Store;

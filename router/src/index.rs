@@ -1,0 +1,1354 @@
+//! The router's global block index: which worker holds which prefix, in which
+//! tier.
+//!
+//! # Keys
+//!
+//! Every block gets a router-owned 64-bit **chain key** computed from token
+//! ids only, so routing never depends on an engine's hash algorithm:
+//!
+//! ```text
+//! seed    = xxh3(model, lora_name, kv group, block_size, cache_salt)
+//! key_0   = xxh3_with_seed(tokens of block 0, seed)
+//! key_i   = xxh3_with_seed(tokens of block i, key_{i-1})
+//! ```
+//!
+//! A `Stored` event whose `parent` is set continues the chain of the parent
+//! block: the parent's engine hash is joined to its chain key through the
+//! per-source join table filled by earlier `Stored` events (the same source and
+//! tier first, then the source's other tiers, then the worker's other sources).
+//! A `Stored` event whose parent is unknown cannot be placed and is counted as
+//! an orphan. `Removed` events find their blocks through the same join table.
+//!
+//! Scopes (model, LoRA, KV-cache group) **and block size** are folded into the
+//! seed: engines of one model may publish different block sizes (the engine's
+//! 16-token GPU blocks, kvbm's own), and a lookup walks the request once per
+//! block size seen for its model and LoRA.
+//!
+//! # Concurrency and memory
+//!
+//! The key space is split over `shards` hash maps, each behind its own
+//! `RwLock`; a lookup takes one short read lock per block of the request and
+//! stops at the first block nobody holds, an event takes one short write lock
+//! per block. The per-source join tables sit behind per-source mutexes that
+//! lookups never touch. The index holds at most `max_blocks` holdings (a
+//! (block, worker source, tier) triple); past that each shard prunes its oldest
+//! holdings first.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::event::{EngineHash, EventSink, IndexEvent, Scope, Source, Tier, WorkerId};
+
+/// A router-owned chain key.
+pub type ChainKey = u64;
+
+/// All tiers, fastest first; `Tier as usize` indexes per-tier arrays.
+pub const TIERS: [Tier; 4] = [Tier::Gpu, Tier::Host, Tier::Disk, Tier::Remote];
+
+/// Index of a tier in per-tier arrays (`[gpu, host, disk, remote]`).
+pub fn tier_index(t: Tier) -> usize {
+    match t {
+        Tier::Gpu => 0,
+        Tier::Host => 1,
+        Tier::Disk => 2,
+        Tier::Remote => 3,
+    }
+}
+
+fn tier_from_index(i: u32) -> Tier {
+    match i & 3 {
+        0 => Tier::Gpu,
+        1 => Tier::Host,
+        2 => Tier::Disk,
+        _ => Tier::Remote,
+    }
+}
+
+/// Index limits. Defaults: 64 shards, 20M holdings (about 2 GiB).
+#[derive(Debug, Clone, Copy)]
+pub struct IndexConfig {
+    /// Number of lock shards (rounded up to a power of two). Default 64.
+    pub shards: usize,
+    /// Most holdings (block x source x tier) kept; oldest pruned first.
+    /// Default 20,000,000.
+    pub max_blocks: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            shards: 64,
+            max_blocks: 20_000_000,
+        }
+    }
+}
+
+/// Chain keys are already uniform hashes: the shard maps use them as is.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type KeyMap<V> = HashMap<ChainKey, V, BuildHasherDefault<IdentityHasher>>;
+
+/// One holder of a block: `source slot << 2 | tier`, and the stamp of the
+/// insertion (to tell a live holding from a stale prune-queue item).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    slot_tier: u32,
+    stamp: u32,
+}
+
+impl Holder {
+    fn slot(self) -> u32 {
+        self.slot_tier >> 2
+    }
+    fn tier(self) -> u32 {
+        self.slot_tier & 3
+    }
+}
+
+/// The holders of one chain key; never empty while in the map.
+struct Entry {
+    first: Holder,
+    rest: Option<Box<Vec<Holder>>>,
+}
+
+impl Entry {
+    fn iter(&self) -> impl Iterator<Item = Holder> + '_ {
+        std::iter::once(self.first).chain(self.rest.iter().flat_map(|v| v.iter().copied()))
+    }
+    fn find(&self, slot_tier: u32) -> Option<Holder> {
+        self.iter().find(|h| h.slot_tier == slot_tier)
+    }
+    fn push(&mut self, h: Holder) {
+        self.rest.get_or_insert_with(Default::default).push(h);
+    }
+    /// Removes the holder matching `pred`; returns whether the entry is now
+    /// empty and the holder removed.
+    fn remove(&mut self, pred: impl Fn(Holder) -> bool) -> (bool, Option<Holder>) {
+        if pred(self.first) {
+            let old = self.first;
+            match self.rest.as_mut().and_then(|v| v.pop()) {
+                Some(last) => {
+                    self.first = last;
+                    if self.rest.as_ref().is_some_and(|v| v.is_empty()) {
+                        self.rest = None;
+                    }
+                    (false, Some(old))
+                }
+                None => (true, Some(old)),
+            }
+        } else if let Some(v) = self.rest.as_mut() {
+            let removed = v.iter().position(|h| pred(*h)).map(|p| v.swap_remove(p));
+            if v.is_empty() {
+                self.rest = None;
+            }
+            (false, removed)
+        } else {
+            (false, None)
+        }
+    }
+}
+
+/// A prune-queue item: a holding in insertion order.
+struct QItem {
+    key: ChainKey,
+    holder: Holder,
+    hash: EngineHash,
+}
+
+struct Shard {
+    map: KeyMap<Entry>,
+    queue: VecDeque<QItem>,
+    holdings: usize,
+    tier_holdings: [usize; 4],
+    stamp: u32,
+}
+
+/// What the per-source join table maps an engine hash to.
+#[derive(Clone, Copy)]
+struct Joined {
+    key: ChainKey,
+    scope: u32,
+}
+
+/// One event source (worker, dp rank): its join tables, one per tier.
+struct SourceSlot {
+    worker_slot: u32,
+    join: Mutex<[FxHashMap<EngineHash, Joined>; 4]>,
+}
+
+/// Sources, workers and remote groups; copied on change so lookups read a
+/// consistent snapshot without locking the tables.
+#[derive(Default, Clone)]
+struct Topology {
+    /// source slot -> worker slot (u32::MAX: free slot)
+    src_worker: Vec<u32>,
+    /// worker slot -> remote group (u32::MAX: none)
+    worker_group: Vec<u32>,
+    /// remote group -> worker slots
+    group_members: Vec<Vec<u32>>,
+    /// worker slot -> id (None: free slot)
+    worker_ids: Vec<Option<WorkerId>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    sources: HashMap<Source, u32>,
+    source_slots: Vec<Option<Arc<SourceSlot>>>,
+    workers: HashMap<WorkerId, u32>,
+    groups: HashMap<Arc<str>, u32>,
+    topo: Topology,
+}
+
+/// (model, lora) -> set of (group, block_size) seen in events.
+type Variants = HashMap<(Arc<str>, Option<Arc<str>>), Vec<(u32, u32)>>;
+
+/// Counters the index keeps; read by `/metrics`.
+#[derive(Default, Debug)]
+pub struct IndexStats {
+    /// Block store/remove operations applied (one per block).
+    pub block_events: AtomicU64,
+    /// `Stored` events whose parent block was unknown (dropped).
+    pub orphans: AtomicU64,
+    /// `Stored` events whose hashes and tokens disagree in length.
+    pub malformed: AtomicU64,
+    /// Holdings pruned to respect `max_blocks`.
+    pub pruned: AtomicU64,
+    /// `Removed` hashes that matched nothing.
+    pub unknown_removes: AtomicU64,
+}
+
+/// How much of a request one worker holds, per tier (best tier per block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerMatch {
+    pub worker: WorkerId,
+    /// Blocks of the matched prefix per tier `[gpu, host, disk, remote]`.
+    pub blocks: [u32; 4],
+    /// Block size of the matching events.
+    pub block_size: u32,
+}
+
+impl WorkerMatch {
+    /// Matched tokens per tier.
+    pub fn tokens(&self) -> [u64; 4] {
+        self.blocks
+            .map(|b| u64::from(b) * u64::from(self.block_size))
+    }
+    /// Matched prefix in tokens, all tiers together.
+    pub fn total_tokens(&self) -> u64 {
+        self.tokens().iter().sum()
+    }
+}
+
+/// The global block index. Cheap to share (`Arc<Index>`); implements
+/// [`EventSink`].
+pub struct Index {
+    shards: Box<[RwLock<Shard>]>,
+    shard_mask: usize,
+    per_shard_limit: usize,
+    registry: RwLock<Registry>,
+    topo: RwLock<Arc<Topology>>,
+    variants: RwLock<Variants>,
+    scopes: RwLock<HashMap<Scope, u32>>,
+    pub stats: IndexStats,
+}
+
+const NONE: u32 = u32::MAX;
+
+/// The seed of a chain: scope, block size and tenant salt.
+pub fn scope_seed(
+    model: &str,
+    lora: Option<&str>,
+    group: u32,
+    block_size: u32,
+    salt: Option<&str>,
+) -> u64 {
+    let mut buf = Vec::with_capacity(64);
+    buf.extend_from_slice(model.as_bytes());
+    buf.push(0xff);
+    if let Some(l) = lora {
+        buf.push(1);
+        buf.extend_from_slice(l.as_bytes());
+    }
+    buf.push(0xff);
+    buf.extend_from_slice(&group.to_le_bytes());
+    buf.extend_from_slice(&block_size.to_le_bytes());
+    if let Some(s) = salt {
+        buf.push(1);
+        buf.extend_from_slice(s.as_bytes());
+    }
+    xxh3_64(&buf)
+}
+
+/// The chain key of one block given its parent's key (or the scope seed).
+#[inline]
+pub fn chain_key(prev: u64, tokens: &[u32]) -> ChainKey {
+    // SAFETY: u32 has no padding and u8 has alignment 1; the byte view covers
+    // exactly the tokens' memory. Keys never leave the process, so the host's
+    // byte order does not matter.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), tokens.len() * 4) };
+    xxh3_64_with_seed(bytes, prev)
+}
+
+/// Chain keys of the full blocks of `tokens`.
+pub fn chain_keys(seed: u64, tokens: &[u32], block_size: u32) -> Vec<ChainKey> {
+    let bs = block_size.max(1) as usize;
+    let mut prev = seed;
+    tokens
+        .chunks_exact(bs)
+        .map(|c| {
+            prev = chain_key(prev, c);
+            prev
+        })
+        .collect()
+}
+
+impl Index {
+    pub fn new(cfg: IndexConfig) -> Self {
+        let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
+        let shards = (0..n)
+            .map(|_| {
+                RwLock::new(Shard {
+                    map: KeyMap::default(),
+                    queue: VecDeque::new(),
+                    holdings: 0,
+                    tier_holdings: [0; 4],
+                    stamp: 0,
+                })
+            })
+            .collect();
+        Self {
+            shards,
+            shard_mask: n - 1,
+            per_shard_limit: (cfg.max_blocks / n).max(1),
+            registry: RwLock::new(Registry::default()),
+            topo: RwLock::new(Arc::new(Topology::default())),
+            variants: RwLock::new(HashMap::new()),
+            scopes: RwLock::new(HashMap::new()),
+            stats: IndexStats::default(),
+        }
+    }
+
+    #[inline]
+    fn shard_of(&self, key: ChainKey) -> usize {
+        ((key >> 32) as usize) & self.shard_mask
+    }
+
+    /// Holdings in the index (block x source x tier).
+    pub fn holdings(&self) -> usize {
+        self.shards.iter().map(|s| s.read().holdings).sum()
+    }
+
+    /// Distinct chain keys in the index.
+    pub fn keys(&self) -> usize {
+        self.shards.iter().map(|s| s.read().map.len()).sum()
+    }
+
+    /// Holdings per tier `[gpu, host, disk, remote]`.
+    pub fn holdings_per_tier(&self) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for s in self.shards.iter() {
+            let s = s.read();
+            for (o, n) in out.iter_mut().zip(s.tier_holdings) {
+                *o += n as u64;
+            }
+        }
+        out
+    }
+
+    /// The configured holding limit.
+    pub fn max_blocks(&self) -> usize {
+        self.per_shard_limit * self.shards.len()
+    }
+
+    // ---------------------------------------------------------------- workers
+
+    fn publish_topology(&self, reg: &Registry) {
+        *self.topo.write() = Arc::new(reg.topo.clone());
+    }
+
+    fn worker_slot_locked(reg: &mut Registry, worker: &WorkerId) -> u32 {
+        if let Some(s) = reg.workers.get(worker) {
+            return *s;
+        }
+        let slot = match reg.topo.worker_ids.iter().position(Option::is_none) {
+            Some(p) => p as u32,
+            None => {
+                reg.topo.worker_ids.push(None);
+                reg.topo.worker_group.push(NONE);
+                (reg.topo.worker_ids.len() - 1) as u32
+            }
+        };
+        reg.topo.worker_ids[slot as usize] = Some(worker.clone());
+        reg.topo.worker_group[slot as usize] = NONE;
+        reg.workers.insert(worker.clone(), slot);
+        slot
+    }
+
+    /// Declares a worker and the shared remote tier it can reach (blocks in
+    /// a remote tier reported by any member count for every member).
+    pub fn set_worker(&self, worker: &WorkerId, remote_group: Option<&str>) {
+        let mut reg = self.registry.write();
+        let slot = Self::worker_slot_locked(&mut reg, worker);
+        let old = reg.topo.worker_group[slot as usize];
+        if old != NONE {
+            if let Some(m) = reg.topo.group_members.get_mut(old as usize) {
+                m.retain(|w| *w != slot);
+            }
+        }
+        let g = match remote_group {
+            Some(name) => {
+                let next = reg.groups.len() as u32;
+                let g = *reg.groups.entry(Arc::from(name)).or_insert(next);
+                if reg.topo.group_members.len() <= g as usize {
+                    reg.topo.group_members.resize(g as usize + 1, Vec::new());
+                }
+                reg.topo.group_members[g as usize].push(slot);
+                g
+            }
+            None => NONE,
+        };
+        reg.topo.worker_group[slot as usize] = g;
+        self.publish_topology(&reg);
+    }
+
+    fn source_slot(&self, source: &Source) -> (u32, Arc<SourceSlot>) {
+        {
+            let reg = self.registry.read();
+            if let Some(&s) = reg.sources.get(source) {
+                if let Some(Some(slot)) = reg.source_slots.get(s as usize) {
+                    return (s, slot.clone());
+                }
+            }
+        }
+        let mut reg = self.registry.write();
+        if let Some(&s) = reg.sources.get(source) {
+            if let Some(Some(slot)) = reg.source_slots.get(s as usize) {
+                return (s, slot.clone());
+            }
+        }
+        let worker_slot = Self::worker_slot_locked(&mut reg, &source.worker);
+        let s = match reg.source_slots.iter().position(Option::is_none) {
+            Some(p) => p as u32,
+            None => {
+                reg.source_slots.push(None);
+                reg.topo.src_worker.push(NONE);
+                (reg.source_slots.len() - 1) as u32
+            }
+        };
+        let slot = Arc::new(SourceSlot {
+            worker_slot,
+            join: Mutex::new(Default::default()),
+        });
+        reg.source_slots[s as usize] = Some(slot.clone());
+        reg.topo.src_worker[s as usize] = worker_slot;
+        reg.sources.insert(source.clone(), s);
+        self.publish_topology(&reg);
+        (s, slot)
+    }
+
+    /// Forgets a worker: purges every block of every source of it.
+    ///
+    /// The worker's source slots are first detached (lookups ignore them,
+    /// new events open new slots), then purged, then freed for reuse.
+    pub fn remove_worker(&self, worker: &str) {
+        let slots: Vec<(u32, Arc<SourceSlot>)> = {
+            let mut reg = self.registry.write();
+            let srcs: Vec<Source> = reg
+                .sources
+                .keys()
+                .filter(|s| &*s.worker == worker)
+                .cloned()
+                .collect();
+            let mut out = Vec::new();
+            for src in srcs {
+                if let Some(s) = reg.sources.remove(&src) {
+                    if let Some(Some(slot)) = reg.source_slots.get(s as usize) {
+                        out.push((s, slot.clone()));
+                    }
+                    if let Some(w) = reg.topo.src_worker.get_mut(s as usize) {
+                        *w = NONE;
+                    }
+                }
+            }
+            if let Some(ws) = reg.workers.remove(worker) {
+                let g = reg.topo.worker_group[ws as usize];
+                if g != NONE {
+                    if let Some(m) = reg.topo.group_members.get_mut(g as usize) {
+                        m.retain(|w| *w != ws);
+                    }
+                }
+                reg.topo.worker_group[ws as usize] = NONE;
+                reg.topo.worker_ids[ws as usize] = None;
+            }
+            self.publish_topology(&reg);
+            out
+        };
+        for (s, slot) in &slots {
+            self.purge_source(*s, slot, None);
+        }
+        let mut reg = self.registry.write();
+        for (s, _) in slots {
+            if let Some(x) = reg.source_slots.get_mut(s as usize) {
+                *x = None;
+            }
+        }
+    }
+
+    /// Removes every holding of one source (in one tier or all).
+    fn purge_source(&self, s: u32, slot: &SourceSlot, tier: Option<Tier>) {
+        let drained: Vec<(u32, Vec<ChainKey>)> = {
+            let mut join = slot.join.lock();
+            TIERS
+                .iter()
+                .filter(|t| tier.is_none_or(|x| x == **t))
+                .map(|t| {
+                    let ti = tier_index(*t);
+                    let keys = join[ti].drain().map(|(_, j)| j.key).collect();
+                    (ti as u32, keys)
+                })
+                .collect()
+        };
+        for (ti, keys) in drained {
+            self.remove_holdings(s << 2 | ti, &keys);
+        }
+    }
+
+    /// Removes holder `slot_tier` from `keys`, grouped by shard.
+    fn remove_holdings(&self, slot_tier: u32, keys: &[ChainKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut by_shard: Vec<Vec<ChainKey>> = vec![Vec::new(); self.shards.len()];
+        for k in keys {
+            by_shard[self.shard_of(*k)].push(*k);
+        }
+        for (i, ks) in by_shard.into_iter().enumerate() {
+            if ks.is_empty() {
+                continue;
+            }
+            let mut sh = self.shards[i].write();
+            for k in ks {
+                Self::remove_in_shard(&mut sh, k, |h| h.slot_tier == slot_tier);
+            }
+        }
+    }
+
+    fn remove_in_shard(sh: &mut Shard, key: ChainKey, pred: impl Fn(Holder) -> bool) -> bool {
+        let Some(e) = sh.map.get_mut(&key) else {
+            return false;
+        };
+        let (empty, removed) = e.remove(pred);
+        if empty {
+            sh.map.remove(&key);
+        }
+        match removed {
+            Some(h) => {
+                sh.holdings = sh.holdings.saturating_sub(1);
+                let t = &mut sh.tier_holdings[h.tier() as usize];
+                *t = t.saturating_sub(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn scope_id(&self, scope: &Scope) -> u32 {
+        if let Some(id) = self.scopes.read().get(scope) {
+            return *id;
+        }
+        let mut w = self.scopes.write();
+        let next = w.len() as u32;
+        *w.entry(scope.clone()).or_insert(next)
+    }
+
+    fn note_variant(&self, scope: &Scope, block_size: u32) {
+        let v = (scope.group, block_size);
+        let k = (scope.model.clone(), scope.lora_name.clone());
+        if self.variants.read().get(&k).is_some_and(|l| l.contains(&v)) {
+            return;
+        }
+        let mut w = self.variants.write();
+        let l = w.entry(k).or_default();
+        if !l.contains(&v) {
+            l.push(v);
+        }
+    }
+
+    // ----------------------------------------------------------------- events
+
+    /// Stores a chain of blocks for `source` in `tier`. `salt` separates
+    /// tenants (folded into the seed of a root chain). Returns how many
+    /// blocks were placed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store(
+        &self,
+        source: &Source,
+        tier: Tier,
+        scope: &Scope,
+        hashes: &[EngineHash],
+        parent: Option<EngineHash>,
+        token_ids: &[u32],
+        block_size: u32,
+        salt: Option<&str>,
+    ) -> usize {
+        if block_size == 0 {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let bs = block_size as usize;
+        let nblocks = token_ids.len() / bs;
+        if nblocks != hashes.len() || token_ids.len() % bs != 0 {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = nblocks.min(hashes.len());
+        if n == 0 {
+            return 0;
+        }
+        let (_, slot) = self.source_slot(source);
+        let seed = match parent {
+            None => scope_seed(
+                &scope.model,
+                scope.lora_name.as_deref(),
+                scope.group,
+                block_size,
+                salt,
+            ),
+            Some(p) => match self.parent_key(&slot, tier_index(tier), p) {
+                Some(k) => k,
+                None => {
+                    self.stats.orphans.fetch_add(1, Ordering::Relaxed);
+                    return 0;
+                }
+            },
+        };
+        self.store_with_seed(
+            source,
+            tier,
+            scope,
+            &hashes[..n],
+            seed,
+            token_ids,
+            block_size,
+        )
+    }
+
+    /// Stores a chain whose first block's key is computed from `seed` (the
+    /// parent's chain key, or a [`scope_seed`]). For callers that track chain
+    /// keys themselves (trace replay). Returns how many blocks were placed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store_with_seed(
+        &self,
+        source: &Source,
+        tier: Tier,
+        scope: &Scope,
+        hashes: &[EngineHash],
+        seed: u64,
+        token_ids: &[u32],
+        block_size: u32,
+    ) -> usize {
+        let bs = block_size.max(1) as usize;
+        let n = (token_ids.len() / bs).min(hashes.len());
+        if n == 0 {
+            return 0;
+        }
+        let (s, slot) = self.source_slot(source);
+        let ti = tier_index(tier);
+        let scope_id = self.scope_id(scope);
+        self.note_variant(scope, block_size);
+        let mut keys = Vec::with_capacity(n);
+        let mut prev = seed;
+        for c in token_ids.chunks_exact(bs).take(n) {
+            prev = chain_key(prev, c);
+            keys.push(prev);
+        }
+        {
+            let mut join = slot.join.lock();
+            for (h, k) in hashes.iter().zip(&keys) {
+                join[ti].insert(
+                    *h,
+                    Joined {
+                        key: *k,
+                        scope: scope_id,
+                    },
+                );
+            }
+        }
+        let slot_tier = s << 2 | ti as u32;
+        let mut pruned: Vec<(u32, EngineHash)> = Vec::new();
+        for (h, k) in hashes.iter().zip(&keys) {
+            let mut sh = self.shards[self.shard_of(*k)].write();
+            Self::insert_in_shard(
+                &mut sh,
+                *k,
+                slot_tier,
+                *h,
+                self.per_shard_limit,
+                &mut pruned,
+            );
+        }
+        self.stats
+            .block_events
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if !pruned.is_empty() {
+            self.stats
+                .pruned
+                .fetch_add(pruned.len() as u64, Ordering::Relaxed);
+            self.forget_joins(&pruned);
+        }
+        n
+    }
+
+    fn insert_in_shard(
+        sh: &mut Shard,
+        key: ChainKey,
+        slot_tier: u32,
+        hash: EngineHash,
+        limit: usize,
+        pruned: &mut Vec<(u32, EngineHash)>,
+    ) {
+        sh.stamp = sh.stamp.wrapping_add(1);
+        let holder = Holder {
+            slot_tier,
+            stamp: sh.stamp,
+        };
+        match sh.map.get_mut(&key) {
+            Some(e) => {
+                if e.find(slot_tier).is_some() {
+                    return;
+                }
+                e.push(holder);
+            }
+            None => {
+                sh.map.insert(
+                    key,
+                    Entry {
+                        first: holder,
+                        rest: None,
+                    },
+                );
+            }
+        }
+        sh.holdings += 1;
+        sh.tier_holdings[holder.tier() as usize] += 1;
+        sh.queue.push_back(QItem { key, holder, hash });
+        while sh.holdings > limit {
+            let Some(item) = sh.queue.pop_front() else {
+                break;
+            };
+            let live = sh
+                .map
+                .get(&item.key)
+                .and_then(|e| e.find(item.holder.slot_tier))
+                .is_some_and(|h| h.stamp == item.holder.stamp);
+            if live {
+                Self::remove_in_shard(sh, item.key, |h| h == item.holder);
+                pruned.push((item.holder.slot_tier, item.hash));
+            }
+        }
+        // Stale queue items (holdings removed by events) are compacted away
+        // when they outnumber live holdings.
+        if sh.queue.len() > 2 * sh.holdings + 1024 {
+            let map = &sh.map;
+            sh.queue.retain(|q| {
+                map.get(&q.key)
+                    .and_then(|e| e.find(q.holder.slot_tier))
+                    .is_some_and(|h| h.stamp == q.holder.stamp)
+            });
+        }
+    }
+
+    /// Drops join entries of pruned holdings (no lock nesting with shards).
+    fn forget_joins(&self, pruned: &[(u32, EngineHash)]) {
+        let reg = self.registry.read();
+        for (slot_tier, hash) in pruned {
+            let s = (slot_tier >> 2) as usize;
+            if let Some(Some(slot)) = reg.source_slots.get(s) {
+                slot.join.lock()[(slot_tier & 3) as usize].remove(hash);
+            }
+        }
+    }
+
+    fn parent_key(&self, slot: &SourceSlot, ti: usize, p: EngineHash) -> Option<ChainKey> {
+        {
+            let join = slot.join.lock();
+            if let Some(j) = join[ti].get(&p) {
+                return Some(j.key);
+            }
+            for (i, m) in join.iter().enumerate() {
+                if i != ti {
+                    if let Some(j) = m.get(&p) {
+                        return Some(j.key);
+                    }
+                }
+            }
+        }
+        // The worker's other sources (e.g. the engine's GPU stream for a
+        // kvbm chain).
+        let others: Vec<Arc<SourceSlot>> = {
+            let reg = self.registry.read();
+            reg.source_slots
+                .iter()
+                .flatten()
+                .filter(|o| o.worker_slot == slot.worker_slot && !std::ptr::eq(&***o, slot))
+                .cloned()
+                .collect()
+        };
+        for o in others {
+            let join = o.join.lock();
+            for m in join.iter() {
+                if let Some(j) = m.get(&p) {
+                    return Some(j.key);
+                }
+            }
+        }
+        None
+    }
+
+    /// Removes blocks of `source` in `tier` by engine hash (`scope` None:
+    /// any scope).
+    pub fn remove(
+        &self,
+        source: &Source,
+        tier: Tier,
+        scope: Option<&Scope>,
+        hashes: &[EngineHash],
+    ) {
+        let found = {
+            let reg = self.registry.read();
+            reg.sources
+                .get(source)
+                .and_then(|s| reg.source_slots.get(*s as usize).map(|x| (*s, x.clone())))
+        };
+        let Some((s, Some(slot))) = found else {
+            self.stats
+                .unknown_removes
+                .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        let scope_id = scope.map(|sc| self.scope_id(sc));
+        let ti = tier_index(tier);
+        let mut keys = Vec::with_capacity(hashes.len());
+        {
+            let mut join = slot.join.lock();
+            for h in hashes {
+                let hit = join[ti]
+                    .get(h)
+                    .is_some_and(|j| scope_id.is_none_or(|id| id == j.scope));
+                if hit {
+                    if let Some(j) = join[ti].remove(h) {
+                        keys.push(j.key);
+                    }
+                } else {
+                    self.stats.unknown_removes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.stats
+            .block_events
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.remove_holdings(s << 2 | ti as u32, &keys);
+    }
+
+    /// Forgets every block of `source` (in `tier`, or every tier).
+    pub fn clear(&self, source: &Source, tier: Option<Tier>) {
+        let found = {
+            let reg = self.registry.read();
+            reg.sources
+                .get(source)
+                .and_then(|s| reg.source_slots.get(*s as usize).map(|x| (*s, x.clone())))
+        };
+        if let Some((s, Some(slot))) = found {
+            self.purge_source(s, &slot, tier);
+        }
+    }
+
+    // ----------------------------------------------------------------- lookup
+
+    /// Block sizes seen for (model, lora) in KV group `group`.
+    pub fn block_sizes(&self, model: &str, lora: Option<&str>, group: u32) -> Vec<u32> {
+        let v = self.variants.read();
+        let key = (Arc::<str>::from(model), lora.map(Arc::<str>::from));
+        v.get(&key)
+            .map(|l| {
+                l.iter()
+                    .filter(|(g, _)| *g == group)
+                    .map(|(_, b)| *b)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How much of `tokens` each worker holds (workers holding nothing are
+    /// absent). Walks the chain once per block size seen for the model; per
+    /// worker the block size with the longest match wins.
+    pub fn lookup(
+        &self,
+        model: &str,
+        lora: Option<&str>,
+        salt: Option<&str>,
+        group: u32,
+        tokens: &[u32],
+    ) -> Vec<WorkerMatch> {
+        let mut out: Vec<WorkerMatch> = Vec::new();
+        for bs in self.block_sizes(model, lora, group) {
+            let seed = scope_seed(model, lora, group, bs, salt);
+            for m in self.lookup_keys(seed, tokens, bs) {
+                match out.iter_mut().find(|o| o.worker == m.worker) {
+                    Some(o) if o.total_tokens() < m.total_tokens() => *o = m,
+                    Some(_) => {}
+                    None => out.push(m),
+                }
+            }
+        }
+        out
+    }
+
+    /// Walks the chain of `tokens` from `seed` in blocks of `block_size`.
+    pub fn lookup_keys(&self, seed: u64, tokens: &[u32], block_size: u32) -> Vec<WorkerMatch> {
+        let topo = self.topo.read().clone();
+        let nw = topo.worker_ids.len();
+        let ng = topo.group_members.len();
+        let mut stamp = vec![0u32; nw];
+        let mut best = vec![0u8; nw];
+        let mut gstamp = vec![0u32; ng];
+        let mut counts = vec![[0u32; 4]; nw];
+        let mut alive: Vec<u32> = Vec::new();
+        let bs = block_size.max(1) as usize;
+        let mut prev = seed;
+        for (i, c) in tokens.chunks_exact(bs).enumerate() {
+            let step = i as u32 + 1;
+            prev = chain_key(prev, c);
+            {
+                let sh = self.shards[self.shard_of(prev)].read();
+                let Some(e) = sh.map.get(&prev) else {
+                    break;
+                };
+                for h in e.iter() {
+                    let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
+                        continue;
+                    };
+                    if w == NONE {
+                        continue;
+                    }
+                    let t = h.tier() as u8;
+                    if t == 3 {
+                        let g = topo.worker_group[w as usize];
+                        if g != NONE {
+                            gstamp[g as usize] = step;
+                        }
+                    }
+                    let wi = w as usize;
+                    if stamp[wi] != step {
+                        stamp[wi] = step;
+                        best[wi] = t;
+                    } else if t < best[wi] {
+                        best[wi] = t;
+                    }
+                }
+            }
+            if step == 1 {
+                for (wi, st) in stamp.iter().enumerate() {
+                    if *st == step {
+                        alive.push(wi as u32);
+                    }
+                }
+                for (g, gs) in gstamp.iter().enumerate() {
+                    if *gs == step {
+                        for &m in &topo.group_members[g] {
+                            if stamp[m as usize] != step && !alive.contains(&m) {
+                                alive.push(m);
+                            }
+                        }
+                    }
+                }
+            }
+            alive.retain(|&w| {
+                let wi = w as usize;
+                if stamp[wi] == step {
+                    counts[wi][best[wi] as usize] += 1;
+                    return true;
+                }
+                let g = topo.worker_group[wi];
+                if g != NONE && gstamp[g as usize] == step {
+                    counts[wi][3] += 1;
+                    return true;
+                }
+                false
+            });
+            if alive.is_empty() {
+                break;
+            }
+        }
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.iter().any(|x| *x > 0))
+            .filter_map(|(wi, c)| {
+                topo.worker_ids[wi].as_ref().map(|id| WorkerMatch {
+                    worker: id.clone(),
+                    blocks: *c,
+                    block_size,
+                })
+            })
+            .collect()
+    }
+}
+
+impl EventSink for Index {
+    fn apply(&self, event: IndexEvent) {
+        match event {
+            IndexEvent::Stored {
+                source,
+                tier,
+                scope,
+                hashes,
+                parent,
+                token_ids,
+                block_size,
+            } => {
+                self.store(
+                    &source, tier, &scope, &hashes, parent, &token_ids, block_size, None,
+                );
+            }
+            IndexEvent::Removed {
+                source,
+                tier,
+                scope,
+                hashes,
+            } => self.remove(&source, tier, scope.as_ref(), &hashes),
+            IndexEvent::Cleared { source, tier } => self.clear(&source, tier),
+        }
+    }
+}
+
+/// Tier of a per-tier array index (`0..4`).
+pub fn tier_at(i: usize) -> Tier {
+    tier_from_index(i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(w: &str) -> Source {
+        Source {
+            worker: Arc::from(w),
+            dp_rank: 0,
+        }
+    }
+    fn scope(m: &str) -> Scope {
+        Scope {
+            model: Arc::from(m),
+            lora_name: None,
+            group: 0,
+        }
+    }
+    fn toks(n: u32, base: u32) -> Vec<u32> {
+        (0..n).map(|i| base + i).collect()
+    }
+    fn hashes(n: u64, base: u64) -> Vec<EngineHash> {
+        (0..n).map(|i| EngineHash(base + i)).collect()
+    }
+    fn m<'a>(ms: &'a [WorkerMatch], w: &str) -> Option<&'a WorkerMatch> {
+        ms.iter().find(|x| &*x.worker == w)
+    }
+
+    #[test]
+    fn stored_chain_matches_prefix_and_continues_from_parent() {
+        let ix = Index::new(IndexConfig::default());
+        let t = toks(64, 100);
+        // first two blocks, then the next two continuing from parent hash 2
+        ix.store(
+            &src("a"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(2, 1),
+            None,
+            &t[..32],
+            16,
+            None,
+        );
+        ix.store(
+            &src("a"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(2, 3),
+            Some(EngineHash(2)),
+            &t[32..],
+            16,
+            None,
+        );
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(m(&r, "a").map(|x| x.blocks), Some([4, 0, 0, 0]));
+        // a request diverging in block 2 matches 2 blocks
+        let mut t2 = t.clone();
+        t2[40] = 9;
+        let r = ix.lookup("m", None, None, 0, &t2);
+        assert_eq!(m(&r, "a").map(|x| x.blocks), Some([2, 0, 0, 0]));
+        // other model, other lora, salt: nothing
+        assert!(ix.lookup("x", None, None, 0, &t).is_empty());
+        assert!(ix.lookup("m", Some("l"), None, 0, &t).is_empty());
+        assert!(ix.lookup("m", None, Some("s"), 0, &t).is_empty());
+    }
+
+    #[test]
+    fn remove_by_engine_hash_cuts_the_prefix() {
+        let ix = Index::new(IndexConfig::default());
+        let t = toks(64, 0);
+        ix.store(
+            &src("a"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(4, 10),
+            None,
+            &t,
+            16,
+            None,
+        );
+        ix.store(
+            &src("b"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(4, 90),
+            None,
+            &t,
+            16,
+            None,
+        );
+        ix.remove(&src("a"), Tier::Gpu, None, &[EngineHash(12)]);
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(m(&r, "a").map(|x| x.blocks), Some([2, 0, 0, 0]));
+        assert_eq!(m(&r, "b").map(|x| x.blocks), Some([4, 0, 0, 0]));
+        assert_eq!(ix.holdings(), 7);
+        ix.clear(&src("b"), None);
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert!(m(&r, "b").is_none());
+        ix.remove_worker("a");
+        assert!(ix.lookup("m", None, None, 0, &t).is_empty());
+        assert_eq!(ix.holdings(), 0);
+        assert_eq!(ix.keys(), 0);
+    }
+
+    #[test]
+    fn best_tier_per_block_and_shared_remote() {
+        let ix = Index::new(IndexConfig::default());
+        let t = toks(80, 7);
+        let a = Arc::<str>::from("a");
+        let b = Arc::<str>::from("b");
+        ix.set_worker(&a, Some("s3"));
+        ix.set_worker(&b, Some("s3"));
+        // a: 2 blocks on GPU, 4 in host; kvbm of a: 5 blocks in remote
+        ix.store(
+            &src("a"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(2, 1),
+            None,
+            &t[..32],
+            16,
+            None,
+        );
+        let kv = Source {
+            worker: a.clone(),
+            dp_rank: 7,
+        };
+        ix.store(
+            &kv,
+            Tier::Host,
+            &scope("m"),
+            &hashes(4, 1),
+            None,
+            &t[..64],
+            16,
+            None,
+        );
+        ix.store(
+            &kv,
+            Tier::Remote,
+            &scope("m"),
+            &hashes(5, 1),
+            None,
+            &t,
+            16,
+            None,
+        );
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(m(&r, "a").map(|x| x.blocks), Some([2, 2, 0, 1]));
+        assert_eq!(m(&r, "b").map(|x| x.blocks), Some([0, 0, 0, 5]));
+        // Cleared of the remote tier only
+        ix.clear(&kv, Some(Tier::Remote));
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(m(&r, "a").map(|x| x.blocks), Some([2, 2, 0, 0]));
+        assert!(m(&r, "b").is_none());
+    }
+
+    #[test]
+    fn salt_and_block_sizes() {
+        let ix = Index::new(IndexConfig::default());
+        let t = toks(64, 3);
+        ix.store(
+            &src("a"),
+            Tier::Gpu,
+            &scope("m"),
+            &hashes(4, 1),
+            None,
+            &t,
+            16,
+            Some("tenant"),
+        );
+        ix.store(
+            &src("b"),
+            Tier::Host,
+            &scope("m"),
+            &hashes(2, 1),
+            None,
+            &t,
+            32,
+            None,
+        );
+        let r = ix.lookup("m", None, Some("tenant"), 0, &t);
+        assert_eq!(r.len(), 1);
+        assert_eq!(m(&r, "a").map(|x| x.total_tokens()), Some(64));
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(r.len(), 1);
+        assert_eq!(m(&r, "b").map(|x| x.total_tokens()), Some(64));
+    }
+
+    #[test]
+    fn orphans_and_malformed_never_panic() {
+        let ix = Index::new(IndexConfig::default());
+        let t = toks(40, 0);
+        assert_eq!(
+            ix.store(
+                &src("a"),
+                Tier::Gpu,
+                &scope("m"),
+                &hashes(2, 1),
+                Some(EngineHash(99)),
+                &t[..32],
+                16,
+                None
+            ),
+            0
+        );
+        assert_eq!(ix.stats.orphans.load(Ordering::Relaxed), 1);
+        // 40 tokens, 3 hashes: 2 full blocks placed, counted malformed
+        assert_eq!(
+            ix.store(
+                &src("a"),
+                Tier::Gpu,
+                &scope("m"),
+                &hashes(3, 1),
+                None,
+                &t,
+                16,
+                None
+            ),
+            2
+        );
+        assert_eq!(
+            ix.store(
+                &src("a"),
+                Tier::Gpu,
+                &scope("m"),
+                &hashes(3, 1),
+                None,
+                &t,
+                0,
+                None
+            ),
+            0
+        );
+        assert_eq!(ix.stats.malformed.load(Ordering::Relaxed), 2);
+        ix.remove(&src("zz"), Tier::Gpu, None, &[EngineHash(1)]);
+        assert_eq!(ix.lookup("m", None, None, 0, &[]).len(), 0);
+    }
+
+    #[test]
+    fn bounded_memory_prunes_oldest_first() {
+        let ix = Index::new(IndexConfig {
+            shards: 1,
+            max_blocks: 8,
+        });
+        for i in 0..20u32 {
+            let t = toks(16, i * 1000);
+            ix.store(
+                &src("a"),
+                Tier::Gpu,
+                &scope("m"),
+                &[EngineHash(u64::from(i))],
+                None,
+                &t,
+                16,
+                None,
+            );
+        }
+        assert_eq!(ix.holdings(), 8);
+        assert_eq!(ix.stats.pruned.load(Ordering::Relaxed), 12);
+        // the newest are kept, the oldest gone
+        assert!(!ix.lookup("m", None, None, 0, &toks(16, 19_000)).is_empty());
+        assert!(ix.lookup("m", None, None, 0, &toks(16, 0)).is_empty());
+        // removal of a pruned hash is harmless
+        ix.remove(&src("a"), Tier::Gpu, None, &[EngineHash(0)]);
+        assert_eq!(ix.holdings(), 8);
+    }
+
+    #[test]
+    fn concurrent_writes_and_lookups() {
+        let ix = Arc::new(Index::new(IndexConfig::default()));
+        let t = Arc::new(toks(4096, 0));
+        let mut hs = Vec::new();
+        for w in 0..4u64 {
+            let ix = ix.clone();
+            let t = t.clone();
+            hs.push(std::thread::spawn(move || {
+                for r in 0..50u64 {
+                    let s = src(&format!("w{w}"));
+                    ix.store(
+                        &s,
+                        Tier::Gpu,
+                        &scope("m"),
+                        &hashes(256, r * 1000),
+                        None,
+                        &t,
+                        16,
+                        None,
+                    );
+                    ix.remove(&s, Tier::Gpu, None, &hashes(128, r * 1000 + 128));
+                }
+            }));
+        }
+        for _ in 0..200 {
+            let r = ix.lookup("m", None, None, 0, &t);
+            assert!(r.iter().all(|m| m.blocks[0] <= 256));
+        }
+        for h in hs {
+            assert!(h.join().is_ok());
+        }
+        let r = ix.lookup("m", None, None, 0, &t);
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|m| m.blocks[0] == 128));
+    }
+}

@@ -1,0 +1,25 @@
+//! kvrouter: the global KV-aware router.
+//!
+//! - [`event`]: the normalized block events ingestion hands the index.
+//! - [`index`]: router-owned chain keys, the sharded global block index.
+//! - [`scoring`]: the TTFT estimate per worker and the choice.
+//! - [`workers`]: the worker registry, in-flight load, engine metrics scraping.
+//! - [`route`]: the routing decision every API shares.
+//! - [`tokenize`]: prompts and chat messages to token ids.
+//! - [`config`]: the TOML configuration and its defaults.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`api`]: HTTP, gRPC and Envoy ext_proc servers.
+//! - [`replay`]: trace replay against simulated engines.
+
+pub mod api;
+pub mod config;
+pub mod engine_hash;
+pub mod event;
+pub mod index;
+pub mod ingest;
+pub mod metrics;
+pub mod replay;
+pub mod route;
+pub mod scoring;
+pub mod tokenize;
+pub mod workers;

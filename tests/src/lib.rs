@@ -1,0 +1,144 @@
+//! Helpers shared by the end-to-end tests: locating the workspace's binaries
+//! and the Python interpreter that has the real `vllm` package.
+
+use std::path::PathBuf;
+
+/// Path of a workspace binary (`kvbm`, `kvtier`, `kvrouter`) built next to
+/// this test executable. The test command builds them first
+/// (`cargo build --workspace --bins`); a missing one is a clear failure.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// The Python interpreter with `vllm==0.32.0` installed (`KVTIER_PYTHON`, set
+/// by `scripts/test-all`). `None` outside that script on a developer machine;
+/// under CI (`CI` set) its absence is a failure, never a silent skip.
+pub fn python_with_vllm() -> Option<PathBuf> {
+    match std::env::var_os("KVTIER_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("KVTIER_PYTHON is not set under CI: run the tests through scripts/test-all")
+        }
+        None => {
+            eprintln!("skipping: KVTIER_PYTHON is not set (scripts/test-all sets it)");
+            None
+        }
+    }
+}
+
+/// A kvbm daemon process started for a test. Killed (SIGKILL) on drop unless
+/// stopped first.
+pub struct Kvbm {
+    pub child: std::process::Child,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub grpc: String,
+    pub http: String,
+}
+
+impl Kvbm {
+    /// Starts `kvbm --data-dir DIR` with `args` (e.g. `--host-bytes 8MiB`),
+    /// on free ports, and waits for its "kvbm listening" line.
+    pub fn start(data_dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Kvbm> {
+        use std::io::BufRead;
+        let socket = data_dir.join("kvbm.sock");
+        let mut child = std::process::Command::new(bin("kvbm"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(args)
+            .env("KVBM_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the daemon never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                anyhow::bail!("kvbm did not start ({status})");
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        Ok(Kvbm {
+            grpc: format!("http://{}", field("grpc")),
+            http: field("http"),
+            child,
+            data_dir: data_dir.to_path_buf(),
+            socket,
+        })
+    }
+
+    pub fn socket_str(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        Ok(self.child.wait()?)
+    }
+
+    /// GET a path on the HTTP port; returns the body.
+    pub fn http_get(&self, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.http)?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or(out))
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Kvbm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

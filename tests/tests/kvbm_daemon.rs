@@ -1,0 +1,676 @@
+//! The kvbm daemon as a real process: tiers, warm restart, faults, clients.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use kvtier_client::{v1, Client, Pool};
+use kvtier_e2e::{bin, Kvbm};
+use rand::{Rng, RngCore, SeedableRng};
+
+const KIB: usize = 1024;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn key(i: u64) -> Vec<u8> {
+    let mut k = b"k".to_vec();
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+fn data(i: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(i).fill_bytes(&mut v);
+    v
+}
+
+async fn put(c: &Client, ns: &str, i: u64, len: usize) -> Result<bool, tonic::Status> {
+    Ok(c.rpc()
+        .put(v1::PutRequest {
+            namespace: ns.into(),
+            block: Some(v1::BlockMeta {
+                key: key(i),
+                parent: if i == 0 { vec![] } else { key(i - 1) },
+                token_ids: (0..16).map(|t| (i * 16 + t) as u32).collect(),
+            }),
+            data: data(i, len),
+        })
+        .await?
+        .into_inner()
+        .stored)
+}
+
+async fn get(c: &Client, ns: &str, i: u64) -> Result<Vec<u8>, tonic::Status> {
+    Ok(c.rpc()
+        .get(v1::GetRequest {
+            namespace: ns.into(),
+            key: key(i),
+        })
+        .await?
+        .into_inner()
+        .data)
+}
+
+async fn stats(c: &Client) -> HashMap<i32, v1::TierStats> {
+    c.stats()
+        .await
+        .unwrap()
+        .tiers
+        .into_iter()
+        .map(|t| (t.tier, t))
+        .collect()
+}
+
+const HOST: i32 = v1::Tier::Host as i32;
+const DISK: i32 = v1::Tier::Disk as i32;
+
+/// More data than the host tier holds: the overflow is served from disk,
+/// bit-exact, through the CLI too.
+#[test]
+fn blocks_beyond_host_capacity_come_back_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Kvbm::start(
+        dir.path(),
+        &[
+            "--host-bytes",
+            "4MiB",
+            "--disk-bytes",
+            "64MiB",
+            "--region-bytes",
+            "1MiB",
+        ],
+    )
+    .unwrap();
+    let len = 256 * KIB;
+    let n = 48u64; // 12 MiB: three times the host pool
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..n {
+            assert!(put(&c, "m", i, len).await.unwrap());
+            // Let write-behind keep up so no write is dropped.
+            if i % 8 == 7 {
+                c.sync().await.unwrap();
+            }
+        }
+        assert_eq!(c.sync().await.unwrap(), n);
+        let s = stats(&c).await;
+        assert!(s[&HOST].blocks < n, "host holds at most 4 MiB");
+        assert!(s[&HOST].evictions > 0);
+        for i in 0..n {
+            assert_eq!(get(&c, "m", i).await.unwrap(), data(i, len), "block {i}");
+        }
+        let chain: Vec<_> = (0..n).map(key).collect();
+        let l = c.lookup("m", chain).await.unwrap();
+        assert_eq!(l.matched as u64, n);
+    });
+    // The CLI: put from stdin, get to stdout, exit 1 on a miss.
+    let kvtier = |args: &[&str], input: Option<&[u8]>| {
+        use std::io::Write;
+        let mut cmd = Command::new(bin("kvtier"));
+        cmd.arg("--socket").arg(&d.socket).args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(b) = input {
+            stdin.write_all(b).unwrap();
+        }
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    };
+    let block = data(999, len);
+    let out = kvtier(
+        &["block", "put", "--ns", "m", "--key", "abcd"],
+        Some(&block),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kvtier(&["block", "get", "--ns", "m", "--key", "abcd"], None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, block);
+    let out = kvtier(&["block", "get", "--ns", "m", "--key", "abce"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("miss"));
+    let out = kvtier(
+        &["block", "put", "--ns", "m", "--key", "ab"],
+        Some(b"short"),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bytes"));
+    let out = kvtier(
+        &[
+            "lookup",
+            "--ns",
+            "m",
+            "6b0000000000000000",
+            "6b0000000000000001",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("matched 2/2"));
+    let out = kvtier(&["stats", "--json"], None);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"tier\":\"disk\""));
+}
+
+/// Every block `sync` reported durable survives `kill -9` mid-write and is
+/// served bit-exact after the restart; a clean stop keeps them too.
+#[test]
+fn kill9_during_writes_then_warm_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--host-bytes",
+        "8MiB",
+        "--disk-bytes",
+        "128MiB",
+        "--region-bytes",
+        "2MiB",
+    ];
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    let len = 64 * KIB;
+    let rt = rt();
+    let durable = rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..200 {
+            put(&c, "m", i, len).await.unwrap();
+        }
+        assert_eq!(c.sync().await.unwrap(), 200);
+        // Sustained writes, killed in the middle.
+        let _writer = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in 200..100_000 {
+                    if put(&c, "m", i, len).await.is_err() {
+                        return i;
+                    }
+                }
+                100_000
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        200u64
+    });
+    d.kill9();
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        for i in 0..durable {
+            assert_eq!(get(&c, "m", i).await.unwrap(), data(i, len), "block {i}");
+        }
+        // Whatever else came back must be exact too (never wrong bytes).
+        for i in durable..durable + 200 {
+            if let Ok(b) = get(&c, "m", i).await {
+                assert_eq!(b, data(i, len), "block {i}");
+            }
+        }
+        let s = stats(&c).await;
+        assert_eq!(s[&DISK].checksum_failures, 0);
+    });
+    let status = d.stop().unwrap();
+    assert!(status.success(), "SIGTERM exits cleanly: {status}");
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        assert_eq!(get(&c, "m", 7).await.unwrap(), data(7, len));
+    });
+}
+
+/// Flipped bytes in the region file: those blocks are misses (and removed),
+/// never wrong data.
+#[test]
+fn corrupt_disk_bytes_are_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--host-bytes",
+        "4MiB",
+        "--disk-bytes",
+        "32MiB",
+        "--region-bytes",
+        "1MiB",
+    ];
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    let len = 64 * KIB;
+    let n = 40u64;
+    let rt = rt();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..n {
+            put(&c, "m", i, len).await.unwrap();
+        }
+        assert_eq!(c.sync().await.unwrap(), n);
+    });
+    assert!(d.stop().unwrap().success());
+    // Flip one byte in every 64 KiB of the file: headers and data alike.
+    let path = dir.path().join("g3.dat");
+    let mut file = std::fs::read(&path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let used = file.len().min(((len + 4096) * n as usize) + 4096);
+    for chunk in 0..used / (64 * KIB) {
+        let at = chunk * 64 * KIB + rng.random_range(0..64 * KIB);
+        file[at] ^= 0x5a;
+    }
+    std::fs::write(&path, &file).unwrap();
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        let mut misses = 0;
+        for i in 0..n {
+            match get(&c, "m", i).await {
+                Ok(b) => assert_eq!(b, data(i, len), "block {i} served with wrong bytes"),
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::NotFound, "{s}");
+                    misses += 1;
+                }
+            }
+        }
+        assert!(
+            misses > n / 2,
+            "most blocks were corrupted: {misses} misses"
+        );
+        let s = stats(&c).await;
+        assert!(s[&DISK].checksum_failures > 0);
+        // A corrupt block is removed: asking again is a plain miss.
+        let l = c.lookup("m", (0..n).map(key).collect()).await.unwrap();
+        assert!((l.matched as u64) < n);
+        let metrics = d.http_get("/metrics").unwrap();
+        assert!(
+            metrics.contains("kvbm_checksum_failures_total"),
+            "{metrics}"
+        );
+    });
+}
+
+/// Bad requests get precise status codes and change nothing.
+#[test]
+fn bad_input_gets_precise_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Kvbm::start(dir.path(), &["--host-bytes", "4MiB", "--disk-bytes", "0"]).unwrap();
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", 4096).await.unwrap();
+        let code = |r: Result<bool, tonic::Status>| r.unwrap_err().code();
+        assert_eq!(code(put(&c, "nope", 1, 4096).await), tonic::Code::NotFound);
+        assert_eq!(
+            code(put(&c, "m", 1, 4000).await),
+            tonic::Code::InvalidArgument
+        );
+        let long_key = c
+            .rpc()
+            .put(v1::PutRequest {
+                namespace: "m".into(),
+                block: Some(v1::BlockMeta {
+                    key: vec![1; 33],
+                    ..Default::default()
+                }),
+                data: vec![0; 4096],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(long_key.code(), tonic::Code::InvalidArgument);
+        let r = c.register_namespace("m", 8192).await.unwrap_err();
+        assert!(r.to_string().contains("exists"), "{r}");
+        // Full: every slot pinned by a reservation → RESOURCE_EXHAUSTED.
+        let pool = {
+            let s = d.socket.clone();
+            tokio::task::spawn_blocking(move || Pool::attach(&s))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let blocks: Vec<_> = (0..2000)
+            .map(|i| v1::BlockMeta {
+                key: key(i),
+                ..Default::default()
+            })
+            .collect();
+        let full = c
+            .rpc()
+            .reserve(v1::ReserveRequest {
+                session: pool.session(),
+                namespace: "m".into(),
+                blocks,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        // Nothing was left reserved: a normal put still works.
+        assert!(put(&c, "m", 5, 4096).await.unwrap());
+        assert_eq!(get(&c, "m", 5).await.unwrap(), data(5, 4096));
+        let unknown_session = c
+            .rpc()
+            .acquire(v1::AcquireRequest {
+                session: 987_654,
+                namespace: "m".into(),
+                keys: vec![key(5)],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown_session.code(), tonic::Code::NotFound);
+    });
+    // An unwritable data dir is a clear start-up error.
+    let ro = tempfile::tempdir().unwrap();
+    let bad = ro.path().join("file");
+    std::fs::write(&bad, b"not a dir").unwrap();
+    let out = Command::new(bin("kvbm"))
+        .arg("--data-dir")
+        .arg(bad.join("sub"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("data dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Several clients at once, on the copying and the zero-copy paths.
+#[test]
+fn concurrent_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Kvbm::start(
+        dir.path(),
+        &[
+            "--host-bytes",
+            "16MiB",
+            "--disk-bytes",
+            "64MiB",
+            "--region-bytes",
+            "1MiB",
+        ],
+    )
+    .unwrap();
+    let len = 32 * KIB;
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let socket = d.socket_str();
+            tasks.push(tokio::spawn(async move {
+                let c = Client::connect(&socket).await.unwrap();
+                for j in 0..60 {
+                    // Shared blocks (all tasks) and private ones.
+                    let i = if j % 3 == 0 { j } else { 1000 * (t + 1) + j };
+                    put(&c, "m", i, len).await.unwrap();
+                    assert_eq!(get(&c, "m", i).await.unwrap(), data(i, len));
+                }
+            }));
+        }
+        // A zero-copy client alongside.
+        let socket = d.socket.clone();
+        let zc = tokio::spawn(async move {
+            let c = Client::connect(&socket.display().to_string())
+                .await
+                .unwrap();
+            let pool = tokio::task::spawn_blocking(move || Pool::attach(&socket))
+                .await
+                .unwrap()
+                .unwrap();
+            for i in 50_000..50_040u64 {
+                let slots = c
+                    .rpc()
+                    .reserve(v1::ReserveRequest {
+                        session: pool.session(),
+                        namespace: "m".into(),
+                        blocks: vec![v1::BlockMeta {
+                            key: key(i),
+                            ..Default::default()
+                        }],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .slots;
+                let s = &slots[0];
+                pool.slot_mut(s.offset, s.length)
+                    .unwrap()
+                    .copy_from_slice(&data(i, len));
+                c.rpc()
+                    .commit(v1::CommitRequest {
+                        session: pool.session(),
+                        namespace: "m".into(),
+                        keys: vec![key(i)],
+                    })
+                    .await
+                    .unwrap();
+                let r = c
+                    .rpc()
+                    .acquire(v1::AcquireRequest {
+                        session: pool.session(),
+                        namespace: "m".into(),
+                        keys: vec![key(i)],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let s = &r.slots[0];
+                assert_eq!(pool.slot(s.offset, s.length).unwrap(), &data(i, len)[..]);
+                c.rpc()
+                    .release(v1::ReleaseRequest {
+                        session: pool.session(),
+                        lease: r.lease,
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        for t in tasks {
+            t.await.unwrap();
+        }
+        zc.await.unwrap();
+    });
+}
+
+/// When this variable is set, `crashed_client_leases_are_released` runs as
+/// the child that takes a lease and waits to be killed.
+const CHILD_ENV: &str = "KVTIER_TEST_LEASE_CHILD";
+
+#[test]
+fn crashed_client_leases_are_released() {
+    if let Ok(socket) = std::env::var(CHILD_ENV) {
+        // Child: lease every block, say so, then hang until killed.
+        rt().block_on(async {
+            let c = Client::connect(&socket).await.unwrap();
+            let s = std::path::PathBuf::from(&socket);
+            let pool = tokio::task::spawn_blocking(move || Pool::attach(&s))
+                .await
+                .unwrap()
+                .unwrap();
+            let r = c
+                .rpc()
+                .acquire(v1::AcquireRequest {
+                    session: pool.session(),
+                    namespace: "m".into(),
+                    keys: (0..8).map(key).collect(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.slots.len(), 8);
+            println!("LEASED");
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        });
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Kvbm::start(
+        dir.path(),
+        &[
+            "--host-bytes",
+            "2MiB",
+            "--disk-bytes",
+            "0",
+            "--lease-ttl-secs",
+            "2",
+        ],
+    )
+    .unwrap();
+    let len = 128 * KIB; // 16 blocks fill the pool
+    let rt = rt();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..8 {
+            put(&c, "m", i, len).await.unwrap();
+        }
+    });
+    // Puts 16 new blocks (a pool's worth), then says how many of the
+    // first 8 blocks are still in host memory.
+    let churn = |c: Client, from: u64| async move {
+        for i in from..from + 16 {
+            put(&c, "m", i, len).await.unwrap();
+        }
+        c.lookup("m", (0..8).map(key).collect())
+            .await
+            .unwrap()
+            .matched
+    };
+
+    // 1. A client process killed -9 while holding a lease.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crashed_client_leases_are_released",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, d.socket_str())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+    assert!(lines.any(|l| l.map(|l| l.contains("LEASED")).unwrap_or(false)));
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        // While the lease is held, the leased blocks are never evicted.
+        assert_eq!(churn(c.clone(), 100).await, 8, "leased blocks stay");
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(lines);
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        assert_eq!(churn(c.clone(), 200).await, 0, "leases released on crash");
+        // 2. A hung client (connection open, never releases): the TTL ends it.
+        for i in 0..8 {
+            put(&c, "m", i, len).await.unwrap();
+        }
+        let s = d.socket.clone();
+        let pool = tokio::task::spawn_blocking(move || Pool::attach(&s))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = c
+            .rpc()
+            .acquire(v1::AcquireRequest {
+                session: pool.session(),
+                namespace: "m".into(),
+                keys: (0..8).map(key).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.slots.len(), 8);
+        assert_eq!(churn(c.clone(), 300).await, 8, "leased blocks stay");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(churn(c.clone(), 400).await, 0, "expired lease released");
+        drop(pool);
+    });
+}
+
+/// A full file system: the disk tier degrades, the host tier keeps serving,
+/// and what was stored stays intact.
+#[test]
+fn disk_full_degrades_but_serves_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must be able to mount a tmpfs"
+        );
+        eprintln!("skipping: cannot mount a tmpfs (not root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    // The disk tier's file on the small file system, the catalog elsewhere.
+    let disk_file = mnt.join("g3.dat");
+    let disk_file = disk_file.to_str().unwrap();
+    let d = Kvbm::start(
+        &dir.path().join("kvbm"),
+        &[
+            "--host-bytes",
+            "8MiB",
+            "--disk-bytes",
+            "64MiB",
+            "--region-bytes",
+            "1MiB",
+            "--disk-path",
+            disk_file,
+        ],
+    )
+    .unwrap();
+    let len = 256 * KIB;
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        let mut degraded = false;
+        let mut i = 0u64;
+        while i < 200 {
+            put(&c, "m", i, len).await.unwrap();
+            if i % 4 == 3 {
+                c.sync().await.ok();
+                let s = stats(&c).await;
+                if s[&DISK].degraded {
+                    degraded = true;
+                    break;
+                }
+            }
+            i += 1;
+        }
+        assert!(degraded, "12 MiB file system filled without degrading");
+        let health = d.http_get("/healthz").unwrap();
+        assert!(health.contains("degraded"), "{health}");
+        // Still serving: new puts land in host memory and come back.
+        for j in 1000..1010 {
+            put(&c, "m", j, len).await.unwrap();
+            assert_eq!(get(&c, "m", j).await.unwrap(), data(j, len));
+        }
+        // Blocks that reached the disk before it filled are intact.
+        let mut served = 0;
+        for j in 0..i {
+            if let Ok(b) = get(&c, "m", j).await {
+                assert_eq!(b, data(j, len), "block {j}");
+                served += 1;
+            }
+        }
+        assert!(served > 0);
+    });
+}
