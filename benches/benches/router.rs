@@ -62,7 +62,8 @@ fn ids() -> Vec<WorkerId> {
 /// Fills `ix` with `holdings` blocks: prompt p stored by worker p % 64.
 /// Returns (prompts stored, seconds, events).
 fn fill(ix: &Index, holdings: usize, threads: usize, start_prompt: u64) -> (u64, f64, u64) {
-    let prompts = (holdings / BLOCKS) as u64;
+    // each prompt adds its unique blocks (the system prefix is shared)
+    let prompts = (holdings / (BLOCKS - SYSTEM_BLOCKS)) as u64;
     let ids = ids();
     let sc = scope();
     // tokens are generated before timing

@@ -3,6 +3,7 @@
 
 mod bench;
 mod blocks;
+mod replay;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
     },
+    /// Replay a request trace against simulated engines and compare routing
+    /// policies (the router's real index and scoring, in-process).
+    Replay(replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +77,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Bench { cmd } => bench::run(cmd).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Replay(args) => tokio::task::spawn_blocking(move || replay::run(args))
+            .await?
+            .map(|_| ExitCode::SUCCESS),
         Cmd::Ns { cmd } => blocks::ns(&connect(&cli.socket).await?, cmd).await,
         Cmd::Block { cmd } => blocks::block(&connect(&cli.socket).await?, cmd).await,
         Cmd::Lookup(args) => blocks::lookup(&connect(&cli.socket).await?, args).await,

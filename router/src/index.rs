@@ -129,6 +129,9 @@ impl Holder {
 /// The holders of one chain key; never empty while in the map.
 struct Entry {
     first: Holder,
+    // Boxed on purpose: keeps `Entry` at 16 bytes (most keys have one
+    // holder), where an inline `Vec` would double it.
+    #[allow(clippy::box_collection)]
     rest: Option<Box<Vec<Holder>>>,
 }
 
@@ -619,7 +622,7 @@ impl Index {
         }
         let bs = block_size as usize;
         let nblocks = token_ids.len() / bs;
-        if nblocks != hashes.len() || token_ids.len() % bs != 0 {
+        if nblocks != hashes.len() || !token_ids.len().is_multiple_of(bs) {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
         }
         let n = nblocks.min(hashes.len());
@@ -935,71 +938,102 @@ impl Index {
         let mut gstamp = vec![0u32; ng];
         let mut counts = vec![[0u32; 4]; nw];
         let mut alive: Vec<u32> = Vec::new();
-        let bs = block_size.max(1) as usize;
-        let mut prev = seed;
-        for (i, c) in tokens.chunks_exact(bs).enumerate() {
-            let step = i as u32 + 1;
-            prev = chain_key(prev, c);
-            {
-                let sh = self.shards[self.shard_of(prev)].read();
-                let Some(e) = sh.map.get(&prev) else {
-                    break;
-                };
-                for h in e.iter() {
-                    let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
-                        continue;
-                    };
-                    if w == NONE {
-                        continue;
+        let keys = chain_keys(seed, tokens, block_size);
+        // Probe in chunks of growing size (4, 8, .. 64 blocks), each chunk
+        // grouped by shard so one read lock covers several probes and their
+        // cache misses overlap; a chunk past the frontier wastes at most as
+        // many probes as the walk has made.
+        let mut buf: Vec<Holder> = Vec::new();
+        let mut ranges: Vec<Option<(usize, usize)>> = Vec::new();
+        let mut order: Vec<(usize, usize)> = Vec::new();
+        let mut lo = 0usize;
+        let mut chunk = 4usize;
+        'walk: while lo < keys.len() {
+            let hi = (lo + chunk).min(keys.len());
+            chunk = (chunk * 2).min(64);
+            buf.clear();
+            ranges.clear();
+            ranges.resize(hi - lo, None);
+            order.clear();
+            order.extend((lo..hi).map(|p| (self.shard_of(keys[p]), p)));
+            order.sort_unstable();
+            let mut k = 0;
+            while k < order.len() {
+                let s = order[k].0;
+                let sh = self.shards[s].read();
+                while k < order.len() && order[k].0 == s {
+                    let p = order[k].1;
+                    if let Some(e) = sh.map.get(&keys[p]) {
+                        let st = buf.len();
+                        buf.extend(e.iter());
+                        ranges[p - lo] = Some((st, buf.len()));
                     }
-                    let t = h.tier() as u8;
-                    if t == 3 {
-                        let g = topo.worker_group[w as usize];
-                        if g != NONE {
-                            gstamp[g as usize] = step;
-                        }
-                    }
-                    let wi = w as usize;
-                    if stamp[wi] != step {
-                        stamp[wi] = step;
-                        best[wi] = t;
-                    } else if t < best[wi] {
-                        best[wi] = t;
-                    }
+                    k += 1;
                 }
             }
-            if step == 1 {
-                for (wi, st) in stamp.iter().enumerate() {
-                    if *st == step {
-                        alive.push(wi as u32);
+            for i in lo..hi {
+                let step = i as u32 + 1;
+                {
+                    let Some((st, en)) = ranges[i - lo] else {
+                        break 'walk;
+                    };
+                    for h in buf[st..en].iter().copied() {
+                        let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
+                            continue;
+                        };
+                        if w == NONE {
+                            continue;
+                        }
+                        let t = h.tier() as u8;
+                        if t == 3 {
+                            let g = topo.worker_group[w as usize];
+                            if g != NONE {
+                                gstamp[g as usize] = step;
+                            }
+                        }
+                        let wi = w as usize;
+                        if stamp[wi] != step {
+                            stamp[wi] = step;
+                            best[wi] = t;
+                        } else if t < best[wi] {
+                            best[wi] = t;
+                        }
                     }
                 }
-                for (g, gs) in gstamp.iter().enumerate() {
-                    if *gs == step {
-                        for &m in &topo.group_members[g] {
-                            if stamp[m as usize] != step && !alive.contains(&m) {
-                                alive.push(m);
+                if step == 1 {
+                    for (wi, st) in stamp.iter().enumerate() {
+                        if *st == step {
+                            alive.push(wi as u32);
+                        }
+                    }
+                    for (g, gs) in gstamp.iter().enumerate() {
+                        if *gs == step {
+                            for &m in &topo.group_members[g] {
+                                if stamp[m as usize] != step && !alive.contains(&m) {
+                                    alive.push(m);
+                                }
                             }
                         }
                     }
                 }
-            }
-            alive.retain(|&w| {
-                let wi = w as usize;
-                if stamp[wi] == step {
-                    counts[wi][best[wi] as usize] += 1;
-                    return true;
+                alive.retain(|&w| {
+                    let wi = w as usize;
+                    if stamp[wi] == step {
+                        counts[wi][best[wi] as usize] += 1;
+                        return true;
+                    }
+                    let g = topo.worker_group[wi];
+                    if g != NONE && gstamp[g as usize] == step {
+                        counts[wi][3] += 1;
+                        return true;
+                    }
+                    false
+                });
+                if alive.is_empty() {
+                    break 'walk;
                 }
-                let g = topo.worker_group[wi];
-                if g != NONE && gstamp[g as usize] == step {
-                    counts[wi][3] += 1;
-                    return true;
-                }
-                false
-            });
-            if alive.is_empty() {
-                break;
             }
+            lo = hi;
         }
         counts
             .iter()

@@ -73,6 +73,7 @@ async fn vllm_publisher_stream_gap_clear_restart() {
     let Some(python) = python_with_vllm() else {
         return;
     };
+    let _ports = ingest_util::PY_PORTS.lock().await;
     let port = free_ports(2);
     let replay = free_ports(2);
     let mut py = Py::spawn(&python, "vllm_publisher.py");
@@ -235,6 +236,7 @@ async fn malformed_frames_are_counted_and_skipped() {
     let Some(python) = python_with_vllm() else {
         return;
     };
+    let _ports = ingest_util::PY_PORTS.lock().await;
     let port = free_ports(1);
     let mut py = Py::spawn(&python, "raw_pub.py");
     py.cmd(json!({"cmd": "bind", "endpoint": format!("tcp://127.0.0.1:{port}")}))

@@ -115,17 +115,23 @@ impl State {
             .incarnation
             .as_deref()
             .is_some_and(|i| i != b.incarnation);
+        // A snapshot starts with TierCleared{UNSPECIFIED}; when it does, that
+        // event is the purge, and clearing here too would only repeat it.
+        let starts_with_full_clear = matches!(
+            b.events.first().and_then(|e| e.kind.as_ref()),
+            Some(Kind::Cleared(c)) if c.tier == pb::Tier::Unspecified as i32
+        );
+        let snapshot_start = b.snapshot && !self.in_snapshot;
         if new_incarnation {
             self.metrics.restarts.inc();
             tracing::info!(worker = %self.cfg.worker, old = ?self.incarnation, new = %b.incarnation, "kvbm restarted: purging");
-            self.clear_all();
             self.last_seq = None;
+        }
+        if (new_incarnation || snapshot_start) && !starts_with_full_clear {
+            self.clear_all();
         }
         self.incarnation = Some(b.incarnation.clone());
         if b.snapshot {
-            if !self.in_snapshot && !new_incarnation {
-                self.clear_all();
-            }
             self.in_snapshot = true;
         } else {
             self.in_snapshot = false;
@@ -236,8 +242,10 @@ fn tier(t: i32) -> Result<Option<Tier>, DecodeError> {
     }
 }
 
+/// A kvbm block key (1..=32 bytes, as kvtier.v1 defines it).
 fn key(k: &[u8]) -> Result<EngineHash, DecodeError> {
     bytes_hash(k)
+        .filter(|_| k.len() <= 32)
         .ok_or_else(|| DecodeError::new(DecodeErrorKind::Hash, format!("key of {} bytes", k.len())))
 }
 

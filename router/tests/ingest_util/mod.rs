@@ -11,6 +11,10 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+/// Held by tests that start Python peers on ports picked by [`free_ports`],
+/// so two of them never race for the same port.
+pub static PY_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The interpreter with vllm==0.32.0 (`KVTIER_PYTHON`). Absent: a failure
 /// under CI, a skip elsewhere (same rule as `kvtier_e2e::python_with_vllm`).
 pub fn python_with_vllm() -> Option<PathBuf> {
