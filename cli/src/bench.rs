@@ -63,6 +63,7 @@ impl Daemon {
         let mut cfg = Config {
             data_dir: dir.clone(),
             socket: dir.join("kvbm.sock"),
+            disk_path: dir.join("g3.dat"),
             host_bytes,
             disk_bytes,
             grpc: String::new(),

@@ -15,11 +15,12 @@ MATURIN=${MATURIN:-maturin}
 if ! command -v "$MATURIN" >/dev/null; then
     python3 -m venv .gpu/build-venv
     .gpu/build-venv/bin/pip install -q 'maturin>=1.7,<2'
-    MATURIN=.gpu/build-venv/bin/maturin
+    MATURIN=$PWD/.gpu/build-venv/bin/maturin
 fi
 PY=${KVTIER_PYTHON:-python3}
 rm -f .gpu/kvtier-*.whl
-"$MATURIN" build --release --strip -m connectors/pyproject.toml -i "$PY" -o .gpu
+# maturin reads connectors/pyproject.toml (which names the pyext crate).
+(cd connectors && "$MATURIN" build --release --strip -i "$PY" -o ../.gpu)
 cargo build --release -p kvbm
 strip -o .gpu/kvbm target/release/kvbm
 ls -la .gpu

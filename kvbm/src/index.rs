@@ -77,6 +77,47 @@ pub struct DiskRef {
     pub offset: u64,
 }
 
+/// [`DiskRef`] as the index stores it: 12 bytes instead of 32, to keep the
+/// per-block cost under 128 bytes. The generation keeps its low 32 bits (a
+/// region would have to be recycled 2^32 times to alias; a stale read is
+/// caught by the entry header anyway) and the offset is counted in 4 KiB
+/// pages (files up to 16 TiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PackedDisk {
+    region: u32,
+    generation: u32,
+    page: u32,
+}
+
+const NO_REGION: u32 = u32::MAX;
+
+impl PackedDisk {
+    const NONE: PackedDisk = PackedDisk {
+        region: NO_REGION,
+        generation: 0,
+        page: 0,
+    };
+
+    fn pack(d: Option<DiskRef>) -> PackedDisk {
+        match d {
+            Some(d) if d.offset % 4096 == 0 && d.offset / 4096 <= u32::MAX as u64 => PackedDisk {
+                region: d.region,
+                generation: d.generation as u32,
+                page: (d.offset / 4096) as u32,
+            },
+            _ => PackedDisk::NONE,
+        }
+    }
+
+    fn unpack(self) -> Option<DiskRef> {
+        (self.region != NO_REGION).then_some(DiskRef {
+            region: self.region,
+            generation: self.generation as u64,
+            offset: self.page as u64 * 4096,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub key: Key,
@@ -94,7 +135,7 @@ pub struct Entry {
     pub pins: u32,
     /// Offset of the host slot, or [`NO_SLOT`].
     pub host: u64,
-    pub disk: Option<DiskRef>,
+    disk: PackedDisk,
     /// xxh3-64 of the bytes once written to disk (0 before).
     pub checksum: u64,
     pub hits: u32,
@@ -107,6 +148,25 @@ impl Entry {
     pub fn has_host(&self) -> bool {
         self.host != NO_SLOT
     }
+
+    /// The disk copy, if any. Its generation holds only the low 32 bits of
+    /// the region's: compare with [`same_generation`].
+    pub fn disk(&self) -> Option<DiskRef> {
+        self.disk.unpack()
+    }
+
+    pub fn has_disk(&self) -> bool {
+        self.disk.region != NO_REGION
+    }
+
+    pub fn set_disk(&mut self, d: Option<DiskRef>) {
+        self.disk = PackedDisk::pack(d);
+    }
+}
+
+/// Whether a stored (truncated) generation is the region's generation `g`.
+pub fn same_generation(stored: u64, g: u64) -> bool {
+    stored == g & u32::MAX as u64
 }
 
 #[derive(Default)]
@@ -186,7 +246,7 @@ impl Index {
             host_children: 0,
             pins: 0,
             host: NO_SLOT,
-            disk: None,
+            disk: PackedDisk::NONE,
             checksum: 0,
             hits: 0,
             lru_prev: NONE,
@@ -229,7 +289,7 @@ impl Index {
         }
         let e = &mut self.entries[id as usize];
         e.state = State::Free;
-        e.disk = None;
+        e.disk = PackedDisk::NONE;
         self.free.push(id);
         self.live -= 1;
     }

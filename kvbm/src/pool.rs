@@ -83,6 +83,15 @@ impl Pool {
                 ),
             ));
         }
+        if extra_flags & libc::MFD_HUGETLB == 0 {
+            // Transparent huge pages for shared memory where the system
+            // allows them (`shmem_enabled` = advise): fewer TLB misses when
+            // a put or get sweeps a whole block. Advice only; failure is fine.
+            // SAFETY: advising on our own mapping.
+            unsafe {
+                libc::madvise(base, len as usize, libc::MADV_HUGEPAGE);
+            }
+        }
         Ok(Pool {
             fd,
             base: base as *mut u8,

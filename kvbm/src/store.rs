@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::disk::{DiskConfig, DiskError, DiskLocation, DiskTier, RegionState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::EventBus;
-use crate::index::{DiskRef, Index, Key, State};
+use crate::index::{same_generation, DiskRef, Index, Key, State};
 use crate::metrics::{tier, Metrics, OpLabel, OpLabels, TierLabel};
 use crate::pool::{slot_bytes, Extents, Pool};
 
@@ -233,11 +233,11 @@ impl Store {
                     {
                         let id = index.insert(rec.ns, key, State::Ready, None);
                         let e = index.get_mut(id);
-                        e.disk = Some(DiskRef {
+                        e.set_disk(Some(DiskRef {
                             region: d.region,
                             generation: d.generation,
                             offset: d.offset,
-                        });
+                        }));
                         e.checksum = rec.checksum;
                         e.hits = rec.hits;
                         regions.entry(d.region).or_default().push(id);
@@ -522,7 +522,7 @@ impl Store {
             .evictions
             .get_or_create(&tier(TierLabel::host))
             .inc();
-        let gone = st.index.get(id).disk.is_none() && !st.index.get(id).writing;
+        let gone = st.index.get(id).disk().is_none() && !st.index.get(id).writing;
         if gone {
             st.index.remove(id);
             self.send(CatalogOp::Delete(vec![(ns, key.as_bytes().to_vec())]));
@@ -551,7 +551,7 @@ impl Store {
         if e.pins == 0
             && e.state == State::Ready
             && !e.has_host()
-            && e.disk.is_none()
+            && e.disk().is_none()
             && !e.writing
             && !e.loading
         {
@@ -770,11 +770,7 @@ impl Store {
         let (ptr, ticket) = {
             let mut st = self.state.lock();
             let e = st.index.get_mut(id);
-            if e.state != State::Ready
-                || e.key != key
-                || !e.has_host()
-                || e.disk.is_some()
-                || e.writing
+            if e.state != State::Ready || e.key != key || !e.has_host() || e.has_disk() || e.writing
             {
                 return;
             }
@@ -859,11 +855,11 @@ impl Store {
         match result {
             Ok((loc, checksum)) => {
                 let e = st.index.get_mut(id);
-                e.disk = Some(DiskRef {
+                e.set_disk(Some(DiskRef {
                     region: loc.region,
                     generation: loc.generation,
                     offset: loc.offset,
-                });
+                }));
                 e.checksum = checksum;
                 record.hits = e.hits;
                 record.checksum = checksum;
@@ -914,12 +910,13 @@ impl Store {
             for id in ids {
                 let e = st.index.get_mut(id);
                 if e.state == State::Free
-                    || e.disk
-                        .is_none_or(|d| d.region != region || d.generation != generation)
+                    || e.disk().is_none_or(|d| {
+                        d.region != region || !same_generation(d.generation, generation)
+                    })
                 {
                     continue;
                 }
-                e.disk = None;
+                e.set_disk(None);
                 let (ns, key) = (e.ns, e.key);
                 st.disk_blocks -= 1;
                 removed.entry(ns).or_default().push(key.as_bytes().to_vec());
@@ -988,7 +985,7 @@ impl Store {
                     break;
                 }
                 let in_host = e.has_host() && !e.loading;
-                let on_disk = e.disk.is_some();
+                let on_disk = e.has_disk();
                 if !in_host && !on_disk {
                     break;
                 }
@@ -1065,7 +1062,7 @@ impl Store {
                     st.waiters.entry(id).or_default().push(tx);
                     waits.push((pinned.len(), rx));
                 } else if !e.has_host() {
-                    let Some(d) = e.disk else { break };
+                    let Some(d) = e.disk() else { break };
                     match self.start_load(&mut st, &ns, id, d) {
                         Some(rx) => waits.push((pinned.len(), rx)),
                         None => break,
@@ -1273,7 +1270,7 @@ impl Store {
         }
         if corrupt {
             let key = st.index.get(id).key;
-            st.index.get_mut(id).disk = None;
+            st.index.get_mut(id).set_disk(None);
             st.disk_blocks = st.disk_blocks.saturating_sub(1);
             if st.index.get(id).pins == 0 {
                 st.index.remove(id);
@@ -1387,7 +1384,7 @@ impl Store {
             .namespace_by_id(e.ns)
             .map(|n| n.slot_bytes)
             .unwrap_or(0);
-        if e.disk.is_some() {
+        if e.has_disk() {
             st.disk_blocks -= 1;
         }
         if let Some(slot) = st.index.clear_host(id) {
@@ -1410,7 +1407,7 @@ impl Store {
                     continue;
                 }
                 let (ns, key) = (e.ns, e.key);
-                let has_disk = e.disk.is_some();
+                let has_disk = e.has_disk();
                 let has_host = e.has_host();
                 match t {
                     pb::Tier::Host if has_host => {
@@ -1426,7 +1423,7 @@ impl Store {
                         }
                     }
                     pb::Tier::Disk if has_disk => {
-                        st.index.get_mut(id).disk = None;
+                        st.index.get_mut(id).set_disk(None);
                         st.disk_blocks -= 1;
                         removed += 1;
                         if !has_host {
@@ -1581,7 +1578,7 @@ impl Store {
                 .into_iter()
                 .map(|id| st.index.get(id))
                 .filter(|e| e.state == State::Ready)
-                .map(|e| (e.ns, e.key, e.has_host() && !e.loading, e.disk.is_some()))
+                .map(|e| (e.ns, e.key, e.has_host() && !e.loading, e.has_disk()))
                 .collect()
         };
         let mut out = vec![event::Kind::Cleared(pb::TierCleared {

@@ -1,0 +1,61 @@
+"""Median latency of a 512-key Lookup from Python through the kvtier extension.
+
+The RPC `get_num_new_matched_tokens` makes for an 8k-token request (512 blocks
+of 16); `latency.py` measures the whole connector call with vLLM objects, this
+measures the call alone where vLLM is not installed (e.g. the GPU machine).
+
+    python connectors/bench/lookup_latency.py --kvbm target/release/kvbm
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+from kvtier import Client
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kvbm", default="target/release/kvbm")
+    ap.add_argument("--iters", type=int, default=2000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        sock = os.path.join(d, "kvbm.sock")
+        proc = subprocess.Popen(
+            [args.kvbm, "--data-dir", d, "--socket", sock, "--grpc", "", "--http", "",
+             "--host-bytes", "64MiB", "--disk-bytes", "0"],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            if "kvbm listening" not in proc.stdout.readline().decode():
+                raise SystemExit("kvbm did not start")
+            c = Client(sock)
+            c.register_namespace("lat", 4096, {"model": "m", "tokens_per_block": 16})
+            keys = [i.to_bytes(32, "big") for i in range(1, 513)]
+            for i, k in enumerate(keys):
+                c.put("lat", k, keys[i - 1] if i else b"", bytes(4096))
+            assert c.lookup("lat", keys) == 512
+            for _ in range(200):
+                c.lookup("lat", keys)
+            lat = []
+            for _ in range(args.iters):
+                t = time.perf_counter()
+                c.lookup("lat", keys)
+                lat.append((time.perf_counter() - t) * 1e6)
+            lat.sort()
+            print(json.dumps({
+                "lookup_512_p50_us": round(statistics.median(lat), 1),
+                "lookup_512_p99_us": round(lat[len(lat) * 99 // 100], 1),
+                "iters": args.iters,
+            }))
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()

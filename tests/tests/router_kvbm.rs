@@ -1,0 +1,162 @@
+//! kvbm → kvrouter end to end: a real daemon's event stream feeds a real
+//! router process, which then routes by prefix and tier.
+
+use std::io::{BufRead, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvtier_client::{v1, Client};
+use kvtier_e2e::{bin, Kvbm};
+
+struct Router {
+    child: Child,
+    http: String,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_router() -> Router {
+    let mut child = Command::new(bin("kvrouter"))
+        .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("HTTP listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let http = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("kvrouter printed its HTTP address");
+    Router { child, http }
+}
+
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+const BLOCK_TOKENS: u32 = 16;
+
+#[test]
+fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Kvbm::start(
+        &dir.path().join("a"),
+        &["--host-bytes", "8MiB", "--disk-bytes", "0"],
+    )
+    .unwrap();
+    let b = Kvbm::start(
+        &dir.path().join("b"),
+        &["--host-bytes", "8MiB", "--disk-bytes", "0"],
+    )
+    .unwrap();
+    let router = start_router();
+    for (id, d) in [("wa", &a), ("wb", &b)] {
+        let body = format!(
+            r#"{{"worker_id":"{id}","endpoint":"http://{id}:8000","model":"m","kvbm":"unix:{}"}}"#,
+            d.socket.display()
+        );
+        let (status, resp) = http(&router.http, "POST", "/v1/workers", &body);
+        assert!(status == 200 || status == 201, "{status} {resp}");
+    }
+    // Worker b's kvbm stores a 4-block prefix (tokens 0..64).
+    let tokens: Vec<u32> = (0..4 * BLOCK_TOKENS).collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&b.socket_str()).await.unwrap();
+        c.rpc()
+            .register_namespace(v1::RegisterNamespaceRequest {
+                name: "m-ns".into(),
+                block_bytes: 4096,
+                layout: Some(v1::Layout {
+                    model: "m".into(),
+                    tokens_per_block: BLOCK_TOKENS,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+        for i in 0..4u32 {
+            let key = |j: u32| format!("block-{j}").into_bytes();
+            c.rpc()
+                .put(v1::PutRequest {
+                    namespace: "m-ns".into(),
+                    block: Some(v1::BlockMeta {
+                        key: key(i),
+                        parent: if i == 0 { vec![] } else { key(i - 1) },
+                        token_ids: tokens
+                            [(i * BLOCK_TOKENS) as usize..((i + 1) * BLOCK_TOKENS) as usize]
+                            .to_vec(),
+                    }),
+                    data: vec![i as u8; 4096],
+                })
+                .await
+                .unwrap();
+        }
+    });
+    // The request shares the 4 blocks and adds 2 of its own.
+    let mut request = tokens.clone();
+    request.extend(1000..1000 + 2 * BLOCK_TOKENS);
+    let body = format!(r#"{{"model":"m","token_ids":{:?}}}"#, request);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, resp) = http(&router.http, "POST", "/v1/route", &body);
+        assert_eq!(status, 200, "{resp}");
+        if resp.contains(r#""worker_id":"wb","endpoint""#) && resp.contains(r#""host":4"#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router never learnt b's blocks: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The daemon restarts empty (new incarnation): the router forgets b's blocks.
+    drop(b);
+    let b2 = Kvbm::start(
+        &dir.path().join("b2"),
+        &["--host-bytes", "8MiB", "--disk-bytes", "0"],
+    )
+    .unwrap();
+    let body_w = format!(
+        r#"{{"worker_id":"wc","endpoint":"http://wc:8000","model":"m","kvbm":"unix:{}"}}"#,
+        b2.socket.display()
+    );
+    let (status, _) = http(&router.http, "POST", "/v1/workers", &body_w);
+    assert!(status == 200 || status == 201);
+    let (status, _) = http(&router.http, "DELETE", "/v1/workers/wb", "");
+    assert!(status == 200 || status == 204, "{status}");
+    let (_, resp) = http(&router.http, "POST", "/v1/route", &body);
+    assert!(
+        !resp.contains(r#""host":4"#),
+        "deleted worker's blocks purged: {resp}"
+    );
+}
