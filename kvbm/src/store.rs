@@ -1431,11 +1431,9 @@ impl Store {
                         }
                         deletes.push((ns, key.as_bytes().to_vec()));
                     }
-                    pb::Tier::Unspecified => {
-                        if self.drop_block(&mut st, id) {
-                            removed += 1;
-                            deletes.push((ns, key.as_bytes().to_vec()));
-                        }
+                    pb::Tier::Unspecified if self.drop_block(&mut st, id) => {
+                        removed += 1;
+                        deletes.push((ns, key.as_bytes().to_vec()));
                     }
                     _ => {}
                 }
