@@ -53,7 +53,7 @@ pub struct LookupArgs {
 
 fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
     let s = s.trim();
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         bail!("invalid hex key {s:?}: expected an even number of hex digits");
     }
     (0..s.len())
