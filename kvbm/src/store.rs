@@ -499,25 +499,15 @@ impl Store {
                 return Some(off);
             }
             let victim = st.index.lru_victim()?;
-            self.evict_host(st, victim, &mut Vec::new());
+            self.evict_host(st, victim);
         }
     }
 
     /// Drops the host copy of `id` (evictable, unpinned). A block with no
     /// disk copy leaves the index. Publishes the removal.
-    fn evict_host(&self, st: &mut State_, id: u32, _scratch: &mut Vec<u32>) {
-        let (ns, key, size) = {
-            let e = st.index.get(id);
-            let size = self
-                .namespace_by_id(e.ns)
-                .map(|n| n.slot_bytes)
-                .unwrap_or(0);
-            (e.ns, e.key, size)
-        };
-        if let Some(slot) = st.index.clear_host(id) {
-            st.extents.release(slot, size);
-            st.host_blocks -= 1;
-        }
+    fn evict_host(&self, st: &mut State_, id: u32) {
+        let (ns, key) = (st.index.get(id).ns, st.index.get(id).key);
+        self.drop_host_copy(st, id);
         self.metrics
             .evictions
             .get_or_create(&tier(TierLabel::host))
@@ -572,14 +562,24 @@ impl Store {
         if st.index.get(id).state != State::Reserved {
             return;
         }
-        let size = self
-            .namespace_by_id(st.index.get(id).ns)
-            .map(|n| n.slot_bytes)
-            .unwrap_or(0);
-        if let Some(slot) = st.index.clear_host(id) {
-            st.extents.release(slot, size);
-        }
+        self.drop_host_copy(st, id);
         st.index.remove(id);
+    }
+
+    /// Frees `id`'s host slot, if it has one. Ready blocks are counted in
+    /// `host_blocks`; reserved ones are not counted yet.
+    fn drop_host_copy(&self, st: &mut State_, id: u32) {
+        let (ns, counted) = {
+            let e = st.index.get(id);
+            (e.ns, e.state == State::Ready)
+        };
+        if let Some(slot) = st.index.clear_host(id) {
+            let size = self.namespace_by_id(ns).map_or(0, |n| n.slot_bytes);
+            st.extents.release(slot, size);
+            if counted {
+                st.host_blocks -= 1;
+            }
+        }
     }
 
     // --- writing -----------------------------------------------------------
@@ -645,18 +645,11 @@ impl Store {
                 },
             ));
         }
-        if session != INTERNAL_SESSION {
-            let s = st.sessions.open.entry(session).or_default();
-            for (key, r) in made {
-                s.reservations.insert((ns.id, key), r);
-            }
-        } else {
-            // Internal reservations are committed by the caller right away;
-            // keep them under the internal session all the same.
-            let s = st.sessions.open.entry(INTERNAL_SESSION).or_default();
-            for (key, r) in made {
-                s.reservations.insert((ns.id, key), r);
-            }
+        // The internal session (Put) commits right away; its reservations
+        // are kept like any other session's.
+        let s = st.sessions.open.entry(session).or_default();
+        for (key, r) in made {
+            s.reservations.insert((ns.id, key), r);
         }
         Ok(grants)
     }
@@ -1255,16 +1248,12 @@ impl Store {
     /// disk copy is corrupt (or gone), the block leaves the index.
     fn fail_load(&self, st: &mut State_, id: u32, corrupt: bool) {
         let ns = st.index.get(id).ns;
-        let size = self.namespace_by_id(ns).map(|n| n.slot_bytes).unwrap_or(0);
         {
             let e = st.index.get_mut(id);
             e.loading = false;
             e.pins = e.pins.saturating_sub(1);
         }
-        if let Some(slot) = st.index.clear_host(id) {
-            st.extents.release(slot, size);
-            st.host_blocks -= 1;
-        }
+        self.drop_host_copy(st, id);
         for w in st.waiters.remove(&id).unwrap_or_default() {
             let _ = w.send(false);
         }
@@ -1380,17 +1369,10 @@ impl Store {
         if e.state != State::Ready || e.pins > 0 || e.loading || e.writing {
             return false;
         }
-        let size = self
-            .namespace_by_id(e.ns)
-            .map(|n| n.slot_bytes)
-            .unwrap_or(0);
         if e.has_disk() {
             st.disk_blocks -= 1;
         }
-        if let Some(slot) = st.index.clear_host(id) {
-            st.extents.release(slot, size);
-            st.host_blocks -= 1;
-        }
+        self.drop_host_copy(st, id);
         st.index.remove(id);
         true
     }
@@ -1411,11 +1393,7 @@ impl Store {
                 let has_host = e.has_host();
                 match t {
                     pb::Tier::Host if has_host => {
-                        let size = self.namespace_by_id(ns).map(|n| n.slot_bytes).unwrap_or(0);
-                        if let Some(slot) = st.index.clear_host(id) {
-                            st.extents.release(slot, size);
-                            st.host_blocks -= 1;
-                        }
+                        self.drop_host_copy(&mut st, id);
                         removed += 1;
                         if !has_disk {
                             st.index.remove(id);
