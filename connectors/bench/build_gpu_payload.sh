@@ -4,6 +4,7 @@
 #   .gpu/kvtier-*.whl  the connector: an abi3 wheel (CPython >= 3.11), built
 #                      on glibc 2.36 for x86_64, stripped
 #   .gpu/kvbm          the daemon, release, stripped
+#   .gpu/py/*.whl      pytest and its dependencies, for the contract tests
 # On the GPU machine:
 #   pip install --no-deps --target .gpu/site .gpu/kvtier-*.whl
 #   PYTHONPATH=.gpu/site python connectors/bench/gpu_throughput.py --kvbm .gpu/kvbm
@@ -11,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu
+if [ -z "${MATURIN:-}" ] && [ -x .venv/bin/maturin ]; then MATURIN=$PWD/.venv/bin/maturin; fi
 MATURIN=${MATURIN:-maturin}
 if ! command -v "$MATURIN" >/dev/null; then
     python3 -m venv .gpu/build-venv
@@ -23,4 +25,6 @@ rm -f .gpu/kvtier-*.whl
 (cd connectors && "$MATURIN" build --release --strip -i "$PY" -o ../.gpu)
 cargo build --release -p kvbm
 strip -o .gpu/kvbm target/release/kvbm
-ls -la .gpu
+PIP=${PIP:-$(command -v .venv/bin/pip || echo pip3)}
+rm -rf .gpu/py && "$PIP" download -q --no-deps -d .gpu/py pytest pluggy iniconfig packaging
+ls -la .gpu .gpu/py

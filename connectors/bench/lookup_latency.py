@@ -1,4 +1,5 @@
-"""Median latency of a 512-key Lookup from Python through the kvtier extension.
+"""Median latency of a 512-key Lookup from Python through the kvtier extension,
+over the pool socket's fast path and over gRPC in the same run.
 
 The RPC `get_num_new_matched_tokens` makes for an 8k-token request (512 blocks
 of 16); `latency.py` measures the whole connector call with vLLM objects, this
@@ -41,15 +42,20 @@ def main() -> None:
             assert c.lookup("lat", keys) == 512
             for _ in range(200):
                 c.lookup("lat", keys)
-            lat = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                c.lookup("lat", keys)
-                lat.append((time.perf_counter() - t) * 1e6)
-            lat.sort()
+            def timed(call) -> list[float]:
+                out = []
+                for _ in range(args.iters):
+                    t = time.perf_counter()
+                    call("lat", keys)
+                    out.append((time.perf_counter() - t) * 1e6)
+                return sorted(out)
+
+            fast = timed(c.lookup)  # pool socket fast path
+            grpc = timed(c.lookup_tiers)  # gRPC, the baseline
             print(json.dumps({
-                "lookup_512_p50_us": round(statistics.median(lat), 1),
-                "lookup_512_p99_us": round(lat[len(lat) * 99 // 100], 1),
+                "lookup_512_p50_us": round(statistics.median(fast), 1),
+                "lookup_512_p99_us": round(fast[len(fast) * 99 // 100], 1),
+                "grpc_lookup_512_p50_us": round(statistics.median(grpc), 1),
                 "iters": args.iters,
             }))
         finally:

@@ -10,6 +10,7 @@ the connector; the "forward pass" writes, for every computed block, values
 derived from the block's hash, so equal prefixes get equal KV bytes.
 """
 
+import dataclasses
 import hashlib
 import os
 
@@ -32,6 +33,8 @@ from vllm.v1.request import Request
 from kvtier.vllm import KvtierConnector
 
 MODEL = "test/tiny-llama"
+# The harness runs against vLLM 0.32.0 (CI) and 0.25.1 (the GPU machine's).
+SCHEDULER_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(SchedulerOutput)}
 
 
 def vllm_config(socket: str, block_size: int, hash_algo="sha256_cbor", **extra):
@@ -147,7 +150,11 @@ class Engine:
             cd.num_computed_tokens.append(r.num_computed_tokens)
             cd.num_output_tokens.append(0)
         num_scheduled = {r.request_id: n for r, n in list(new) + list(cached)}
+        extra = {}
+        if "num_common_prefix_blocks" in SCHEDULER_OUTPUT_FIELDS:  # vLLM < 0.26
+            extra["num_common_prefix_blocks"] = [0]
         so = SchedulerOutput(
+            **extra,
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cd,
             num_scheduled_tokens=num_scheduled,

@@ -203,6 +203,13 @@ def test_refuses_non_reproducible_hash(daemon, monkeypatch):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     with pytest.raises(HashConfigError, match="random seed"):
         Engine(daemon.socket, hash_algo="xxhash_cbor")
+    from vllm.v1.core import kv_cache_utils
+
+    if not hasattr(kv_cache_utils, "resolve_none_hash_seed"):
+        # vLLM 0.25 (the GPU machine's): a random root hash for every
+        # algorithm without PYTHONHASHSEED.
+        with pytest.raises(HashConfigError, match="random seed"):
+            Engine(daemon.socket, hash_algo="sha256_cbor")
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     Engine(daemon.socket, hash_algo="xxhash_cbor").shutdown()
 

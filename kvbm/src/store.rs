@@ -956,11 +956,15 @@ impl Store {
 
     /// Longest prefix of `keys` present: overall, per tier, and the fastest
     /// tier of each matched block.
-    pub fn lookup(&self, namespace: &str, keys: &[Vec<u8>]) -> Result<pb::LookupResponse> {
+    pub fn lookup<K: AsRef<[u8]>>(
+        &self,
+        namespace: &str,
+        keys: &[K],
+    ) -> Result<pb::LookupResponse> {
         let ns = self.namespace(namespace)?;
         let mut parsed = Vec::with_capacity(keys.len());
         for k in keys {
-            parsed.push(key_of(k)?);
+            parsed.push(key_of(k.as_ref())?);
         }
         let mut locations = Vec::new();
         let mut host_prefix = 0u32;

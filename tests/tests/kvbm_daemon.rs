@@ -674,3 +674,98 @@ fn disk_full_degrades_but_serves_host() {
         assert!(served > 0);
     });
 }
+
+/// The pool socket's binary Lookup answers as gRPC does, survives malformed
+/// bodies, and drops (only) a connection whose framing it cannot trust.
+#[test]
+fn pool_socket_lookup_fast_path() {
+    use kvtier_client::Session;
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = Kvbm::start(dir.path(), &["--host-bytes", "4MiB", "--disk-bytes", "0"]).unwrap();
+    let keys: Vec<Vec<u8>> = (0..12).map(key).collect();
+    let grpc = rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", 4096).await.unwrap();
+        for i in 0..10 {
+            assert!(put(&c, "m", i, 4096).await.unwrap());
+        }
+        c.lookup("m", keys.clone()).await.unwrap()
+    });
+    assert_eq!(grpc.matched, 10);
+
+    let mut s = Session::connect(&d.socket, Some(Duration::from_secs(5))).unwrap();
+    let fast = s.lookup("m", keys.iter().map(|k| &k[..])).unwrap();
+    assert_eq!((fast.matched, fast.host, fast.disk), (10, 10, 0));
+    // A chain that starts with an absent key matches nothing.
+    let fast = s.lookup("m", keys[11..].iter().map(|k| &k[..])).unwrap();
+    assert_eq!(fast.matched, 0);
+    // Daemon-side errors carry gRPC's codes, and the session goes on.
+    let status = |e: kvtier_client::Error| match e {
+        kvtier_client::Error::Status(s) => s.code(),
+        other => panic!("not a status: {other}"),
+    };
+    let e = s.lookup("nope", keys.iter().map(|k| &k[..])).unwrap_err();
+    assert_eq!(status(e), tonic::Code::NotFound);
+    let long = [vec![7u8; 33]];
+    let e = s.lookup("m", long.iter().map(|k| &k[..])).unwrap_err();
+    assert_eq!(status(e), tonic::Code::InvalidArgument);
+    assert_eq!(
+        s.lookup("m", keys.iter().map(|k| &k[..])).unwrap().matched,
+        10
+    );
+
+    // Raw frames: a body that lies about its key count gets an error reply
+    // and the connection stays usable.
+    let raw = || {
+        let mut c =
+            std::os::unix::net::UnixStream::connect(kvtier_client::pool_socket_path(&d.socket))
+                .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut handshake = [0u8; 16];
+        c.read_exact(&mut handshake).unwrap();
+        c
+    };
+    let reply = |c: &mut std::os::unix::net::UnixStream| -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 5];
+        c.read_exact(&mut h).ok()?;
+        let len = u32::from_le_bytes(h[..4].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 1];
+        c.read_exact(&mut body).ok()?;
+        Some((h[4], body))
+    };
+    let mut c = raw();
+    let mut frame = Vec::new();
+    kvtier_proto::session::encode_lookup(&mut frame, "m", keys.iter().map(|k| &k[..])).unwrap();
+    let mut lying = frame.clone();
+    lying[5 + 2 + 1 + 1] = 200; // count's low byte: 200 keys announced, 12 sent
+    c.write_all(&lying).unwrap();
+    let (kind, body) = reply(&mut c).unwrap();
+    assert_eq!(kind, 3, "{}", String::from_utf8_lossy(&body));
+    c.write_all(&frame).unwrap();
+    assert_eq!(reply(&mut c).unwrap().0, 0);
+    // An oversized header or an unknown op: an error reply, then the
+    // connection is closed (its framing can no longer be trusted).
+    for bad in [
+        [0xff, 0xff, 0xff, 0x7f, 1].to_vec(),
+        [1, 0, 0, 0, 99].to_vec(),
+    ] {
+        let mut c = raw();
+        c.write_all(&bad).unwrap();
+        assert_eq!(reply(&mut c).unwrap().0, 3);
+        let mut rest = Vec::new();
+        assert_eq!(c.read_to_end(&mut rest).unwrap(), 0);
+    }
+    // A client that hangs up mid-frame costs nothing; others go on.
+    {
+        let mut c = raw();
+        c.write_all(&frame[..frame.len() / 2]).unwrap();
+    }
+    assert_eq!(
+        s.lookup("m", keys.iter().map(|k| &k[..])).unwrap().matched,
+        10
+    );
+    let health = d.http_get("/healthz").unwrap();
+    assert!(health.contains("ok"), "{health}");
+}

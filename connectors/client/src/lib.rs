@@ -5,11 +5,14 @@
 //! - [`Pool`]: the zero-copy path. A local client attaches the daemon's
 //!   shared host pool through the pool socket (`<socket>.pool`), maps it, and
 //!   moves block bytes with `Reserve`/`Commit` and `Acquire`/`Release`.
+//! - [`Session`]: a session on the pool socket without the mapping, for the
+//!   latency-critical Lookup (binary frames instead of gRPC).
 
 mod pool;
 
+pub use kvtier_proto::session::LookupCounts;
 pub use kvtier_proto::v1;
-pub use pool::{pool_socket_path, Pool};
+pub use pool::{pool_socket_path, Pool, Session};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};

@@ -7,9 +7,13 @@
 //! the session: when it closes (or the process dies) the daemon releases the
 //! session's leases and reservations.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+
+use kvtier_proto::session::{self as wire, LookupCounts};
+use tonic::Code;
 
 use crate::{Error, Result};
 
@@ -53,10 +57,8 @@ impl Pool {
             path: path.display().to_string(),
             source,
         };
-        let conn = UnixStream::connect(&path).map_err(err)?;
-        let (header, fd) = recv_with_fd(&conn).map_err(err)?;
-        let session = u64::from_le_bytes(header[0..8].try_into().unwrap_or_default());
-        let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()) as usize;
+        let (conn, session, len, fd) = open_session(&path).map_err(err)?;
+        let len = len as usize;
         if len == 0 {
             return Err(err(std::io::Error::other("daemon announced an empty pool")));
         }
@@ -156,6 +158,84 @@ impl Drop for Pool {
         unsafe {
             libc::munmap(self.base as *mut libc::c_void, self.len);
         }
+    }
+}
+
+/// Connects to the pool socket at `path` and reads the handshake:
+/// `(connection, session id, pool length, pool memfd)`.
+fn open_session(path: &Path) -> std::io::Result<(UnixStream, u64, u64, OwnedFd)> {
+    let conn = UnixStream::connect(path)?;
+    let (header, fd) = recv_with_fd(&conn)?;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, l0, l1, l2, l3, l4, l5, l6, l7] = header;
+    let session = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+    let len = u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]);
+    Ok((conn, session, len, fd))
+}
+
+/// A session on the pool socket without the mapping: the scheduler side's
+/// fast path for Lookup (see `kvtier_proto::session`). One call at a time
+/// (`&mut self`); a transport error leaves the session unusable — drop it
+/// and connect again.
+#[derive(Debug)]
+pub struct Session {
+    path: PathBuf,
+    conn: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    /// Opens a session on the pool socket next to the daemon's gRPC socket
+    /// `socket`. `timeout` bounds each read and write of later calls.
+    pub fn connect(socket: &Path, timeout: Option<std::time::Duration>) -> Result<Session> {
+        let path = pool_socket_path(socket);
+        let res = open_session(&path).and_then(|(conn, _, _, _fd)| {
+            conn.set_read_timeout(timeout)?;
+            conn.set_write_timeout(timeout)?;
+            Ok(conn)
+        });
+        match res {
+            Ok(conn) => Ok(Session {
+                path,
+                conn,
+                buf: Vec::new(),
+            }),
+            Err(source) => Err(Error::Pool {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Longest prefix of the `keys` chain present in namespace `namespace`,
+    /// with the host and disk prefixes. Every key must have one length.
+    /// A daemon-side failure is `Error::Status` with the code gRPC would
+    /// give; a broken connection or a timeout is `Error::Pool`.
+    pub fn lookup<'k>(
+        &mut self,
+        namespace: &str,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    ) -> Result<LookupCounts> {
+        self.buf.clear();
+        wire::encode_lookup(&mut self.buf, namespace, keys)
+            .map_err(|m| Error::Status(tonic::Status::invalid_argument(m)))?;
+        let kind = self.round_trip().map_err(|source| Error::Pool {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        wire::decode_lookup_reply(kind, &self.buf)
+            .map_err(|(code, msg)| Error::Status(tonic::Status::new(Code::from(code as i32), msg)))
+    }
+
+    /// Sends the request in `buf` and reads the reply's body into `buf`;
+    /// returns the reply's kind.
+    fn round_trip(&mut self) -> std::io::Result<u8> {
+        self.conn.write_all(&self.buf)?;
+        let mut header = [0u8; 5];
+        self.conn.read_exact(&mut header)?;
+        let (len, kind) = wire::decode_header(header).map_err(std::io::Error::other)?;
+        self.buf.resize(len, 0);
+        self.conn.read_exact(&mut self.buf)?;
+        Ok(kind)
     }
 }
 

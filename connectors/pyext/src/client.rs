@@ -7,6 +7,7 @@
 //! daemon costs callers one fast error, not a connect per call.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -48,6 +49,15 @@ impl CallError {
     }
 }
 
+/// The pool-socket session that answers `lookup` when the daemon is on a
+/// Unix socket: binary frames, no gRPC (see `kvtier_proto::session`).
+#[derive(Default)]
+struct Fast {
+    session: Option<kvtier_client::Session>,
+    /// After a failed connect: no new attempt before this instant.
+    retry_at: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Conn {
     client: Option<KvbmClient<Channel>>,
@@ -63,6 +73,9 @@ pub struct Client {
     timeout: Duration,
     retry: Duration,
     conn: Mutex<Conn>,
+    /// The daemon's Unix socket, when `addr` names one.
+    unix: Option<PathBuf>,
+    fast: Mutex<Fast>,
     connects: AtomicU64,
     failures: AtomicU64,
 }
@@ -77,15 +90,7 @@ impl Client {
         if let Some(c) = &conn.client {
             return Ok(c.clone());
         }
-        if let Some(at) = conn.retry_at {
-            if Instant::now() < at {
-                return Err(CallError::Unavailable(format!(
-                    "kvbm at {} unreachable; next attempt in {:?}",
-                    self.addr,
-                    at.saturating_duration_since(Instant::now())
-                )));
-            }
-        }
+        self.check_backoff(conn.retry_at)?;
         let rt = runtime::get().map_err(CallError::Unavailable)?;
         let addr = self.addr.clone();
         let res = rt.block_on(async {
@@ -109,6 +114,58 @@ impl Client {
                     "connecting to kvbm at {} timed out",
                     self.addr
                 )))
+            }
+        }
+    }
+
+    /// Refuses to dial again before `retry_at` (set by a failed connect).
+    fn check_backoff(&self, retry_at: Option<Instant>) -> Result<(), CallError> {
+        match retry_at {
+            Some(at) if Instant::now() < at => Err(CallError::Unavailable(format!(
+                "kvbm at {} unreachable; next attempt in {:?}",
+                self.addr,
+                at.saturating_duration_since(Instant::now())
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lookup over the pool socket's session, (re)connecting it as needed.
+    fn fast_lookup(
+        &self,
+        socket: &Path,
+        namespace: &str,
+        keys: &[u8],
+        key_len: usize,
+    ) -> Result<u32, CallError> {
+        let mut fast = self
+            .fast
+            .lock()
+            .map_err(|_| CallError::Unavailable("client state poisoned".into()))?;
+        let session = match &mut fast.session {
+            Some(s) => s,
+            None => {
+                self.check_backoff(fast.retry_at)?;
+                match kvtier_client::Session::connect(socket, Some(self.timeout)) {
+                    Ok(s) => {
+                        fast.retry_at = None;
+                        fast.session.insert(s)
+                    }
+                    Err(e) => {
+                        fast.retry_at = Some(Instant::now() + self.retry);
+                        return Err(CallError::Unavailable(e.to_string()));
+                    }
+                }
+            }
+        };
+        // `chunks` of an empty buffer yields nothing; otherwise the buffer
+        // is a whole number of `key_len` keys.
+        match session.lookup(namespace, keys.chunks(key_len.max(1))) {
+            Ok(c) => Ok(c.matched),
+            Err(kvtier_client::Error::Status(s)) => Err(CallError::from_status(s)),
+            Err(e) => {
+                fast.session = None;
+                Err(CallError::Unavailable(e.to_string()))
             }
         }
     }
@@ -147,6 +204,41 @@ impl Client {
             e.into_py()
         })
     }
+}
+
+/// The socket path of a `/path` or `unix:/path` address; `None` for TCP.
+fn unix_socket(addr: &str) -> Option<PathBuf> {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        return None;
+    }
+    Some(PathBuf::from(addr.strip_prefix("unix:").unwrap_or(addr)))
+}
+
+/// Copies a Python sequence of equally long `bytes` into one buffer:
+/// `(keys back to back, key length)`.
+fn flat_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut key_len = None;
+    let mut push = |k: Bound<'_, PyAny>| -> PyResult<()> {
+        let b = k.cast::<PyBytes>()?.as_bytes();
+        if *key_len.get_or_insert(b.len()) != b.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "lookup: keys of one chain must have one length",
+            ));
+        }
+        out.extend_from_slice(b);
+        Ok(())
+    };
+    if let Ok(list) = keys.cast::<PyList>() {
+        for k in list.iter() {
+            push(k)?;
+        }
+    } else {
+        for k in keys.try_iter()? {
+            push(k?)?;
+        }
+    }
+    Ok((out, key_len.unwrap_or(0)))
 }
 
 /// Copies a Python sequence of `bytes` (vLLM's `BlockHash`es) into keys.
@@ -210,12 +302,14 @@ impl Client {
     #[pyo3(signature = (addr, timeout_ms = 1000, retry_ms = 1000))]
     fn new(addr: String, timeout_ms: u64, retry_ms: u64) -> Client {
         Client {
-            addr,
             timeout: Duration::from_millis(timeout_ms.max(1)),
             retry: Duration::from_millis(retry_ms),
             conn: Mutex::new(Conn::default()),
+            unix: unix_socket(&addr),
+            fast: Mutex::new(Fast::default()),
             connects: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            addr,
         }
     }
 
@@ -252,6 +346,9 @@ impl Client {
             if let Ok(mut c) = self.conn.lock() {
                 c.retry_at = None;
             }
+            if let Ok(mut f) = self.fast.lock() {
+                f.retry_at = None;
+            }
             self.rpc().map(|_| ())
         })
         .map_err(CallError::into_py)
@@ -287,7 +384,20 @@ impl Client {
     }
 
     /// Length of the longest prefix of the `keys` chain present in any tier.
+    /// On a Unix socket this goes over the pool socket's binary fast path
+    /// (the scheduler calls it once per new request); over TCP, gRPC.
     fn lookup(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        if let Some(socket) = &self.unix {
+            let (flat, key_len) = flat_keys(keys)?;
+            return py
+                .detach(|| self.fast_lookup(socket, &namespace, &flat, key_len))
+                .map_err(|e| {
+                    if let CallError::Unavailable(_) = e {
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    e.into_py()
+                });
+        }
         let keys = keys_of(keys)?;
         self.call(py, |mut c| async move {
             Ok(c.lookup(v1::LookupRequest { namespace, keys })

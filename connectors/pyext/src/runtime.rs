@@ -1,11 +1,12 @@
-//! The process-wide tokio runtime behind every synchronous call.
+//! The process-wide tokio runtime behind every synchronous gRPC call.
 //!
-//! A current-thread runtime driven by the calling thread in `block_on`: a
-//! unary call over the Unix socket then needs no thread hand-off (measured in
-//! `connectors/bench/latency.py`; `KVTIER_RUNTIME=multi` selects a one-worker
-//! multi-thread runtime instead, for comparison). Several Python threads may
-//! call at once: tokio hands the runtime's driver from one `block_on` to the
-//! next.
+//! One worker thread keeps the client's connections polled between calls,
+//! so when the daemon goes away the connection notices at once and the next
+//! call dials afresh instead of failing on a dead connection. (A
+//! current-thread runtime, driven only inside `block_on`, saves a thread
+//! hand-off per call but leaves every first call after a daemon restart to
+//! fail.) The latency-critical Lookup does not use this runtime: it goes
+//! over the pool socket's binary fast path (`Client::lookup`).
 
 use std::sync::OnceLock;
 
@@ -17,15 +18,9 @@ static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 pub fn get() -> Result<&'static Runtime, String> {
     RUNTIME
         .get_or_init(|| {
-            let multi = std::env::var("KVTIER_RUNTIME").is_ok_and(|v| v == "multi");
-            let mut b = if multi {
-                let mut b = Builder::new_multi_thread();
-                b.worker_threads(1);
-                b
-            } else {
-                Builder::new_current_thread()
-            };
-            b.enable_all()
+            Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
                 .thread_name("kvtier-rt")
                 .build()
                 .map_err(|e| format!("cannot start the kvtier runtime: {e}"))

@@ -82,7 +82,8 @@ def hash_identity(algo: str, allow_unsafe: bool = False) -> str:
 
     Refused: the pickle-based algorithms (``sha256``, ``xxhash``), and
     ``xxhash_cbor`` without ``PYTHONHASHSEED`` (vLLM then picks a random
-    seed per process).
+    seed per process) — on vLLM releases before the fixed default seed,
+    every algorithm without ``PYTHONHASHSEED``.
     """
     seed = os.environ.get("PYTHONHASHSEED")
     problem = None
@@ -93,12 +94,17 @@ def hash_identity(algo: str, allow_unsafe: bool = False) -> str:
         )
     elif algo == "xxhash_cbor" and seed is None:
         problem = "xxhash_cbor without PYTHONHASHSEED uses a random seed in every process"
+    elif seed is None and not _vllm_has_default_seed():
+        problem = (
+            f"this vLLM draws a random seed in every process for {algo} "
+            "when PYTHONHASHSEED is unset"
+        )
     if problem is not None and not allow_unsafe:
         raise HashConfigError(
             f"kvtier: {problem}; engines would never find each other's blocks. "
             "Start vLLM with --prefix-caching-hash-algo sha256_cbor (and the "
-            "same PYTHONHASHSEED on every engine, or leave it unset), or "
-            "xxhash_cbor with a shared PYTHONHASHSEED. "
+            "same PYTHONHASHSEED on every engine; recent vLLM releases may "
+            "leave it unset), or xxhash_cbor with a shared PYTHONHASHSEED. "
             'Set kv_connector_extra_config {"allow_unsafe_hash": true} to '
             "override."
         )
@@ -106,6 +112,18 @@ def hash_identity(algo: str, allow_unsafe: bool = False) -> str:
         seed = VLLM_DEFAULT_HASH_SEED if algo != "xxhash_cbor" else "random"
     digest = hashlib.sha256(seed.encode()).hexdigest()[:8]
     return f"{algo}-{digest}"
+
+
+def _vllm_has_default_seed() -> bool:
+    """Whether the installed vLLM derives its root block hash from a fixed
+    default seed when PYTHONHASHSEED is unset (releases with
+    ``resolve_none_hash_seed``); older ones (0.25) draw it from os.urandom
+    in every process."""
+    try:
+        from vllm.v1.core import kv_cache_utils
+    except ImportError:
+        return True
+    return hasattr(kv_cache_utils, "resolve_none_hash_seed")
 
 
 def dtype_name(dtype) -> str:

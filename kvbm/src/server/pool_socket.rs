@@ -1,17 +1,24 @@
-//! The pool socket: hands the host pool's memfd to local clients.
+//! The pool socket: hands the host pool's memfd to local clients, and
+//! answers the latency-critical Lookup without gRPC.
 //!
 //! On accept the daemon opens a session and sends one 16-byte message
 //! `[session u64 LE][pool_len u64 LE]` with the memfd attached
-//! (`SCM_RIGHTS`). The connection then only signals liveness: when the
-//! client closes it or dies, the session ends and its leases and
-//! reservations are released.
+//! (`SCM_RIGHTS`). The connection then carries request/reply frames
+//! (`kvtier_proto::session`), and signals liveness: when the client closes it
+//! or dies, the session ends and its leases and reservations are released.
+//!
+//! Each connection gets its own thread blocked on the socket: a connection is
+//! an engine process (a handful per host), and a blocked thread answers a
+//! frame without the wake-up hops of the async runtime.
 
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use kvtier_proto::session::{self as wire, LookupCounts};
+use tokio::net::UnixListener;
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -23,7 +30,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 pub async fn serve(listener: UnixListener, store: Arc<Store>) {
     loop {
-        let (conn, _) = match listener.accept().await {
+        let conn = match listener.accept().await.and_then(|(c, _)| c.into_std()) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "pool socket accept failed");
@@ -32,30 +39,86 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>) {
             }
         };
         let store = store.clone();
-        tokio::spawn(async move {
-            let session = store.open_session();
-            if let Err(e) = handshake(&conn, session, &store) {
-                tracing::warn!(error = %e, session, "pool handshake failed");
-                store.close_session(session);
-                return;
-            }
-            tracing::debug!(session, "pool session opened");
-            wait_closed(conn).await;
-            store.close_session(session);
-            tracing::debug!(session, "pool session closed");
-        });
+        let spawned = std::thread::Builder::new()
+            .name("kvbm-session".into())
+            .spawn(move || run_session(conn, &store));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a pool session thread");
+        }
     }
 }
 
-/// Reads until EOF or an error: either means the client is gone.
-async fn wait_closed(mut conn: UnixStream) {
-    let mut buf = [0u8; 64];
-    loop {
-        match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+fn run_session(conn: UnixStream, store: &Store) {
+    let session = store.open_session();
+    let res = conn
+        .set_nonblocking(false)
+        .and_then(|_| handshake(&conn, session, store));
+    if let Err(e) = res {
+        tracing::warn!(error = %e, session, "pool handshake failed");
+        store.close_session(session);
+        return;
     }
+    tracing::debug!(session, "pool session opened");
+    match serve_frames(conn, store) {
+        Ok(()) => tracing::debug!(session, "pool session closed"),
+        Err(e) => tracing::warn!(error = %e, session, "pool session ended"),
+    }
+    store.close_session(session);
+}
+
+/// Answers request frames until the client closes the connection. A frame
+/// whose body is malformed gets an error reply and the session goes on; a
+/// header over the limit, or an unknown op, cannot be skipped safely and
+/// ends the session after an error reply.
+fn serve_frames(mut conn: UnixStream, store: &Store) -> std::io::Result<()> {
+    let mut body = Vec::new();
+    let mut reply = Vec::with_capacity(64);
+    loop {
+        let mut header = [0u8; 5];
+        match conn.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        reply.clear();
+        let (len, op) = match wire::decode_header(header) {
+            Ok(h) => h,
+            Err(msg) => {
+                wire::encode_error(&mut reply, wire::STATUS_INVALID, &msg);
+                conn.write_all(&reply)?;
+                return Err(std::io::Error::other(msg));
+            }
+        };
+        if op != wire::OP_LOOKUP {
+            let msg = format!("unknown op {op}");
+            wire::encode_error(&mut reply, wire::STATUS_INVALID, &msg);
+            conn.write_all(&reply)?;
+            return Err(std::io::Error::other(msg));
+        }
+        body.resize(len, 0);
+        conn.read_exact(&mut body)?;
+        match lookup(store, &body) {
+            Ok(c) => wire::encode_lookup_reply(&mut reply, c),
+            Err(s) => wire::encode_error(&mut reply, s.code() as u8, s.message()),
+        }
+        conn.write_all(&reply)?;
+    }
+}
+
+fn lookup(store: &Store, body: &[u8]) -> std::result::Result<LookupCounts, tonic::Status> {
+    let req = wire::decode_lookup(body).map_err(tonic::Status::invalid_argument)?;
+    let r = store.lookup(req.namespace, &req.keys)?;
+    let prefix = |tier: kvtier_proto::v1::Tier| {
+        r.tiers
+            .iter()
+            .find(|t| t.tier == tier as i32)
+            .map_or(0, |t| t.blocks)
+    };
+    Ok(LookupCounts {
+        matched: r.matched,
+        host: prefix(kvtier_proto::v1::Tier::Host),
+        disk: prefix(kvtier_proto::v1::Tier::Disk),
+    })
 }
 
 fn handshake(conn: &UnixStream, session: u64, store: &Store) -> std::io::Result<()> {
@@ -81,8 +144,6 @@ fn handshake(conn: &UnixStream, session: u64, store: &Store) -> std::io::Result<
         (*c).cmsg_type = libc::SCM_RIGHTS;
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd);
-        // The socket is non-blocking (tokio); 16 bytes into a fresh
-        // connection's empty send buffer do not block.
         let n = libc::sendmsg(conn.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
         if n < 0 {
             return Err(std::io::Error::last_os_error());

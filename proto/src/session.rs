@@ -1,0 +1,281 @@
+//! Binary messages on the pool socket (`<socket>.pool`), after the handshake.
+//!
+//! The scheduler asks kvbm "how much of this chain do you hold?" once per new
+//! request, with up to thousands of 32-byte keys, and waits for the answer
+//! before it can schedule. Over gRPC that round trip costs HTTP/2 framing,
+//! protobuf and two async hops on each side; this framing is a length, an op
+//! and the keys back to back, answered by a thread that blocks on the socket.
+//! The daemon and the client both encode and decode through this module, so
+//! the format has one definition (described for humans in `docs/wire.md`).
+//!
+//! Every message is a frame `[len: u32 LE][kind: u8][body: len - 1 bytes]`.
+//! A request's kind is its op; a reply's kind is a status, `0` for success
+//! and otherwise the gRPC status code the same failure gets over gRPC.
+
+/// The largest frame either side accepts (16 MiB: 500k 32-byte keys).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Op: longest present prefix of a key chain.
+pub const OP_LOOKUP: u8 = 1;
+
+/// Reply kind for success.
+pub const STATUS_OK: u8 = 0;
+/// Reply kind for a malformed request (gRPC `INVALID_ARGUMENT`).
+pub const STATUS_INVALID: u8 = 3;
+
+/// A decoded Lookup request; the keys are views into the frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lookup<'a> {
+    pub namespace: &'a str,
+    pub keys: Vec<&'a [u8]>,
+}
+
+/// A Lookup's answer: blocks of the chain present in any tier, and the
+/// prefixes wholly in host memory and wholly on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupCounts {
+    pub matched: u32,
+    pub host: u32,
+    pub disk: u32,
+}
+
+/// Appends a Lookup request frame to `buf`. Every key must have the length
+/// of the first (vLLM's block hashes do); a key of another length, or more
+/// than [`MAX_FRAME`] in all, is an error and leaves `buf` as it was.
+pub fn encode_lookup<'k>(
+    buf: &mut Vec<u8>,
+    namespace: &str,
+    keys: impl ExactSizeIterator<Item = &'k [u8]>,
+) -> Result<(), String> {
+    let start = buf.len();
+    let res = encode_lookup_inner(buf, namespace, keys);
+    if res.is_err() {
+        buf.truncate(start);
+    }
+    res
+}
+
+fn encode_lookup_inner<'k>(
+    buf: &mut Vec<u8>,
+    namespace: &str,
+    mut keys: impl ExactSizeIterator<Item = &'k [u8]>,
+) -> Result<(), String> {
+    let ns_len = u16::try_from(namespace.len()).map_err(|_| "namespace name too long")?;
+    let count = keys.len();
+    let first = keys.next();
+    let key_len = first.map_or(0, <[u8]>::len);
+    let key_len_u8 = u8::try_from(key_len).map_err(|_| format!("key of {key_len} bytes"))?;
+    let body = 1 + 2 + namespace.len() + 1 + 4 + count * key_len;
+    if body > MAX_FRAME {
+        return Err(format!("lookup of {count} keys exceeds the frame limit"));
+    }
+    buf.reserve(4 + body);
+    buf.extend_from_slice(&(body as u32).to_le_bytes());
+    buf.push(OP_LOOKUP);
+    buf.extend_from_slice(&ns_len.to_le_bytes());
+    buf.extend_from_slice(namespace.as_bytes());
+    buf.push(key_len_u8);
+    buf.extend_from_slice(&(count as u32).to_le_bytes());
+    for k in first.into_iter().chain(keys) {
+        if k.len() != key_len {
+            return Err(format!(
+                "keys of one lookup must have one length: {} and {}",
+                key_len,
+                k.len()
+            ));
+        }
+        buf.extend_from_slice(k);
+    }
+    Ok(())
+}
+
+/// Decodes the body (after the op byte) of a Lookup request.
+pub fn decode_lookup(body: &[u8]) -> Result<Lookup<'_>, String> {
+    let mut r = Reader(body);
+    let ns_len = u16::from_le_bytes(r.take::<2>()?) as usize;
+    let namespace = std::str::from_utf8(r.bytes(ns_len)?)
+        .map_err(|_| "namespace name is not UTF-8".to_string())?;
+    let key_len = r.take::<1>()?[0] as usize;
+    let count = u32::from_le_bytes(r.take::<4>()?) as usize;
+    let need = key_len
+        .checked_mul(count)
+        .ok_or_else(|| "key count overflows".to_string())?;
+    if r.0.len() != need {
+        return Err(format!(
+            "lookup announces {count} keys of {key_len} bytes but carries {} bytes",
+            r.0.len()
+        ));
+    }
+    let keys = if count == 0 {
+        Vec::new()
+    } else if key_len == 0 {
+        return Err("keys of 0 bytes".into());
+    } else {
+        r.0.chunks_exact(key_len).collect()
+    };
+    Ok(Lookup { namespace, keys })
+}
+
+/// Appends a success reply to a Lookup.
+pub fn encode_lookup_reply(buf: &mut Vec<u8>, c: LookupCounts) {
+    buf.extend_from_slice(&13u32.to_le_bytes());
+    buf.push(STATUS_OK);
+    for v in [c.matched, c.host, c.disk] {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends an error reply: `status` is a gRPC code, `message` says why.
+pub fn encode_error(buf: &mut Vec<u8>, status: u8, message: &str) {
+    let msg = &message.as_bytes()[..message.len().min(4096)];
+    buf.extend_from_slice(&(1 + msg.len() as u32).to_le_bytes());
+    buf.push(status);
+    buf.extend_from_slice(msg);
+}
+
+/// Decodes a reply frame's kind and body into the Lookup answer, or the
+/// daemon's `(status, message)`.
+pub fn decode_lookup_reply(kind: u8, body: &[u8]) -> Result<LookupCounts, (u8, String)> {
+    if kind != STATUS_OK {
+        return Err((kind, String::from_utf8_lossy(body).into_owned()));
+    }
+    let mut r = Reader(body);
+    let mut next = || {
+        r.take::<4>()
+            .map(u32::from_le_bytes)
+            .map_err(|e| (STATUS_INVALID, format!("malformed lookup reply: {e}")))
+    };
+    Ok(LookupCounts {
+        matched: next()?,
+        host: next()?,
+        disk: next()?,
+    })
+}
+
+/// Splits a frame header into `(body length after the kind byte, kind)`,
+/// refusing frames over [`MAX_FRAME`] or without a kind byte.
+pub fn decode_header(h: [u8; 5]) -> Result<(usize, u8), String> {
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(format!("frame of {len} bytes (limit {MAX_FRAME})"));
+    }
+    Ok((len - 1, h[4]))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!(
+                "truncated: wanted {n} bytes, {} left",
+                self.0.len()
+            ));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let b = self.bytes(N)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(b);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(buf: &[u8]) -> (u8, &[u8]) {
+        let (len, kind) = decode_header(buf[..5].try_into().unwrap()).unwrap();
+        assert_eq!(buf.len(), 5 + len);
+        (kind, &buf[5..])
+    }
+
+    #[test]
+    fn lookup_round_trip() {
+        let keys: Vec<[u8; 32]> = (0..100u8).map(|i| [i; 32]).collect();
+        let mut buf = Vec::new();
+        encode_lookup(&mut buf, "ns-a", keys.iter().map(|k| &k[..])).unwrap();
+        let (kind, body) = frame(&buf);
+        assert_eq!(kind, OP_LOOKUP);
+        let l = decode_lookup(body).unwrap();
+        assert_eq!(l.namespace, "ns-a");
+        assert_eq!(l.keys.len(), 100);
+        assert_eq!(l.keys[7], &[7u8; 32][..]);
+
+        let c = LookupCounts {
+            matched: 9,
+            host: 4,
+            disk: 9,
+        };
+        let mut rep = Vec::new();
+        encode_lookup_reply(&mut rep, c);
+        let (kind, body) = frame(&rep);
+        assert_eq!(decode_lookup_reply(kind, body), Ok(c));
+    }
+
+    #[test]
+    fn empty_chain_is_valid() {
+        let mut buf = Vec::new();
+        encode_lookup(&mut buf, "ns", std::iter::empty()).unwrap();
+        let (_, body) = frame(&buf);
+        assert!(decode_lookup(body).unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn mixed_key_lengths_are_refused_without_writing() {
+        let a = [1u8; 32];
+        let b = [2u8; 16];
+        let mut buf = vec![9];
+        let err = encode_lookup(&mut buf, "ns", [&a[..], &b[..]].into_iter()).unwrap_err();
+        assert!(err.contains("one length"), "{err}");
+        assert_eq!(buf, vec![9]);
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        let mut buf = Vec::new();
+        encode_lookup(&mut buf, "ns", [&[1u8; 32][..], &[2u8; 32][..]].into_iter()).unwrap();
+        let body = &buf[5..];
+        // Every truncation is refused, none panics.
+        for cut in 0..body.len() {
+            assert!(decode_lookup(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        // Count larger than the keys carried.
+        let mut lying = body.to_vec();
+        let count_at = 2 + 2 + 1;
+        lying[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_lookup(&lying).is_err());
+        // Zero-length keys with a count.
+        let zero = [0u8, 0, 0, 5, 0, 0, 0];
+        assert!(decode_lookup(&zero).is_err());
+        // Namespace not UTF-8.
+        let bad_ns = [1u8, 0, 0xff, 1, 0, 0, 0, 0];
+        assert!(decode_lookup(&bad_ns).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn headers_outside_limits_are_refused() {
+        assert!(decode_header([0, 0, 0, 0, 1]).is_err());
+        let [a, b, c, d] = u32::MAX.to_le_bytes();
+        assert!(decode_header([a, b, c, d, 1]).is_err());
+        assert_eq!(decode_header([3, 0, 0, 0, 7]), Ok((2, 7)));
+    }
+
+    #[test]
+    fn error_replies_carry_status_and_message() {
+        let mut rep = Vec::new();
+        encode_error(&mut rep, 5, "unknown namespace \"x\"");
+        let (kind, body) = frame(&rep);
+        assert_eq!(
+            decode_lookup_reply(kind, body),
+            Err((5, "unknown namespace \"x\"".to_string()))
+        );
+        // A short success body is an error, not a panic.
+        assert!(decode_lookup_reply(STATUS_OK, &[1, 2, 3]).is_err());
+    }
+}
