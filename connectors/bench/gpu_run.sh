@@ -9,7 +9,7 @@
 #      (contract tests on CUDA, get_num_new_matched_tokens latency, TTFT in a
 #      real vLLM engine)
 set -u
-mode=${1:?copy-bench or vllm}
+mode=${1:?stage, copy-bench or vllm}
 KV=/tmp/kvgpu        # survives between calls while the machine is warm
 SITE=/tmp/site       # vLLM payload + kvtier + pytest
 mkdir -p /tmp/parts $KV
@@ -18,6 +18,7 @@ for d in .vllm1 .vllm2; do [ -d $d ] && cp -n $d/* /tmp/parts/; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 export PYTHONUNBUFFERED=1
 case $mode in
+stage) ;;  # only copy the carried parts (first of two calls)
 copy-bench)
   rm -rf /tmp/kvsite && mkdir -p /tmp/kvsite
   python3 -m zipfile -e $KV/kvtier-*.whl /tmp/kvsite
@@ -41,9 +42,9 @@ vllm)
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
     PYTHONHASHSEED=0 KVTIER_BIN_DIR=$KV
   python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
-  KVTIER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider connectors/tests 2>&1 | tail -25
-  python3 connectors/bench/latency.py --iters 3000 2>&1 | tail -1
-  timeout 420 python3 connectors/bench/vllm_ttft.py --kvbm $KV/kvbm > ${OUT:-/tmp}/ttft.log 2>&1
+  [ "${2:-}" = ttft-only ] || KVTIER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider connectors/tests 2>&1 | tail -25
+  [ "${2:-}" = ttft-only ] || python3 connectors/bench/latency.py --iters 3000 2>&1 | tail -1
+  timeout 420 python3 connectors/bench/vllm_ttft.py --kvbm $KV/kvbm ${TTFT_ARGS:-} > ${OUT:-/tmp}/ttft.log 2>&1
   echo "ttft exit $?"
   grep '^{' ${OUT:-/tmp}/ttft.log
   grep -v '^{' ${OUT:-/tmp}/ttft.log | grep -iE 'kvtier|error|Traceback|File ' | tail -40

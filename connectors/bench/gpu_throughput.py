@@ -90,8 +90,12 @@ def main() -> None:
     layer_bytes = layers[0][0].numel() * 2
     block_bytes = layer_bytes * L
     total = block_bytes * N
-    ids = torch.randperm(args.gpu_blocks - 1)[:N].add_(1).tolist()
-    dst_ids = torch.randperm(args.gpu_blocks - 1)[:N].add_(1).tolist()
+    # Sources and destinations disjoint (block 0 is vLLM's null block), so
+    # onboarding never overwrites a block a later offload reads and the final
+    # bytes check compares what was offloaded with what came back.
+    perm = torch.randperm(args.gpu_blocks - 1).add_(1)
+    ids = perm[:N].tolist()
+    dst_ids = perm[N : 2 * N].tolist()
     ids_dev = torch.tensor(ids, device=dev)
     dst_dev = torch.tensor(dst_ids, device=dev)
 
@@ -144,11 +148,15 @@ def main() -> None:
                     continue
             mover = Mover(layers, tensor)
             tag = "pinned" if pinned else "unpinned"
-            round_ = [0]
+            # Key chains made before timing: an engine has its block hashes
+            # already (vLLM's request.block_hashes).
+            chains = [
+                [f"{tag}-{r}-{i}".encode().ljust(32, b"\0")[:32] for i in range(N)]
+                for r in range(2 * args.iters + 2)
+            ]
 
             def chain():
-                round_[0] += 1
-                return [f"{tag}-{round_[0]}-{i}".encode().ljust(32, b"\0")[:32] for i in range(N)]
+                return chains.pop()
 
             keys_box = {}
 

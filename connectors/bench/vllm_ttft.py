@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--host-bytes", default="24GiB")
     ap.add_argument("--tokens", type=int, nargs="+", default=[2000, 8000, 20000])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one gpu_hit and one kvtier_hit of the longest prompt")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="kvtier-ttft-")
@@ -87,6 +89,7 @@ def main() -> None:
             skip_tokenizer_init=True,
             enforce_eager=True,
             enable_prefix_caching=True,
+            prefix_caching_hash_algo="sha256_cbor",  # reproducible across engines
             max_model_len=32768,
             max_num_batched_tokens=32768,
             gpu_memory_utilization=0.85,
@@ -136,6 +139,22 @@ def main() -> None:
                 settle()
                 rows.append(run(p, "kvtier_hit"))
                 settle()
+        if args.profile:
+            import cProfile
+            import pstats
+
+            p = ids(max(args.tokens))
+            run(p, "cold")
+            for label in ("gpu_hit", "kvtier_hit"):
+                if label == "kvtier_hit":
+                    settle()
+                prof = cProfile.Profile()
+                prof.enable()
+                run(p, f"profiled_{label}")
+                prof.disable()
+                print(f"PROFILE {label}", flush=True)
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         summary = {}
         for n in args.tokens:
             med = {

@@ -68,6 +68,29 @@ def test_match_beyond_local_hit_and_whole_prompt(daemon):
     assert eng.scheduler.get_num_new_matched_tokens(c, 0) == (79, True)
     d = eng.request("D", prompt(40, start=9000))
     assert eng.scheduler.get_num_new_matched_tokens(d, 0) == (0, False)
+    # vLLM's own whole-prompt hit stops one block short of the end; the 15
+    # tokens left are recomputed, not loaded (a load costs an engine step).
+    e = eng.request("E", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(e, 4 * BS) == (0, False)
+    eng.shutdown()
+
+
+def test_blocks_kvbm_holds_are_not_offloaded_again(daemon):
+    eng = Engine(daemon.socket)
+    run_a(eng, prompt(80))  # 5 blocks in kvbm
+    sched = eng.scheduler.scheduler_side.stats
+    worker = eng.worker.worker_side.stats
+    planned, saved = sched["planned_save_blocks"], worker["saved_blocks"]
+    # The next turn of the conversation: A's 80 tokens and 32 more, A's
+    # blocks still in vLLM's own prefix cache.
+    h = eng.request("H", prompt(112))
+    h.num_computed_tokens = 80
+    assert eng.scheduler.get_num_new_matched_tokens(h, 80) == (0, False)
+    eng.allocate(h, 0)
+    eng.step(new=[(h, 32)])
+    assert sched["planned_save_blocks"] - planned == 2
+    assert worker["saved_blocks"] - saved == 2
+    assert worker["save_present_blocks"] == 0
     eng.shutdown()
 
 

@@ -607,9 +607,8 @@ impl Store {
         let mut grants = Vec::with_capacity(blocks.len());
         let mut made: Vec<(Key, Reservation)> = Vec::new();
         for (b, key) in blocks.into_iter().zip(keys) {
-            let exists =
-                st.index.find(ns.id, &key).is_some() || made.iter().any(|(k, _)| *k == key);
-            if exists {
+            // A key repeated in this batch finds its own fresh reservation.
+            if st.index.find(ns.id, &key).is_some() {
                 grants.push(SlotGrant {
                     key: b.key,
                     offset: 0,

@@ -768,4 +768,45 @@ fn pool_socket_lookup_fast_path() {
     );
     let health = d.http_get("/healthz").unwrap();
     assert!(health.contains("ok"), "{health}");
+
+    // A key twice in one Reserve batch gets one slot (the second grant is
+    // empty), and committing it makes one block.
+    let pool = Pool::attach(&d.socket).unwrap();
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        let meta = |i| v1::BlockMeta {
+            key: key(i),
+            parent: key(i - 1),
+            token_ids: vec![],
+        };
+        let grants = c
+            .rpc()
+            .reserve(v1::ReserveRequest {
+                session: pool.session(),
+                namespace: "m".into(),
+                blocks: vec![meta(10), meta(10)],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .slots;
+        assert_eq!(grants.len(), 2);
+        assert_eq!((grants[0].length, grants[1].length), (4096, 0));
+        let committed = c
+            .rpc()
+            .commit(v1::CommitRequest {
+                session: pool.session(),
+                namespace: "m".into(),
+                keys: vec![key(10), key(10)],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .committed;
+        assert_eq!(committed, 1);
+    });
+    assert_eq!(
+        s.lookup("m", keys.iter().map(|k| &k[..])).unwrap().matched,
+        11
+    );
 }

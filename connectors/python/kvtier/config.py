@@ -39,7 +39,8 @@ class KvtierSettings:
     save: bool = True
     # Onboard blocks from kvbm.
     load: bool = True
-    # Ignore external hits shorter than this many blocks.
+    # Ignore external hits that add fewer tokens than this many blocks hold
+    # beyond the GPU's own hit (recomputing them beats a load's extra step).
     min_match_blocks: int = 1
     # Publish kvbm's tier events through take_events().
     events: bool = True

@@ -227,6 +227,8 @@ class _SchedulerSide:
         self.reqs: dict[str, _ReqState] = {}
         # req_id → the block-aligned local hit passed with the last match.
         self.local_hit: dict[str, int] = {}
+        # req_id → blocks of its chain kvbm held at the last lookup.
+        self.present: dict[str, int] = {}
         self.pending_loads: list[LoadSpec] = []
         self.events: EventStream | None = None
         self.stats = {
@@ -238,29 +240,45 @@ class _SchedulerSide:
             "events_skipped": 0,
         }
 
+    def _lookup(self, hashes) -> int:
+        # With several TP ranks a block is usable when every rank has it.
+        return min(self.client.lookup(ns, hashes) for ns in self.namespaces)
+
     def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        if not self.settings.load:
+        if not (self.settings.load or self.settings.save):
             return 0, False
         bs = self.block_size
         hashes = request.block_hashes
         first = num_computed_tokens // bs
-        if len(hashes) <= first:
+        if not hashes:
             return 0, False
         self.stats["lookups"] += 1
-        rest = hashes[first:]
         try:
-            matched = min(self.client.lookup(ns, rest) for ns in self.namespaces)
+            # The whole chain, not only past the GPU's own hit: the part of
+            # that hit kvbm already holds need not be offloaded again (a
+            # growing conversation would re-offer its whole history on every
+            # turn).
+            present = matched = self._lookup(hashes)
+            if present < first < len(hashes):
+                # kvbm lacks part of what the GPU holds; it may still hold
+                # blocks past it.
+                matched = first + self._lookup(hashes[first:])
         except KvbmError as e:
             self.stats["lookup_failures"] += 1
             logger.debug("kvtier: lookup failed: %s", e)
             return 0, False
-        if matched < max(self.settings.min_match_blocks, 1):
+        self.present[request.request_id] = present
+        if not self.settings.load:
             return 0, False
-        hit_tokens = (first + matched) * bs
+        hit_tokens = matched * bs
         # A step needs one token to compute: never claim the whole prompt.
         hit_tokens = min(hit_tokens, request.num_tokens - 1)
         ext = hit_tokens - num_computed_tokens
-        if ext <= 0:
+        # An asynchronous load costs the request at least one more engine
+        # step; a few tokens are cheaper to recompute. (Without this, every
+        # whole-prompt GPU hit, which vLLM stops one block short of the end,
+        # would load that last block.)
+        if ext < max(self.settings.min_match_blocks, 1) * bs:
             return 0, False
         self.local_hit[request.request_id] = num_computed_tokens
         return ext, True
@@ -275,6 +293,8 @@ class _SchedulerSide:
             st.request = request
             if len(block_ids) >= len(st.block_ids):
                 st.block_ids = block_ids
+        # What kvbm holds already is not offloaded again.
+        st.saved = max(st.saved, min(self.present.pop(req_id, 0), len(block_ids)))
         if num_external_tokens <= 0:
             return
         bs = self.block_size
@@ -338,6 +358,7 @@ class _SchedulerSide:
     def finished(self, request) -> bool:
         req_id = request.request_id
         self.local_hit.pop(req_id, None)
+        self.present.pop(req_id, None)
         st = self.reqs.pop(req_id, None)
         # The worker reports a request with saves in finished_sending once
         # they are done; until then vLLM keeps its blocks.
