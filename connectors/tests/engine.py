@@ -136,9 +136,11 @@ class Engine:
 
     # ---- one engine step ----
 
-    def step(self, new=(), cached=(), finished=(), preempted=None, compute=True):
+    def step(self, new=(), cached=(), finished=(), preempted=None, compute=True, settle=True):
         """``new``: [(request, num_scheduled_tokens)] scheduled for the first
-        time; ``cached``: [(request, num_scheduled_tokens)] running ones."""
+        time; ``cached``: [(request, num_scheduled_tokens)] running ones.
+        ``settle``: let the connector's IO thread finish its jobs before and
+        after asking what finished (as if the step took long enough)."""
         new_reqs = [
             NewRequestData.from_request(r, (list(self.blocks[r.request_id]),)) for r, _ in new
         ]
@@ -179,10 +181,13 @@ class Engine:
             for r, n in list(new) + list(cached):
                 self.forward(r, r.num_computed_tokens, n)
         w.wait_for_save()
-        if self.backing.is_cuda and w.worker_side.mover is not None:
-            # Asynchronous copies: let them land before asking.
-            w.worker_side.mover.sync()
+        # kvbm calls and copies run on the connector's IO thread: let them
+        # land before asking, so each step's outcome is deterministic.
+        if settle:
+            w.worker_side.wait_idle()
         sending, recving = w.get_finished(so.finished_req_ids)
+        if settle:
+            w.worker_side.wait_idle()  # the commits and releases it queued
         out = KVConnectorOutput(
             finished_sending=sending or None,
             finished_recving=recving or None,

@@ -3,6 +3,7 @@ and the real vllm package (both connector roles, CPU KV tensors)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,46 @@ def test_daemon_killed_engine_continues_and_reconnects(tmp_path):
     assert eng.worker.worker_side.stats["saved_blocks"] >= 5 + 3
     f = eng.request("F", prompt(48, start=8000))
     assert eng.scheduler.get_num_new_matched_tokens(f, 0) == (47, True)
+    eng.shutdown()
+    d.stop()
+
+
+def test_hung_daemon_never_stalls_the_engine(tmp_path):
+    d = Daemon(tmp_path).start()
+    eng = Engine(d.socket, timeout_ms=3000, lookup_timeout_ms=50, retry_ms=100)
+    run_a(eng, prompt(80))
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    eng.allocate(b, 79)
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        # The scheduler's lookup gives up after lookup_timeout_ms.
+        c = eng.request("C", prompt(48, start=7000))
+        t = time.perf_counter()
+        assert eng.scheduler.get_num_new_matched_tokens(c, 0) == (0, False)
+        assert time.perf_counter() - t < 1.5
+        # A step that loads B and saves C: the worker's kvbm calls wait on
+        # the IO thread, not in the step (the timeout is 3 s).
+        eng.allocate(c, 0)
+        t = time.perf_counter()
+        first = eng.step(new=[(c, c.num_tokens)], settle=False)
+        assert time.perf_counter() - t < 1.5
+        assert first.finished_recving is None
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    # Once kvbm answers again, B's load completes or fails, and B is
+    # reported exactly once; every block not loaded is in the error ids.
+    reported = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not reported:
+        out = eng.step()
+        reported += sorted(out.finished_recving or ())
+        errors = out.invalid_block_ids
+    assert reported == ["B"]
+    loaded = eng.worker.worker_side.stats["loaded_blocks"]
+    assert loaded + len(errors) == 5
+    for i in range(loaded):
+        assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(b.block_hashes[i]))
     eng.shutdown()
     d.stop()
 

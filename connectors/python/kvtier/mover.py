@@ -77,7 +77,7 @@ class Transfer:
 class Mover:
     """Moves whole blocks between the engine's KV views and the pool."""
 
-    def __init__(self, layers: list[torch.Tensor], pool: torch.Tensor):
+    def __init__(self, layers: list[torch.Tensor], pool: torch.Tensor, stream=None):
         # Block-first views of each layer; all of one shape and dtype.
         self.layers = layers
         self.pool = pool
@@ -88,7 +88,9 @@ class Mover:
         self.layer_bytes = first[0].numel() * first.element_size()
         self.block_bytes = self.layer_bytes * len(layers)
         self.cuda = first.device.type == "cuda"
-        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        if self.cuda and stream is None:
+            stream = torch.cuda.Stream(device=self.device)
+        self.stream = stream if self.cuda else None
 
     def _ids(self, block_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(block_ids, dtype=torch.long)
@@ -102,9 +104,11 @@ class Mover:
             if off < 0 or off + self.block_bytes > size:
                 raise ValueError(f"kvtier: slot at {off} lies outside the pool")
 
-    def save(self, block_ids: list[int], offsets: list[int]) -> Transfer:
+    def save(self, block_ids: list[int], offsets: list[int], ready=None) -> Transfer:
         """Copies blocks ``block_ids`` of the engine into pool slots at
-        ``offsets`` (after the engine's pending work on CUDA)."""
+        ``offsets``, on CUDA after event ``ready`` (default: the current
+        stream's work queued so far; a caller on another thread than the
+        engine's passes an event the engine thread recorded)."""
         self._check(offsets)
         n = len(block_ids)
         if n == 0:
@@ -112,7 +116,8 @@ class Mover:
         if not self.cuda:
             self._gather_to_pool(self._ids(block_ids), offsets, n)
             return Transfer()
-        ready = torch.cuda.current_stream(self.device).record_event()
+        if ready is None:
+            ready = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             ids = self._ids(block_ids)
@@ -120,9 +125,9 @@ class Mover:
             done = self.stream.record_event()
         return Transfer(done, [ids, staging])
 
-    def load(self, block_ids: list[int], offsets: list[int]) -> Transfer:
+    def load(self, block_ids: list[int], offsets: list[int], ready=None) -> Transfer:
         """Copies pool slots at ``offsets`` into the engine's blocks
-        ``block_ids``."""
+        ``block_ids`` (on CUDA after ``ready``, as for ``save``)."""
         self._check(offsets)
         n = len(block_ids)
         if n == 0:
@@ -130,7 +135,8 @@ class Mover:
         if not self.cuda:
             self._scatter_from_pool(self._ids(block_ids), offsets, n)
             return Transfer()
-        ready = torch.cuda.current_stream(self.device).record_event()
+        if ready is None:
+            ready = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             ids = self._ids(block_ids)
@@ -168,9 +174,3 @@ class Mover:
         """Waits for every copy issued so far."""
         if self.stream is not None:
             self.stream.synchronize()
-
-    def order_after_copies(self) -> None:
-        """Makes the engine's stream wait for copies issued so far (before it
-        may overwrite blocks a save still reads)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -24,6 +24,8 @@ recomputes them), and both sides reconnect by themselves.
 """
 
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -412,21 +414,32 @@ class _SchedulerSide:
 
 @dataclass
 class _Save:
-    keys: list[bytes]
     req_ids: list[str]
-    transfer: Transfer
+    # Written blocks, to commit once the copy is done (set by the IO thread).
+    keys: list[bytes] = field(default_factory=list)
+    # None until the IO thread has issued the copy (or given up).
+    transfer: Transfer | None = None
 
 
 @dataclass
 class _Load:
     req_id: str
-    lease: int
-    failed: list[int]
-    transfer: Transfer
+    block_ids: list[int]
+    lease: int = 0
+    session: int = 0
+    failed: list[int] = field(default_factory=list)
+    transfer: Transfer | None = None
     loaded: int = 0
 
 
 class _WorkerSide:
+    """The worker's half. kvbm calls (Reserve, Commit, Acquire, Release,
+    attaching the pool) and the copies they gate run on one background IO
+    thread, so a slow or hung daemon, or an Acquire that promotes blocks from
+    disk, never stalls the engine's step: the engine thread only records CUDA
+    events, queues jobs and polls what finished. The IO thread owns the pool
+    and the mover; the engine thread reads them only through finished jobs."""
+
     def __init__(self, settings: KvtierSettings, info: LayoutInfo, kv_cache_config, tp_rank: int):
         self.settings = settings
         self.info = info
@@ -439,12 +452,24 @@ class _WorkerSide:
         self.layers: list[torch.Tensor] = []
         self.layout_extra = ""
         self.block_bytes = 0
+        # Owned by the IO thread.
         self.pool: Pool | None = None
         self.mover: Mover | None = None
         self.pinned = False
         self.retry_at = 0.0
+        self.failures = 0  # consecutive, for the back-off
         self.disabled_reason = ""
-        # In flight.
+        # The side stream of every copy (CUDA), created once: the engine
+        # thread orders its own stream after it on preemption.
+        self.stream = None
+        self.jobs: queue.Queue = queue.Queue()
+        self.io: threading.Thread | None = None
+        # Copy-issuing jobs queued and not yet run, and a condition to wait
+        # for none (preemption).
+        self.unissued = 0
+        self.issued = threading.Condition()
+        self.lock = threading.Lock()  # stats
+        # Engine thread: in flight.
         self.saves: list[_Save] = []
         self.loads: list[_Load] = []
         # req_id → saves not yet finished; requests that ever had saves.
@@ -461,6 +486,10 @@ class _WorkerSide:
             "load_failed_blocks": 0,
             "reattaches": 0,
         }
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.stats[name] += n
 
     # ---- set-up ----
 
@@ -482,11 +511,47 @@ class _WorkerSide:
         page = "x".join(str(s) for s in views[0].shape[1:])
         self.layout_extra = f"engine=vllm;page={page};layers={len(views)}"
         self.block_bytes = views[0][0].numel() * views[0].element_size() * len(views)
-        self._ensure_ready()
+        if views[0].device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=views[0].device)
+        self.io = threading.Thread(target=self._run_io, name="kvtier-io", daemon=True)
+        self.io.start()
+        self.jobs.put((self._ensure_ready,))
+
+    # ---- the IO thread ----
+
+    def _run_io(self) -> None:
+        if self.stream is not None:
+            # This worker's GPU (with several, not necessarily device 0).
+            torch.cuda.set_device(self.stream.device)
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    self._close_pool()
+                    return
+                job[0](*job[1:])
+            except Exception:  # a bug must not kill the thread and hang the engine
+                logger.exception("kvtier: IO job failed")
+            finally:
+                self.jobs.task_done()
+
+    def _queue_copy(self, *job) -> None:
+        with self.issued:
+            self.unissued += 1
+        self.jobs.put((self._issue, *job))
+
+    def _issue(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self.issued:
+                self.unissued -= 1
+                self.issued.notify_all()
 
     def _ensure_ready(self) -> bool:
         """Registers the namespace and attaches the pool when not done yet
-        (again after a failure, at most every retry_ms)."""
+        (again after a failure, backing off from retry_ms up to 16 times
+        that while kvbm keeps failing)."""
         if self.mover is not None:
             if self.pool.alive:
                 return True
@@ -503,107 +568,186 @@ class _WorkerSide:
             )
             pool = Pool(self.settings.socket)
         except KvbmError as e:
-            self.retry_at = time.monotonic() + self.settings.retry_ms / 1000
+            self._back_off()
             logger.warning("kvtier: kvbm not ready (%s); offload paused", e)
             return False
         tensor = pool_tensor(pool.address, pool.size)
-        if self.layers[0].device.type == "cuda" and self.settings.pin_pool != "off":
+        if self.stream is not None and self.settings.pin_pool != "off":
             rc = torch.cuda.cudart().cudaHostRegister(pool.address, pool.size, 0)
             self.pinned = int(getattr(rc, "value", rc)) == 0
             if not self.pinned:
                 logger.warning("kvtier: cudaHostRegister failed (%s)", rc)
         self.pool = pool
-        self.mover = Mover(self.layers, tensor)
+        self.mover = Mover(self.layers, tensor, self.stream)
+        self.failures = 0
         return True
+
+    def _back_off(self) -> None:
+        self.failures += 1
+        delay = self.settings.retry_ms / 1000 * min(2 ** (self.failures - 1), 16)
+        self.retry_at = time.monotonic() + delay
 
     def _detach(self, why: str) -> None:
         """Drops the pool after kvbm failed (it may have restarted with a new
-        pool); the next use attaches again."""
+        pool); the next job attaches again."""
         if self.mover is None:
             return
         logger.warning("kvtier: kvbm failed (%s); re-attaching", why)
-        self.mover.sync()
-        for s in self.saves:
-            s.transfer.wait()
-        for ld in self.loads:
-            ld.transfer.wait()
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.pool.address)
-            self.pinned = False
-        self.mover = None
-        # Leases and reservations of the old session die with it.
-        for ld in self.loads:
-            ld.lease = 0
-        self.pool.close()
-        self.pool = None
-        self.stats["reattaches"] += 1
-        self.retry_at = time.monotonic() + self.settings.retry_ms / 1000
+        self._close_pool()
+        self._count("reattaches")
+        self._back_off()
 
-    # ---- loads ----
+    def _close_pool(self) -> None:
+        if self.mover is not None:
+            # Every copy touching the mapping is on the side stream (or was
+            # synchronous, on CPU): after this none is left.
+            self.mover.sync()
+            self.mover = None
+        if self.pool is not None:
+            if self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(self.pool.address)
+                self.pinned = False
+            # Leases and reservations of the old session die with it.
+            self.pool.close()
+            self.pool = None
+
+    def _io_load(self, spec: LoadSpec, ld: _Load, ready) -> None:
+        failed = list(spec.block_ids)
+        transfer = Transfer()
+        try:
+            if not self._ensure_ready():
+                return
+            session = self.pool.session
+            try:
+                lease, slots = self.client.acquire(session, self.namespace, spec.keys)
+            except KvbmError as e:
+                if isinstance(e, KvbmUnavailable):
+                    self._detach(str(e))
+                return
+            ld.session, ld.lease = session, lease
+            good = 0
+            for _off, length in slots:
+                if length != self.block_bytes:
+                    break
+                good += 1
+            try:
+                transfer = self.mover.load(
+                    spec.block_ids[:good], [off for off, _ in slots[:good]], ready
+                )
+                failed = list(spec.block_ids[good:])
+            except (RuntimeError, ValueError) as e:
+                logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
+        finally:
+            ld.failed = failed
+            ld.loaded = len(spec.block_ids) - len(failed)
+            ld.transfer = transfer  # last: the engine thread polls it
+
+    def _io_save(self, keys, parents, tokens, block_ids, s: _Save, ready) -> None:
+        try:
+            if not self._ensure_ready():
+                self._count("save_skipped_blocks", len(keys))
+                return
+            session = self.pool.session
+            try:
+                slots = self.client.reserve(
+                    session, self.namespace, keys, parents, tokens, self.info.block_size
+                )
+            except KvbmError as e:
+                self._count("save_skipped_blocks", len(keys))
+                if isinstance(e, KvbmUnavailable):
+                    self._detach(str(e))
+                return
+            write_keys, write_ids, offsets, bad = [], [], [], []
+            for key, bid, (off, length) in zip(keys, block_ids, slots):
+                if length == 0:
+                    self._count("save_present_blocks")
+                elif length == self.block_bytes:
+                    write_keys.append(key)
+                    write_ids.append(bid)
+                    offsets.append(off)
+                else:
+                    bad.append(key)
+            if bad:
+                self._abort(bad)
+            if not write_keys:
+                return
+            try:
+                transfer = self.mover.save(write_ids, offsets, ready)
+            except (RuntimeError, ValueError) as e:
+                logger.error("kvtier: offload copy failed: %s", e)
+                self._abort(write_keys)
+                return
+            s.keys = write_keys
+            s.transfer = transfer
+        finally:
+            if s.transfer is None:
+                s.transfer = Transfer()
+
+    def _abort(self, keys: list[bytes]) -> None:
+        self._count("save_skipped_blocks", len(keys))
+        if self.pool is None:
+            return
+        try:
+            self.client.abort(self.pool.session, self.namespace, keys)
+        except KvbmError as e:
+            logger.debug("kvtier: abort failed: %s", e)
+
+    def _io_commit(self, keys: list[bytes]) -> None:
+        if self.pool is None:
+            # Detached since the copy: the reservations died with the session.
+            self._count("save_skipped_blocks", len(keys))
+            return
+        try:
+            self.client.commit(self.pool.session, self.namespace, keys)
+            self._count("saved_blocks", len(keys))
+        except KvbmError as e:
+            self._count("save_skipped_blocks", len(keys))
+            if isinstance(e, KvbmUnavailable):
+                self._detach(str(e))
+
+    def _io_release(self, session: int, lease: int) -> None:
+        if self.pool is None or self.pool.session != session:
+            return  # the lease died with its session
+        try:
+            self.client.release(session, lease)
+        except KvbmError as e:
+            logger.debug("kvtier: release failed: %s", e)
+
+    # ---- the engine thread ----
+
+    def _ready_event(self):
+        """An event after the engine's work queued so far (CUDA), which the
+        IO thread's copy waits for."""
+        if self.stream is None:
+            return None
+        return torch.cuda.current_stream(self.stream.device).record_event()
 
     def start_loads(self, meta: KvtierMetadata) -> None:
         for spec in meta.loads:
-            self._start_load(spec)
-
-    def _start_load(self, spec: LoadSpec) -> None:
-        if not self.settings.load or not self._ensure_ready():
-            self._fail_load(spec.req_id, spec.block_ids)
-            return
-        try:
-            lease, slots = self.client.acquire(self.pool.session, self.namespace, spec.keys)
-        except KvbmError as e:
-            self._fail_load(spec.req_id, spec.block_ids)
-            if isinstance(e, KvbmUnavailable):
-                self._detach(str(e))
-            return
-        good = 0
-        for _off, length in slots:
-            if length != self.block_bytes:
-                break
-            good += 1
-        offsets = [off for off, _ in slots[:good]]
-        failed = list(spec.block_ids[good:])
-        try:
-            transfer = self.mover.load(spec.block_ids[:good], offsets)
-        except (RuntimeError, ValueError) as e:
-            logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
-            transfer, failed = Transfer(), list(spec.block_ids)
-        loaded = len(spec.block_ids) - len(failed)
-        self.loads.append(_Load(spec.req_id, lease, failed, transfer, loaded))
-
-    def _fail_load(self, req_id: str, block_ids: list[int]) -> None:
-        self.loads.append(_Load(req_id, 0, list(block_ids), Transfer()))
-
-    def _poll_loads(self) -> None:
-        still = []
-        for ld in self.loads:
-            if not ld.transfer.done():
-                still.append(ld)
+            ld = _Load(spec.req_id, list(spec.block_ids))
+            self.loads.append(ld)
+            if not self.settings.load or self.io is None:
+                ld.failed, ld.transfer = list(spec.block_ids), Transfer()
                 continue
-            if ld.lease and self.pool is not None:
-                try:
-                    self.client.release(self.pool.session, ld.lease)
-                except KvbmError as e:
-                    logger.debug("kvtier: release failed: %s", e)
-            self.load_errors.update(ld.failed)
-            self.stats["load_failed_blocks"] += len(ld.failed)
-            self.stats["loaded_blocks"] += ld.loaded
-            self.recved.add(ld.req_id)
-        self.loads = still
-
-    # ---- saves ----
+            self._queue_copy(self._io_load, spec, ld, self._ready_event())
 
     def handle_preemptions(self, meta: KvtierMetadata) -> None:
         # A preempted request's blocks may be rewritten by the coming
-        # forward: order it after the copies still reading them.
-        if meta.preempted and self.mover is not None:
-            self.mover.order_after_copies()
+        # forward: every queued copy must be issued, and the engine's stream
+        # must wait for the copies still reading them.
+        if not meta.preempted or self.io is None:
+            return
+        with self.issued:
+            self.issued.wait_for(lambda: self.unissued == 0)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
     def start_saves(self, meta: KvtierMetadata) -> None:
         if not meta.saves:
             return
         keys, parents, tokens, block_ids, owners = [], [], [], [], []
         seen = set()
+        bs = self.info.block_size
         for spec in meta.saves:
             self.save_reqs.add(spec.req_id)
             for i, key in enumerate(spec.keys):
@@ -612,64 +756,26 @@ class _WorkerSide:
                 seen.add(key)
                 keys.append(key)
                 parents.append(spec.parents[i])
-                bs = self.info.block_size
                 tokens.extend(spec.tokens[i * bs : (i + 1) * bs])
                 block_ids.append(spec.block_ids[i])
             owners.append(spec.req_id)
-        if not self.settings.save or not self._ensure_ready():
-            self.stats["save_skipped_blocks"] += len(keys)
+        if not self.settings.save or self.io is None:
+            self._count("save_skipped_blocks", len(keys))
             return
-        session = self.pool.session
-        try:
-            slots = self.client.reserve(
-                session, self.namespace, keys, parents, tokens, self.info.block_size
-            )
-        except KvbmError as e:
-            self.stats["save_skipped_blocks"] += len(keys)
-            if isinstance(e, KvbmUnavailable):
-                self._detach(str(e))
-            return
-        write_keys, write_ids, offsets, bad = [], [], [], []
-        for key, bid, (off, length) in zip(keys, block_ids, slots):
-            if length == 0:
-                self.stats["save_present_blocks"] += 1
-            elif length == self.block_bytes:
-                write_keys.append(key)
-                write_ids.append(bid)
-                offsets.append(off)
-            else:
-                bad.append(key)
-        if bad:
-            self._abort(bad)
-        if not write_keys:
-            return
-        try:
-            transfer = self.mover.save(write_ids, offsets)
-        except (RuntimeError, ValueError) as e:
-            logger.error("kvtier: offload copy failed: %s", e)
-            self._abort(write_keys)
-            return
+        s = _Save(owners)
         for r in owners:
             self.pending_saves[r] = self.pending_saves.get(r, 0) + 1
-        self.saves.append(_Save(write_keys, owners, transfer))
-
-    def _abort(self, keys: list[bytes]) -> None:
-        self.stats["save_skipped_blocks"] += len(keys)
-        if self.pool is None:
-            return
-        try:
-            self.client.abort(self.pool.session, self.namespace, keys)
-        except KvbmError as e:
-            logger.debug("kvtier: abort failed: %s", e)
+        self.saves.append(s)
+        self._queue_copy(self._io_save, keys, parents, tokens, block_ids, s, self._ready_event())
 
     def _poll_saves(self) -> None:
-        done_keys: list[bytes] = []
         still = []
         for s in self.saves:
-            if not s.transfer.done():
+            if s.transfer is None or not s.transfer.done():
                 still.append(s)
                 continue
-            done_keys.extend(s.keys)
+            if s.keys:
+                self.jobs.put((self._io_commit, s.keys))
             for r in s.req_ids:
                 n = self.pending_saves.get(r, 0) - 1
                 if n > 0:
@@ -677,15 +783,20 @@ class _WorkerSide:
                 else:
                     self.pending_saves.pop(r, None)
         self.saves = still
-        if not done_keys or self.pool is None:
-            return
-        try:
-            self.client.commit(self.pool.session, self.namespace, done_keys)
-            self.stats["saved_blocks"] += len(done_keys)
-        except KvbmError as e:
-            self.stats["save_skipped_blocks"] += len(done_keys)
-            if isinstance(e, KvbmUnavailable):
-                self._detach(str(e))
+
+    def _poll_loads(self) -> None:
+        still = []
+        for ld in self.loads:
+            if ld.transfer is None or not ld.transfer.done():
+                still.append(ld)
+                continue
+            if ld.lease:
+                self.jobs.put((self._io_release, ld.session, ld.lease))
+            self.load_errors.update(ld.failed)
+            self._count("load_failed_blocks", len(ld.failed))
+            self._count("loaded_blocks", ld.loaded)
+            self.recved.add(ld.req_id)
+        self.loads = still
 
     # ---- completion ----
 
@@ -703,14 +814,22 @@ class _WorkerSide:
         errors, self.load_errors = self.load_errors, set()
         return errors
 
+    def wait_idle(self) -> None:
+        """Waits until every queued job has run and its copies have landed
+        (tests and benchmarks; the engine never waits)."""
+        if self.io is None:
+            return
+        self.jobs.join()
+        if self.stream is not None:
+            self.stream.synchronize()
+
     def shutdown(self) -> None:
-        if self.mover is not None:
-            self.mover.sync()
+        if self.io is None:
+            return
+        self.wait_idle()
         self._poll_saves()
         self._poll_loads()
-        if self.pool is not None:
-            if self.pinned:
-                torch.cuda.cudart().cudaHostUnregister(self.pool.address)
-            self.mover = None
-            self.pool.close()
-            self.pool = None
+        self.wait_idle()  # the commits and releases just queued
+        self.jobs.put(None)
+        self.io.join(timeout=max(self.settings.timeout_ms / 1000, 1) * 2)
+        self.io = None
