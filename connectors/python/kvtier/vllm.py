@@ -15,7 +15,8 @@ into vLLM's KV events.
 Worker side (``_WorkerSide``): learns the layout from the KV tensors,
 registers the namespace, maps kvbm's shared pool and moves blocks with
 batched copies (``kvtier.mover``): saves through Reserve → copy → Commit,
-loads through Acquire → copy → Release.
+loads through Acquire → copy → Release, all on a background IO thread so the
+engine's step never waits for kvbm.
 
 When kvbm is down, slow or restarting the engine keeps serving: lookups
 report no match, saves are skipped and counted, loads that cannot complete
