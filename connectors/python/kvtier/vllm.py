@@ -416,8 +416,10 @@ class _SchedulerSide:
 @dataclass
 class _Save:
     req_ids: list[str]
-    # Written blocks, to commit once the copy is done (set by the IO thread).
+    # Written blocks, to commit once the copy is done, and the pool session
+    # that reserved them (set by the IO thread).
     keys: list[bytes] = field(default_factory=list)
+    session: int = 0
     # None until the IO thread has issued the copy (or given up).
     transfer: Transfer | None = None
 
@@ -678,7 +680,7 @@ class _WorkerSide:
                 logger.error("kvtier: offload copy failed: %s", e)
                 self._abort(write_keys)
                 return
-            s.keys = write_keys
+            s.keys, s.session = write_keys, session
             s.transfer = transfer
         finally:
             if s.transfer is None:
@@ -693,13 +695,13 @@ class _WorkerSide:
         except KvbmError as e:
             logger.debug("kvtier: abort failed: %s", e)
 
-    def _io_commit(self, keys: list[bytes]) -> None:
-        if self.pool is None:
+    def _io_commit(self, session: int, keys: list[bytes]) -> None:
+        if self.pool is None or self.pool.session != session:
             # Detached since the copy: the reservations died with the session.
             self._count("save_skipped_blocks", len(keys))
             return
         try:
-            self.client.commit(self.pool.session, self.namespace, keys)
+            self.client.commit(session, self.namespace, keys)
             self._count("saved_blocks", len(keys))
         except KvbmError as e:
             self._count("save_skipped_blocks", len(keys))
@@ -776,7 +778,7 @@ class _WorkerSide:
                 still.append(s)
                 continue
             if s.keys:
-                self.jobs.put((self._io_commit, s.keys))
+                self.jobs.put((self._io_commit, s.session, s.keys))
             for r in s.req_ids:
                 n = self.pending_saves.get(r, 0) - 1
                 if n > 0:
