@@ -14,7 +14,7 @@ length:
 The baseline is ``cold`` in the same run; the figure of merit is
 cold / kvtier_hit. Needs a GPU, vLLM and the kvtier package.
 
-    python connectors/bench/vllm_ttft.py --kvbm .gpu/kvbm [--tokens 2000 8000 20000]
+    python connectors/bench/vllm_ttft.py --kvbm .gpu/kvbm [--tokens 2000 8000 20000] [--tp 2]
 
 Prints one JSON line per request and a summary line.
 """
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--host-bytes", default="24GiB")
     ap.add_argument("--tokens", type=int, nargs="+", default=[2000, 8000, 20000])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (worker processes)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one gpu_hit and one kvtier_hit of the longest prompt")
     args = ap.parse_args()
@@ -94,6 +95,7 @@ def main() -> None:
             max_num_batched_tokens=32768,
             gpu_memory_utilization=0.85,
             seed=0,
+            tensor_parallel_size=args.tp,
             kv_transfer_config={
                 "kv_connector": "KvtierConnector",
                 "kv_connector_module_path": "kvtier.vllm",
