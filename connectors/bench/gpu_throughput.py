@@ -5,7 +5,8 @@
 vLLM-layout KV tensors on the GPU and kvbm's shared pool:
 
 - ``ours``: the connector's path: Reserve → batched gather + copy into the
-  pool → Commit (offload); Acquire → copy out of the pool + batched scatter →
+  pool → Commit (offload; Reserve and Commit over the pool session's binary
+  frames, as the connector does); Acquire → copy out of the pool + batched scatter →
   Release (onboard). ``ours_copy`` times the copies alone.
 - ``baseline``: plain torch in the same run: per-layer ``index_select`` into
   a GPU staging tensor, then one copy to a pinned host tensor (and back).
@@ -162,9 +163,9 @@ def main() -> None:
 
             def offload():
                 keys = chain()
-                slots = client.reserve(pool.session, ns, keys, [b""] * N, [], B)
+                slots = pool.reserve(ns, keys, [b""] * N, [], B)
                 mover.save(ids, [o for o, _ in slots]).wait()
-                client.commit(pool.session, ns, keys)
+                pool.commit(ns, keys)
                 keys_box["keys"] = keys
 
             def onboard():

@@ -655,14 +655,14 @@ impl Store {
 
     /// Makes reserved blocks readable, publishes them and starts their
     /// write-behind. Keys not reserved by this session are ignored.
-    pub fn commit(&self, session: u64, namespace: &str, keys: &[Vec<u8>]) -> Result<u32> {
+    pub fn commit<K: AsRef<[u8]>>(&self, session: u64, namespace: &str, keys: &[K]) -> Result<u32> {
         let ns = self.namespace(namespace)?;
         let mut committed = Vec::new();
         {
             let mut st = self.state.lock();
             Self::check_session(&st, session)?;
             for k in keys {
-                let key = key_of(k)?;
+                let key = key_of(k.as_ref())?;
                 let Some(r) = st
                     .sessions
                     .open
@@ -704,13 +704,13 @@ impl Store {
         Ok(n)
     }
 
-    pub fn abort(&self, session: u64, namespace: &str, keys: &[Vec<u8>]) -> Result<u32> {
+    pub fn abort<K: AsRef<[u8]>>(&self, session: u64, namespace: &str, keys: &[K]) -> Result<u32> {
         let ns = self.namespace(namespace)?;
         let mut st = self.state.lock();
         Self::check_session(&st, session)?;
         let mut n = 0;
         for k in keys {
-            let key = key_of(k)?;
+            let key = key_of(k.as_ref())?;
             let r = st
                 .sessions
                 .open

@@ -11,23 +11,46 @@
 //! Every message is a frame `[len: u32 LE][kind: u8][body: len - 1 bytes]`.
 //! A request's kind is its op; a reply's kind is a status, `0` for success
 //! and otherwise the gRPC status code the same failure gets over gRPC.
+//!
+//! The offload path's Reserve, Commit and Abort use the same framing (the
+//! connection is the session, so no session id travels). Acquire and Release
+//! stay on gRPC: an Acquire may wait on disk reads, which the async server
+//! overlaps and a session thread would not.
 
 /// The largest frame either side accepts (16 MiB: 500k 32-byte keys).
 pub const MAX_FRAME: usize = 16 << 20;
 
 /// Op: longest present prefix of a key chain.
 pub const OP_LOOKUP: u8 = 1;
+/// Op: reserve pool slots for new blocks of this session.
+pub const OP_RESERVE: u8 = 2;
+/// Op: commit reserved blocks of this session.
+pub const OP_COMMIT: u8 = 3;
+/// Op: abort reserved blocks of this session.
+pub const OP_ABORT: u8 = 4;
 
 /// Reply kind for success.
 pub const STATUS_OK: u8 = 0;
 /// Reply kind for a malformed request (gRPC `INVALID_ARGUMENT`).
 pub const STATUS_INVALID: u8 = 3;
 
-/// A decoded Lookup request; the keys are views into the frame.
+/// A decoded Lookup, Commit or Abort request (a namespace and keys); the
+/// keys are views into the frame.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Lookup<'a> {
+pub struct Keys<'a> {
     pub namespace: &'a str,
     pub keys: Vec<&'a [u8]>,
+}
+
+/// A decoded Reserve request: keys, each block's parent (empty for a root)
+/// and `tokens_per_block` token ids per block (none at all when 0).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reserve<'a> {
+    pub namespace: &'a str,
+    pub keys: Vec<&'a [u8]>,
+    pub parents: Vec<&'a [u8]>,
+    pub tokens_per_block: usize,
+    pub tokens: Vec<u32>,
 }
 
 /// A Lookup's answer: blocks of the chain present in any tier, and the
@@ -47,18 +70,84 @@ pub fn encode_lookup<'k>(
     namespace: &str,
     keys: impl ExactSizeIterator<Item = &'k [u8]>,
 ) -> Result<(), String> {
+    encode_keys(buf, OP_LOOKUP, namespace, keys)
+}
+
+/// Appends a request frame of op `op` whose body is a namespace and keys
+/// (Lookup, Commit, Abort); errors as for [`encode_lookup`].
+pub fn encode_keys<'k>(
+    buf: &mut Vec<u8>,
+    op: u8,
+    namespace: &str,
+    keys: impl ExactSizeIterator<Item = &'k [u8]>,
+) -> Result<(), String> {
     let start = buf.len();
-    let res = encode_lookup_inner(buf, namespace, keys);
+    let res = encode_keys_inner(buf, op, namespace, keys, 0);
     if res.is_err() {
         buf.truncate(start);
     }
     res
 }
 
-fn encode_lookup_inner<'k>(
+/// Appends a Reserve request frame: `parents[i]` is block i's parent key
+/// (empty for a root), `tokens` holds `tokens_per_block` ids per block, or
+/// is empty. Errors leave `buf` as it was.
+pub fn encode_reserve<'k>(
     buf: &mut Vec<u8>,
     namespace: &str,
+    keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    parents: impl ExactSizeIterator<Item = &'k [u8]>,
+    tokens: &[u32],
+    tokens_per_block: usize,
+) -> Result<(), String> {
+    let start = buf.len();
+    let count = keys.len();
+    let res = (|| {
+        if parents.len() != count {
+            return Err(format!("{count} keys but {} parents", parents.len()));
+        }
+        let tpb = if tokens.is_empty() {
+            0
+        } else {
+            tokens_per_block
+        };
+        if tokens.len() != count * tpb {
+            return Err(format!(
+                "{} token ids for {count} blocks of {tokens_per_block}",
+                tokens.len()
+            ));
+        }
+        let extra = count * 33 + 4 + tokens.len() * 4;
+        encode_keys_inner(buf, OP_RESERVE, namespace, keys, extra)?;
+        for p in parents {
+            let len = u8::try_from(p.len()).map_err(|_| format!("parent of {} bytes", p.len()))?;
+            buf.push(len);
+            buf.extend_from_slice(p);
+        }
+        buf.extend_from_slice(&(tpb as u32).to_le_bytes());
+        for t in tokens {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        // The body grew past what the header announced: patch it.
+        let body = buf.len() - start - 4;
+        if body > MAX_FRAME {
+            return Err(format!("reserve of {count} blocks exceeds the frame limit"));
+        }
+        buf[start..start + 4].copy_from_slice(&(body as u32).to_le_bytes());
+        Ok(())
+    })();
+    if res.is_err() {
+        buf.truncate(start);
+    }
+    res
+}
+
+fn encode_keys_inner<'k>(
+    buf: &mut Vec<u8>,
+    op: u8,
+    namespace: &str,
     mut keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    extra: usize,
 ) -> Result<(), String> {
     let ns_len = u16::try_from(namespace.len()).map_err(|_| "namespace name too long")?;
     let count = keys.len();
@@ -67,11 +156,11 @@ fn encode_lookup_inner<'k>(
     let key_len_u8 = u8::try_from(key_len).map_err(|_| format!("key of {key_len} bytes"))?;
     let body = 1 + 2 + namespace.len() + 1 + 4 + count * key_len;
     if body > MAX_FRAME {
-        return Err(format!("lookup of {count} keys exceeds the frame limit"));
+        return Err(format!("request of {count} keys exceeds the frame limit"));
     }
-    buf.reserve(4 + body);
+    buf.reserve(4 + body + extra);
     buf.extend_from_slice(&(body as u32).to_le_bytes());
-    buf.push(OP_LOOKUP);
+    buf.push(op);
     buf.extend_from_slice(&ns_len.to_le_bytes());
     buf.extend_from_slice(namespace.as_bytes());
     buf.push(key_len_u8);
@@ -89,9 +178,49 @@ fn encode_lookup_inner<'k>(
     Ok(())
 }
 
-/// Decodes the body (after the op byte) of a Lookup request.
-pub fn decode_lookup(body: &[u8]) -> Result<Lookup<'_>, String> {
+/// Decodes the body (after the op byte) of a Lookup, Commit or Abort.
+pub fn decode_keys(body: &[u8]) -> Result<Keys<'_>, String> {
     let mut r = Reader(body);
+    let k = read_keys(&mut r)?;
+    if !r.0.is_empty() {
+        return Err(format!("{} bytes after the keys", r.0.len()));
+    }
+    Ok(k)
+}
+
+/// Decodes the body (after the op byte) of a Reserve.
+pub fn decode_reserve(body: &[u8]) -> Result<Reserve<'_>, String> {
+    let mut r = Reader(body);
+    let Keys { namespace, keys } = read_keys(&mut r)?;
+    let mut parents = Vec::with_capacity(keys.len());
+    for _ in 0..keys.len() {
+        let len = r.take::<1>()?[0] as usize;
+        parents.push(r.bytes(len)?);
+    }
+    let tokens_per_block = u32::from_le_bytes(r.take::<4>()?) as usize;
+    let n = tokens_per_block
+        .checked_mul(keys.len())
+        .ok_or_else(|| "token count overflows".to_string())?;
+    if r.0.len() != n * 4 {
+        return Err(format!(
+            "reserve announces {n} token ids but carries {} bytes",
+            r.0.len()
+        ));
+    }
+    let tokens =
+        r.0.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+    Ok(Reserve {
+        namespace,
+        keys,
+        parents,
+        tokens_per_block,
+        tokens,
+    })
+}
+
+fn read_keys<'a>(r: &mut Reader<'a>) -> Result<Keys<'a>, String> {
     let ns_len = u16::from_le_bytes(r.take::<2>()?) as usize;
     let namespace = std::str::from_utf8(r.bytes(ns_len)?)
         .map_err(|_| "namespace name is not UTF-8".to_string())?;
@@ -100,9 +229,9 @@ pub fn decode_lookup(body: &[u8]) -> Result<Lookup<'_>, String> {
     let need = key_len
         .checked_mul(count)
         .ok_or_else(|| "key count overflows".to_string())?;
-    if r.0.len() != need {
+    if r.0.len() < need {
         return Err(format!(
-            "lookup announces {count} keys of {key_len} bytes but carries {} bytes",
+            "request announces {count} keys of {key_len} bytes but carries {} bytes",
             r.0.len()
         ));
     }
@@ -111,9 +240,9 @@ pub fn decode_lookup(body: &[u8]) -> Result<Lookup<'_>, String> {
     } else if key_len == 0 {
         return Err("keys of 0 bytes".into());
     } else {
-        r.0.chunks_exact(key_len).collect()
+        r.bytes(need)?.chunks_exact(key_len).collect()
     };
-    Ok(Lookup { namespace, keys })
+    Ok(Keys { namespace, keys })
 }
 
 /// Appends a success reply to a Lookup.
@@ -123,6 +252,61 @@ pub fn encode_lookup_reply(buf: &mut Vec<u8>, c: LookupCounts) {
     for v in [c.matched, c.host, c.disk] {
         buf.extend_from_slice(&v.to_le_bytes());
     }
+}
+
+/// Appends a success reply carrying one count (Commit, Abort).
+pub fn encode_count_reply(buf: &mut Vec<u8>, n: u32) {
+    buf.extend_from_slice(&5u32.to_le_bytes());
+    buf.push(STATUS_OK);
+    buf.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Appends a success reply carrying slots `(offset, length)` (Reserve).
+pub fn encode_slots_reply(buf: &mut Vec<u8>, slots: impl ExactSizeIterator<Item = (u64, u64)>) {
+    buf.extend_from_slice(&(1 + 4 + slots.len() as u32 * 16).to_le_bytes());
+    buf.push(STATUS_OK);
+    buf.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+    for (off, len) in slots {
+        buf.extend_from_slice(&off.to_le_bytes());
+        buf.extend_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// Decodes a count reply, or the daemon's `(status, message)`.
+pub fn decode_count_reply(kind: u8, body: &[u8]) -> Result<u32, (u8, String)> {
+    ok_body(kind, body)?;
+    let mut r = Reader(body);
+    r.take::<4>()
+        .map(u32::from_le_bytes)
+        .map_err(|e| (STATUS_INVALID, format!("malformed reply: {e}")))
+}
+
+/// Decodes a slots reply, or the daemon's `(status, message)`.
+pub fn decode_slots_reply(kind: u8, body: &[u8]) -> Result<Vec<(u64, u64)>, (u8, String)> {
+    ok_body(kind, body)?;
+    let bad = |e: String| (STATUS_INVALID, format!("malformed reply: {e}"));
+    let mut r = Reader(body);
+    let n = u32::from_le_bytes(r.take::<4>().map_err(bad)?) as usize;
+    if r.0.len() != n * 16 {
+        return Err(bad(format!("{n} slots in {} bytes", r.0.len())));
+    }
+    Ok(r.0
+        .chunks_exact(16)
+        .map(|c| {
+            let (o, l) = c.split_at(8);
+            (
+                u64::from_le_bytes(o.try_into().unwrap_or_default()),
+                u64::from_le_bytes(l.try_into().unwrap_or_default()),
+            )
+        })
+        .collect())
+}
+
+fn ok_body(kind: u8, body: &[u8]) -> Result<(), (u8, String)> {
+    if kind != STATUS_OK {
+        return Err((kind, String::from_utf8_lossy(body).into_owned()));
+    }
+    Ok(())
 }
 
 /// Appends an error reply: `status` is a gRPC code, `message` says why.
@@ -136,9 +320,7 @@ pub fn encode_error(buf: &mut Vec<u8>, status: u8, message: &str) {
 /// Decodes a reply frame's kind and body into the Lookup answer, or the
 /// daemon's `(status, message)`.
 pub fn decode_lookup_reply(kind: u8, body: &[u8]) -> Result<LookupCounts, (u8, String)> {
-    if kind != STATUS_OK {
-        return Err((kind, String::from_utf8_lossy(body).into_owned()));
-    }
+    ok_body(kind, body)?;
     let mut r = Reader(body);
     let mut next = || {
         r.take::<4>()
@@ -202,7 +384,7 @@ mod tests {
         encode_lookup(&mut buf, "ns-a", keys.iter().map(|k| &k[..])).unwrap();
         let (kind, body) = frame(&buf);
         assert_eq!(kind, OP_LOOKUP);
-        let l = decode_lookup(body).unwrap();
+        let l = decode_keys(body).unwrap();
         assert_eq!(l.namespace, "ns-a");
         assert_eq!(l.keys.len(), 100);
         assert_eq!(l.keys[7], &[7u8; 32][..]);
@@ -219,11 +401,76 @@ mod tests {
     }
 
     #[test]
+    fn reserve_round_trip_and_refusals() {
+        let keys: Vec<[u8; 32]> = (1..=3u8).map(|i| [i; 32]).collect();
+        let parents: Vec<&[u8]> = vec![&[], &keys[0], &keys[1]];
+        let tokens: Vec<u32> = (0..48).collect();
+        let mut buf = Vec::new();
+        encode_reserve(
+            &mut buf,
+            "ns",
+            keys.iter().map(|k| &k[..]),
+            parents.iter().copied(),
+            &tokens,
+            16,
+        )
+        .unwrap();
+        let (kind, body) = frame(&buf);
+        assert_eq!(kind, OP_RESERVE);
+        let r = decode_reserve(body).unwrap();
+        assert_eq!(r.namespace, "ns");
+        assert_eq!(r.keys.len(), 3);
+        assert_eq!(r.parents, parents);
+        assert_eq!((r.tokens_per_block, r.tokens), (16, tokens.clone()));
+        // Every truncation is an error, not a panic.
+        for cut in 0..body.len() {
+            assert!(decode_reserve(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        // No tokens at all is fine; a wrong number is refused up front.
+        let mut buf2 = Vec::new();
+        encode_reserve(
+            &mut buf2,
+            "ns",
+            keys.iter().map(|k| &k[..]),
+            parents.iter().copied(),
+            &[],
+            16,
+        )
+        .unwrap();
+        assert!(decode_reserve(frame(&buf2).1).unwrap().tokens.is_empty());
+        let mut buf3 = vec![7];
+        let err = encode_reserve(
+            &mut buf3,
+            "ns",
+            keys.iter().map(|k| &k[..]),
+            parents.iter().copied(),
+            &tokens[..40],
+            16,
+        )
+        .unwrap_err();
+        assert!(err.contains("token ids"), "{err}");
+        assert_eq!(buf3, vec![7]);
+        // Slots and counts come back as sent.
+        let mut rep = Vec::new();
+        encode_slots_reply(&mut rep, [(4096u64, 2u64 << 20), (0, 0)].into_iter());
+        let (kind, body) = frame(&rep);
+        assert_eq!(
+            decode_slots_reply(kind, body),
+            Ok(vec![(4096, 2 << 20), (0, 0)])
+        );
+        assert!(decode_slots_reply(STATUS_OK, &body[..body.len() - 1]).is_err());
+        let mut rep = Vec::new();
+        encode_count_reply(&mut rep, 7);
+        let (kind, body) = frame(&rep);
+        assert_eq!(decode_count_reply(kind, body), Ok(7));
+    }
+
+    #[test]
     fn empty_chain_is_valid() {
         let mut buf = Vec::new();
         encode_lookup(&mut buf, "ns", std::iter::empty()).unwrap();
         let (_, body) = frame(&buf);
-        assert!(decode_lookup(body).unwrap().keys.is_empty());
+        assert!(decode_keys(body).unwrap().keys.is_empty());
     }
 
     #[test]
@@ -243,19 +490,19 @@ mod tests {
         let body = &buf[5..];
         // Every truncation is refused, none panics.
         for cut in 0..body.len() {
-            assert!(decode_lookup(&body[..cut]).is_err(), "cut at {cut}");
+            assert!(decode_keys(&body[..cut]).is_err(), "cut at {cut}");
         }
         // Count larger than the keys carried.
         let mut lying = body.to_vec();
         let count_at = 2 + 2 + 1;
         lying[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode_lookup(&lying).is_err());
+        assert!(decode_keys(&lying).is_err());
         // Zero-length keys with a count.
         let zero = [0u8, 0, 0, 5, 0, 0, 0];
-        assert!(decode_lookup(&zero).is_err());
+        assert!(decode_keys(&zero).is_err());
         // Namespace not UTF-8.
         let bad_ns = [1u8, 0, 0xff, 1, 0, 0, 0, 0];
-        assert!(decode_lookup(&bad_ns).unwrap_err().contains("UTF-8"));
+        assert!(decode_keys(&bad_ns).unwrap_err().contains("UTF-8"));
     }
 
     #[test]

@@ -809,4 +809,61 @@ fn pool_socket_lookup_fast_path() {
         s.lookup("m", keys.iter().map(|k| &k[..])).unwrap().matched,
         11
     );
+
+    // The offload path over the pool's own session: reserve, write, commit;
+    // reserve and abort; refusals leave the session usable.
+    let (k11, k12, k13) = (key(11), key(12), key(13));
+    let tokens: Vec<u32> = (0..32).collect();
+    let grants = pool
+        .reserve(
+            "m",
+            [&k11[..], &k12[..]].into_iter(),
+            [&key(10)[..], &k11[..]].into_iter(),
+            &tokens,
+            16,
+        )
+        .unwrap();
+    assert!(grants.iter().all(|&(_, len)| len == 4096), "{grants:?}");
+    for (i, &(off, len)) in grants.iter().enumerate() {
+        pool.slot_mut(off, len)
+            .unwrap()
+            .copy_from_slice(&data(11 + i as u64, 4096));
+    }
+    assert_eq!(
+        pool.commit("m", [&k11[..], &k12[..]].into_iter()).unwrap(),
+        2
+    );
+    let chain: Vec<Vec<u8>> = (0..14).map(key).collect();
+    assert_eq!(
+        s.lookup("m", chain.iter().map(|k| &k[..])).unwrap().matched,
+        13
+    );
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        assert_eq!(get(&c, "m", 12).await.unwrap(), data(12, 4096));
+    });
+    pool.reserve("m", [&k13[..]].into_iter(), [&k12[..]].into_iter(), &[], 16)
+        .unwrap();
+    assert_eq!(pool.abort("m", [&k13[..]].into_iter()).unwrap(), 1);
+    assert_eq!(
+        s.lookup("m", chain.iter().map(|k| &k[..])).unwrap().matched,
+        13
+    );
+    let code = |e: kvtier_client::Error| match e {
+        kvtier_client::Error::Status(s) => s.code(),
+        other => panic!("not a status: {other}"),
+    };
+    let bad_tokens = pool
+        .reserve(
+            "m",
+            [&k13[..]].into_iter(),
+            [&k12[..]].into_iter(),
+            &tokens,
+            16,
+        )
+        .unwrap_err();
+    assert_eq!(code(bad_tokens), tonic::Code::InvalidArgument);
+    let unknown = pool.commit("nope", [&k13[..]].into_iter()).unwrap_err();
+    assert_eq!(code(unknown), tonic::Code::NotFound);
+    assert!(pool.is_alive());
 }

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kvtier_proto::session::{self as wire, LookupCounts};
 use tonic::Code;
@@ -24,13 +25,16 @@ pub fn pool_socket_path(socket: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The daemon's host pool, mapped read/write into this process.
+/// The daemon's host pool, mapped read/write into this process, and the
+/// session it belongs to (which also carries the offload path's Reserve,
+/// Commit and Abort as binary frames).
 pub struct Pool {
     session: u64,
     base: *mut u8,
     len: usize,
+    fd: std::os::fd::RawFd,
     // Held open: the session lives as long as this connection.
-    _conn: UnixStream,
+    conn: std::sync::Mutex<Session>,
 }
 
 // SAFETY: the mapping is plain shared memory; `Pool` only hands out raw
@@ -52,12 +56,19 @@ impl Pool {
     /// Connects to the pool socket next to the daemon's gRPC socket
     /// `socket` and maps the pool. Blocking.
     pub fn attach(socket: &Path) -> Result<Pool> {
+        Pool::attach_with_timeout(socket, None)
+    }
+
+    /// As [`Pool::attach`]; `timeout` bounds each read and write of the
+    /// session's later calls (after one times out the session is broken:
+    /// a late reply could be taken for the next call's).
+    pub fn attach_with_timeout(socket: &Path, timeout: Option<Duration>) -> Result<Pool> {
         let path = pool_socket_path(socket);
         let err = |source| Error::Pool {
             path: path.display().to_string(),
             source,
         };
-        let (conn, session, len, fd) = open_session(&path).map_err(err)?;
+        let (conn, session, len, fd) = open_session(&path, timeout).map_err(err)?;
         let len = len as usize;
         if len == 0 {
             return Err(err(std::io::Error::other("daemon announced an empty pool")));
@@ -81,8 +92,62 @@ impl Pool {
             session,
             base: base as *mut u8,
             len,
-            _conn: conn,
+            fd: conn.as_raw_fd(),
+            conn: std::sync::Mutex::new(Session::new(path, conn)),
         })
+    }
+
+    /// Reserves slots for blocks `keys` (parents: `parents`, empty for a
+    /// root; `tokens_per_block` token ids each in `tokens`, or none) in this
+    /// session; one `(offset, length)` per key, length 0 for a block that
+    /// needs no write. Errors as for [`Session::lookup`].
+    pub fn reserve<'k>(
+        &self,
+        namespace: &str,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
+        parents: impl ExactSizeIterator<Item = &'k [u8]>,
+        tokens: &[u32],
+        tokens_per_block: usize,
+    ) -> Result<Vec<(u64, u64)>> {
+        self.with_session(|s| {
+            s.call(
+                |buf| wire::encode_reserve(buf, namespace, keys, parents, tokens, tokens_per_block),
+                wire::decode_slots_reply,
+            )
+        })
+    }
+
+    /// Commits reserved blocks of this session; returns how many.
+    pub fn commit<'k>(
+        &self,
+        namespace: &str,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    ) -> Result<u32> {
+        self.with_session(|s| {
+            s.call(
+                |buf| wire::encode_keys(buf, wire::OP_COMMIT, namespace, keys),
+                wire::decode_count_reply,
+            )
+        })
+    }
+
+    /// Aborts reserved blocks of this session; returns how many.
+    pub fn abort<'k>(
+        &self,
+        namespace: &str,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    ) -> Result<u32> {
+        self.with_session(|s| {
+            s.call(
+                |buf| wire::encode_keys(buf, wire::OP_ABORT, namespace, keys),
+                wire::decode_count_reply,
+            )
+        })
+    }
+
+    fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
+        let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
     }
 
     /// The session id to pass in Reserve/Commit/Abort/Acquire/Release.
@@ -138,8 +203,11 @@ impl Pool {
     /// restarted), after which slot offsets no longer refer to this
     /// mapping. Non-blocking: one `poll(2)`.
     pub fn is_alive(&self) -> bool {
+        if self.conn.lock().map_or(true, |s| s.broken) {
+            return false;
+        }
         let mut pfd = libc::pollfd {
-            fd: self._conn.as_raw_fd(),
+            fd: self.fd,
             events: libc::POLLIN | libc::POLLRDHUP,
             revents: 0,
         };
@@ -163,8 +231,13 @@ impl Drop for Pool {
 
 /// Connects to the pool socket at `path` and reads the handshake:
 /// `(connection, session id, pool length, pool memfd)`.
-fn open_session(path: &Path) -> std::io::Result<(UnixStream, u64, u64, OwnedFd)> {
+fn open_session(
+    path: &Path,
+    timeout: Option<Duration>,
+) -> std::io::Result<(UnixStream, u64, u64, OwnedFd)> {
     let conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(timeout)?;
+    conn.set_write_timeout(timeout)?;
     let (header, fd) = recv_with_fd(&conn)?;
     let [s0, s1, s2, s3, s4, s5, s6, s7, l0, l1, l2, l3, l4, l5, l6, l7] = header;
     let session = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
@@ -174,36 +247,67 @@ fn open_session(path: &Path) -> std::io::Result<(UnixStream, u64, u64, OwnedFd)>
 
 /// A session on the pool socket without the mapping: the scheduler side's
 /// fast path for Lookup (see `kvtier_proto::session`). One call at a time
-/// (`&mut self`); a transport error leaves the session unusable — drop it
-/// and connect again.
+/// (`&mut self`); a transport error or a timeout breaks the session (every
+/// later call fails): drop it and connect again.
 #[derive(Debug)]
 pub struct Session {
     path: PathBuf,
     conn: UnixStream,
     buf: Vec<u8>,
+    broken: bool,
 }
 
 impl Session {
     /// Opens a session on the pool socket next to the daemon's gRPC socket
     /// `socket`. `timeout` bounds each read and write of later calls.
-    pub fn connect(socket: &Path, timeout: Option<std::time::Duration>) -> Result<Session> {
+    pub fn connect(socket: &Path, timeout: Option<Duration>) -> Result<Session> {
         let path = pool_socket_path(socket);
-        let res = open_session(&path).and_then(|(conn, _, _, _fd)| {
-            conn.set_read_timeout(timeout)?;
-            conn.set_write_timeout(timeout)?;
-            Ok(conn)
-        });
-        match res {
-            Ok(conn) => Ok(Session {
-                path,
-                conn,
-                buf: Vec::new(),
-            }),
+        match open_session(&path, timeout) {
+            Ok((conn, _, _, _fd)) => Ok(Session::new(path, conn)),
             Err(source) => Err(Error::Pool {
                 path: path.display().to_string(),
                 source,
             }),
         }
+    }
+
+    fn new(path: PathBuf, conn: UnixStream) -> Session {
+        Session {
+            path,
+            conn,
+            buf: Vec::new(),
+            broken: false,
+        }
+    }
+
+    /// One request/reply: `encode` appends the request frame, `decode`
+    /// reads the reply's kind and body.
+    fn call<T>(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+        decode: impl FnOnce(u8, &[u8]) -> Result<T, (u8, String)>,
+    ) -> Result<T> {
+        let pool_err = |path: &Path, source| Error::Pool {
+            path: path.display().to_string(),
+            source,
+        };
+        if self.broken {
+            return Err(pool_err(
+                &self.path,
+                std::io::Error::other("session broken by an earlier failure"),
+            ));
+        }
+        self.buf.clear();
+        encode(&mut self.buf).map_err(|m| Error::Status(tonic::Status::invalid_argument(m)))?;
+        let kind = match self.round_trip() {
+            Ok(k) => k,
+            Err(e) => {
+                self.broken = true;
+                return Err(pool_err(&self.path, e));
+            }
+        };
+        decode(kind, &self.buf)
+            .map_err(|(code, msg)| Error::Status(tonic::Status::new(Code::from(code as i32), msg)))
     }
 
     /// Longest prefix of the `keys` chain present in namespace `namespace`,
@@ -215,15 +319,10 @@ impl Session {
         namespace: &str,
         keys: impl ExactSizeIterator<Item = &'k [u8]>,
     ) -> Result<LookupCounts> {
-        self.buf.clear();
-        wire::encode_lookup(&mut self.buf, namespace, keys)
-            .map_err(|m| Error::Status(tonic::Status::invalid_argument(m)))?;
-        let kind = self.round_trip().map_err(|source| Error::Pool {
-            path: self.path.display().to_string(),
-            source,
-        })?;
-        wire::decode_lookup_reply(kind, &self.buf)
-            .map_err(|(code, msg)| Error::Status(tonic::Status::new(Code::from(code as i32), msg)))
+        self.call(
+            |buf| wire::encode_lookup(buf, namespace, keys),
+            wire::decode_lookup_reply,
+        )
     }
 
     /// Sends the request in `buf` and reads the reply's body into `buf`;

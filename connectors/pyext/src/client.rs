@@ -22,7 +22,7 @@ use tonic::Code;
 use crate::{runtime, KvbmError, KvbmUnavailable};
 
 /// What a failed call is, before it becomes a Python exception.
-enum CallError {
+pub(crate) enum CallError {
     /// No connection, a broken one, or the deadline passed.
     Unavailable(String),
     /// The daemon answered with an error status.
@@ -30,7 +30,7 @@ enum CallError {
 }
 
 impl CallError {
-    fn from_status(s: tonic::Status) -> CallError {
+    pub(crate) fn from_status(s: tonic::Status) -> CallError {
         let msg = format!("kvbm {:?}: {}", s.code(), s.message());
         match s.code() {
             // `Unknown` is how tonic reports transport failures on a call.
@@ -41,7 +41,7 @@ impl CallError {
         }
     }
 
-    fn into_py(self) -> PyErr {
+    pub(crate) fn into_py(self) -> PyErr {
         match self {
             CallError::Unavailable(m) => KvbmUnavailable::new_err(m),
             CallError::Daemon(m) => KvbmError::new_err(m),
@@ -242,7 +242,7 @@ fn flat_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, usize)> {
 }
 
 /// Copies a Python sequence of `bytes` (vLLM's `BlockHash`es) into keys.
-fn keys_of(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+pub(crate) fn keys_of(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
     if let Ok(list) = keys.cast::<PyList>() {
         let mut out = Vec::with_capacity(list.len());
         for k in list.iter() {

@@ -10,6 +10,7 @@ use std::sync::RwLock;
 
 use pyo3::prelude::*;
 
+use crate::client::{keys_of, CallError};
 use crate::KvbmUnavailable;
 
 #[pyclass(frozen, module = "kvtier._kvtier")]
@@ -23,12 +24,16 @@ pub struct Pool {
 #[pymethods]
 impl Pool {
     /// Attaches the pool of the daemon whose gRPC Unix socket is `socket`
-    /// (the pool socket is `socket + ".pool"`).
+    /// (the pool socket is `socket + ".pool"`). `timeout_ms` bounds each of
+    /// the session's calls (`reserve`, `commit`, `abort`); one that times
+    /// out breaks the session (`alive` turns false).
     #[new]
-    fn attach(py: Python<'_>, socket: String) -> PyResult<Pool> {
+    #[pyo3(signature = (socket, timeout_ms = 2000))]
+    fn attach(py: Python<'_>, socket: String, timeout_ms: u64) -> PyResult<Pool> {
         let path = socket.strip_prefix("unix:").unwrap_or(&socket).to_string();
+        let timeout = Some(std::time::Duration::from_millis(timeout_ms.max(1)));
         let pool = py
-            .detach(|| kvtier_client::Pool::attach(Path::new(&path)))
+            .detach(|| kvtier_client::Pool::attach_with_timeout(Path::new(&path), timeout))
             .map_err(|e| KvbmUnavailable::new_err(e.to_string()))?;
         Ok(Pool {
             session: pool.session(),
@@ -71,11 +76,73 @@ impl Pool {
         self.inner.read().map(|p| p.is_none()).unwrap_or(true)
     }
 
+    /// Reserves pool slots in this session for blocks `keys` whose parents
+    /// are `parents` (empty bytes for a root) and whose tokens are `tokens`,
+    /// `tokens_per_block` per key in order (or none). Returns
+    /// `[(offset, length)]`, length 0 for a block that needs no write. Over
+    /// the pool socket's binary frames, not gRPC.
+    #[pyo3(signature = (namespace, keys, parents, tokens, tokens_per_block))]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+        parents: &Bound<'_, PyAny>,
+        tokens: Vec<u32>,
+        tokens_per_block: usize,
+    ) -> PyResult<Vec<(u64, u64)>> {
+        let keys = keys_of(keys)?;
+        let parents = keys_of(parents)?;
+        self.call(py, |p| {
+            p.reserve(
+                &namespace,
+                keys.iter().map(|k| &k[..]),
+                parents.iter().map(|k| &k[..]),
+                &tokens,
+                tokens_per_block,
+            )
+        })
+    }
+
+    /// Commits this session's reserved blocks `keys`; returns how many.
+    fn commit(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |p| p.commit(&namespace, keys.iter().map(|k| &k[..])))
+    }
+
+    /// Aborts this session's reserved blocks `keys`; returns how many.
+    fn abort(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let keys = keys_of(keys)?;
+        self.call(py, |p| p.abort(&namespace, keys.iter().map(|k| &k[..])))
+    }
+
     /// Unmaps the pool and ends the session. Any tensor over the mapping
     /// must be gone before this is called.
     fn close(&self) {
         if let Ok(mut p) = self.inner.write() {
             p.take();
         }
+    }
+}
+
+impl Pool {
+    /// Runs one session call with the GIL released; a daemon error status
+    /// raises `KvbmError`, a broken session or timeout `KvbmUnavailable`.
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&kvtier_client::Pool) -> kvtier_client::Result<T> + Send,
+    ) -> PyResult<T> {
+        let guard = self
+            .inner
+            .read()
+            .map_err(|_| KvbmUnavailable::new_err("pool state poisoned"))?;
+        let pool = guard
+            .as_ref()
+            .ok_or_else(|| KvbmUnavailable::new_err("pool closed"))?;
+        py.detach(|| f(pool)).map_err(|e| match e {
+            kvtier_client::Error::Status(s) => CallError::from_status(s).into_py(),
+            other => KvbmUnavailable::new_err(other.to_string()),
+        })
     }
 }

@@ -569,7 +569,7 @@ class _WorkerSide:
                 self.block_bytes,
                 self.info.layout(self.tp_rank, self.layout_extra),
             )
-            pool = Pool(self.settings.socket)
+            pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
         except KvbmError as e:
             self._back_off()
             logger.warning("kvtier: kvbm not ready (%s); offload paused", e)
@@ -652,8 +652,10 @@ class _WorkerSide:
                 return
             session = self.pool.session
             try:
-                slots = self.client.reserve(
-                    session, self.namespace, keys, parents, tokens, self.info.block_size
+                # Reserve, Commit and Abort go over the pool's own session
+                # (binary frames on the pool socket), not gRPC.
+                slots = self.pool.reserve(
+                    self.namespace, keys, parents, tokens, self.info.block_size
                 )
             except KvbmError as e:
                 self._count("save_skipped_blocks", len(keys))
@@ -691,7 +693,7 @@ class _WorkerSide:
         if self.pool is None:
             return
         try:
-            self.client.abort(self.pool.session, self.namespace, keys)
+            self.pool.abort(self.namespace, keys)
         except KvbmError as e:
             logger.debug("kvtier: abort failed: %s", e)
 
@@ -701,7 +703,7 @@ class _WorkerSide:
             self._count("save_skipped_blocks", len(keys))
             return
         try:
-            self.client.commit(session, self.namespace, keys)
+            self.pool.commit(self.namespace, keys)
             self._count("saved_blocks", len(keys))
         except KvbmError as e:
             self._count("save_skipped_blocks", len(keys))

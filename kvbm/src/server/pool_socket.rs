@@ -1,5 +1,6 @@
 //! The pool socket: hands the host pool's memfd to local clients, and
-//! answers the latency-critical Lookup without gRPC.
+//! answers the latency-critical calls (Lookup; Reserve, Commit, Abort of the
+//! offload path) without gRPC.
 //!
 //! On accept the daemon opens a session and sends one 16-byte message
 //! `[session u64 LE][pool_len u64 LE]` with the memfd attached
@@ -59,7 +60,7 @@ fn run_session(conn: UnixStream, store: &Store) {
         return;
     }
     tracing::debug!(session, "pool session opened");
-    match serve_frames(conn, store) {
+    match serve_frames(conn, store, session) {
         Ok(()) => tracing::debug!(session, "pool session closed"),
         Err(e) => tracing::warn!(error = %e, session, "pool session ended"),
     }
@@ -70,7 +71,7 @@ fn run_session(conn: UnixStream, store: &Store) {
 /// whose body is malformed gets an error reply and the session goes on; a
 /// header over the limit, or an unknown op, cannot be skipped safely and
 /// ends the session after an error reply.
-fn serve_frames(mut conn: UnixStream, store: &Store) -> std::io::Result<()> {
+fn serve_frames(mut conn: UnixStream, store: &Store, session: u64) -> std::io::Result<()> {
     let mut body = Vec::new();
     let mut reply = Vec::with_capacity(64);
     loop {
@@ -89,7 +90,10 @@ fn serve_frames(mut conn: UnixStream, store: &Store) -> std::io::Result<()> {
                 return Err(std::io::Error::other(msg));
             }
         };
-        if op != wire::OP_LOOKUP {
+        if !matches!(
+            op,
+            wire::OP_LOOKUP | wire::OP_RESERVE | wire::OP_COMMIT | wire::OP_ABORT
+        ) {
             let msg = format!("unknown op {op}");
             wire::encode_error(&mut reply, wire::STATUS_INVALID, &msg);
             conn.write_all(&reply)?;
@@ -97,16 +101,56 @@ fn serve_frames(mut conn: UnixStream, store: &Store) -> std::io::Result<()> {
         }
         body.resize(len, 0);
         conn.read_exact(&mut body)?;
-        match lookup(store, &body) {
-            Ok(c) => wire::encode_lookup_reply(&mut reply, c),
-            Err(s) => wire::encode_error(&mut reply, s.code() as u8, s.message()),
+        if let Err(s) = answer(store, session, op, &body, &mut reply) {
+            reply.clear();
+            wire::encode_error(&mut reply, s.code() as u8, s.message());
         }
         conn.write_all(&reply)?;
     }
 }
 
+/// Runs one request of session `session` and appends its success reply.
+fn answer(
+    store: &Store,
+    session: u64,
+    op: u8,
+    body: &[u8],
+    reply: &mut Vec<u8>,
+) -> std::result::Result<(), tonic::Status> {
+    let invalid = tonic::Status::invalid_argument;
+    match op {
+        wire::OP_LOOKUP => wire::encode_lookup_reply(reply, lookup(store, body)?),
+        wire::OP_RESERVE => {
+            let r = wire::decode_reserve(body).map_err(invalid)?;
+            let tpb = r.tokens_per_block;
+            let blocks = r
+                .keys
+                .iter()
+                .zip(&r.parents)
+                .enumerate()
+                .map(|(i, (k, p))| kvtier_proto::v1::BlockMeta {
+                    key: k.to_vec(),
+                    parent: p.to_vec(),
+                    token_ids: r.tokens[i * tpb..(i + 1) * tpb].to_vec(),
+                })
+                .collect();
+            let grants = store.reserve(session, r.namespace, blocks)?;
+            wire::encode_slots_reply(reply, grants.iter().map(|g| (g.offset, g.length)));
+        }
+        wire::OP_COMMIT => {
+            let r = wire::decode_keys(body).map_err(invalid)?;
+            wire::encode_count_reply(reply, store.commit(session, r.namespace, &r.keys)?);
+        }
+        _ => {
+            let r = wire::decode_keys(body).map_err(invalid)?;
+            wire::encode_count_reply(reply, store.abort(session, r.namespace, &r.keys)?);
+        }
+    }
+    Ok(())
+}
+
 fn lookup(store: &Store, body: &[u8]) -> std::result::Result<LookupCounts, tonic::Status> {
-    let req = wire::decode_lookup(body).map_err(tonic::Status::invalid_argument)?;
+    let req = wire::decode_keys(body).map_err(tonic::Status::invalid_argument)?;
     let r = store.lookup(req.namespace, &req.keys)?;
     let prefix = |tier: kvtier_proto::v1::Tier| {
         r.tiers
