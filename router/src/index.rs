@@ -700,16 +700,39 @@ impl Index {
         }
         let slot_tier = s << 2 | ti as u32;
         let mut pruned: Vec<(u32, EngineHash)> = Vec::new();
-        for (h, k) in hashes.iter().zip(&keys) {
-            let mut sh = self.shards[self.shard_of(*k)].write();
-            Self::insert_in_shard(
-                &mut sh,
-                *k,
-                slot_tier,
-                *h,
-                self.per_shard_limit,
-                &mut pruned,
-            );
+        // One write lock per shard the event touches, not one per block:
+        // the blocks are grouped by shard (a counting sort, order kept
+        // within a shard, so stamps still follow the chain).
+        let shard_ids: Vec<usize> = keys.iter().map(|k| self.shard_of(*k)).collect();
+        let mut start = vec![0usize; self.shards.len() + 1];
+        for &sid in &shard_ids {
+            start[sid + 1] += 1;
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut order = vec![0usize; n];
+        let mut next = start.clone();
+        for (i, &sid) in shard_ids.iter().enumerate() {
+            order[next[sid]] = i;
+            next[sid] += 1;
+        }
+        for (sid, shard) in self.shards.iter().enumerate() {
+            let group = &order[start[sid]..start[sid + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let mut sh = shard.write();
+            for &i in group {
+                Self::insert_in_shard(
+                    &mut sh,
+                    keys[i],
+                    slot_tier,
+                    hashes[i],
+                    self.per_shard_limit,
+                    &mut pruned,
+                );
+            }
         }
         self.stats
             .block_events
@@ -736,21 +759,19 @@ impl Index {
             slot_tier,
             stamp: sh.stamp,
         };
-        match sh.map.get_mut(&key) {
-            Some(e) => {
+        match sh.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let e = o.into_mut();
                 if e.find(slot_tier).is_some() {
                     return;
                 }
                 e.push(holder);
             }
-            None => {
-                sh.map.insert(
-                    key,
-                    Entry {
-                        first: holder,
-                        rest: None,
-                    },
-                );
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entry {
+                    first: holder,
+                    rest: None,
+                });
             }
         }
         sh.holdings += 1;
