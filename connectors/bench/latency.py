@@ -125,8 +125,8 @@ def main() -> None:
         client.register_namespace(ns, 4096, {"model": "bench", "tokens_per_block": bs})
         pool = Pool(socket)
         parents = [b""] + keys[:-1]
-        client.reserve(pool.session, ns, keys, parents, list(range(args.tokens)), bs)
-        client.commit(pool.session, ns, keys)
+        pool.reserve(ns, keys, parents, list(range(args.tokens)), bs)
+        pool.commit(ns, keys)
 
         matched = sched.get_num_new_matched_tokens(req, 0)
         assert matched == (args.tokens - 1, True), matched

@@ -123,12 +123,7 @@ impl Pool {
         namespace: &str,
         keys: impl ExactSizeIterator<Item = &'k [u8]>,
     ) -> Result<u32> {
-        self.with_session(|s| {
-            s.call(
-                |buf| wire::encode_keys(buf, wire::OP_COMMIT, namespace, keys),
-                wire::decode_count_reply,
-            )
-        })
+        self.keys_call(wire::OP_COMMIT, namespace, keys)
     }
 
     /// Aborts reserved blocks of this session; returns how many.
@@ -137,9 +132,18 @@ impl Pool {
         namespace: &str,
         keys: impl ExactSizeIterator<Item = &'k [u8]>,
     ) -> Result<u32> {
+        self.keys_call(wire::OP_ABORT, namespace, keys)
+    }
+
+    fn keys_call<'k>(
+        &self,
+        op: u8,
+        namespace: &str,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
+    ) -> Result<u32> {
         self.with_session(|s| {
             s.call(
-                |buf| wire::encode_keys(buf, wire::OP_ABORT, namespace, keys),
+                |buf| wire::encode_keys(buf, op, namespace, keys),
                 wire::decode_count_reply,
             )
         })

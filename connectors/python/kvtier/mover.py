@@ -109,38 +109,27 @@ class Mover:
         ``offsets``, on CUDA after event ``ready`` (default: the current
         stream's work queued so far; a caller on another thread than the
         engine's passes an event the engine thread recorded)."""
-        self._check(offsets)
-        n = len(block_ids)
-        if n == 0:
-            return Transfer()
-        if not self.cuda:
-            self._gather_to_pool(self._ids(block_ids), offsets, n)
-            return Transfer()
-        if ready is None:
-            ready = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            ids = self._ids(block_ids)
-            staging = self._gather_to_pool(ids, offsets, n)
-            done = self.stream.record_event()
-        return Transfer(done, [ids, staging])
+        return self._transfer(self._gather_to_pool, block_ids, offsets, ready)
 
     def load(self, block_ids: list[int], offsets: list[int], ready=None) -> Transfer:
         """Copies pool slots at ``offsets`` into the engine's blocks
         ``block_ids`` (on CUDA after ``ready``, as for ``save``)."""
+        return self._transfer(self._scatter_from_pool, block_ids, offsets, ready)
+
+    def _transfer(self, work, block_ids, offsets, ready) -> Transfer:
         self._check(offsets)
         n = len(block_ids)
         if n == 0:
             return Transfer()
         if not self.cuda:
-            self._scatter_from_pool(self._ids(block_ids), offsets, n)
+            work(self._ids(block_ids), offsets, n)
             return Transfer()
         if ready is None:
             ready = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             ids = self._ids(block_ids)
-            staging = self._scatter_from_pool(ids, offsets, n)
+            staging = work(ids, offsets, n)
             done = self.stream.record_event()
         return Transfer(done, [ids, staging])
 
