@@ -17,42 +17,14 @@ JSON line. Needs a kvbm daemon: ``--socket`` or ``--kvbm PATH`` to start one.
 
 import argparse
 import json
-import os
-import subprocess
 import tempfile
 import time
 
 import torch
 
+from kvbm_proc import start_kvbm
 from kvtier import Client, Pool
 from kvtier.mover import Mover, pool_tensor
-
-
-def start_daemon(binary: str, workdir: str, host_bytes: str) -> tuple[subprocess.Popen, str]:
-    socket = os.path.join(workdir, "kvbm.sock")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--data-dir",
-            os.path.join(workdir, "data"),
-            "--socket",
-            socket,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--host-bytes",
-            host_bytes,
-            "--disk-bytes",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    line = proc.stdout.readline().decode()
-    if "kvbm listening" not in line:
-        proc.kill()
-        raise SystemExit(f"kvbm did not start: {line!r}")
-    return proc, socket
 
 
 def timed(fn, iters: int) -> float:
@@ -104,7 +76,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     socket = args.socket
     if socket is None:
-        proc, socket = start_daemon(args.kvbm, tmp.name, args.host_bytes)
+        proc, socket = start_kvbm(args.kvbm, tmp.name, args.host_bytes)
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -15,47 +15,24 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from kvbm_proc import start_kvbm
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
+def kvbm_binary() -> str:
     bin_dir = os.environ.get("KVTIER_BIN_DIR")
     candidates = [Path(bin_dir) / "kvbm"] if bin_dir else []
     candidates += [ROOT / "target/release/kvbm", ROOT / "target/debug/kvbm"]
     binary = next((p for p in candidates if p.exists()), None)
     if binary is None:
         sys.exit("no kvbm binary: cargo build --release -p kvbm")
-    socket = os.path.join(workdir, "kvbm.sock")
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--data-dir",
-            os.path.join(workdir, "data"),
-            "--socket",
-            socket,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--host-bytes",
-            "64MiB",
-            "--disk-bytes",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    line = proc.stdout.readline().decode()
-    if "kvbm listening" not in line:
-        proc.kill()
-        sys.exit(f"kvbm did not start: {line!r}")
-    return proc, socket
+    return str(binary)
 
 
 def main() -> None:
@@ -85,7 +62,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     socket = args.socket
     if socket is None:
-        proc, socket = start_daemon(tmp.name)
+        proc, socket = start_kvbm(kvbm_binary(), tmp.name, "64MiB")
     try:
         bs = 16
         config = VllmConfig(

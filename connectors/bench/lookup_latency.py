@@ -10,12 +10,11 @@ measures the call alone where vLLM is not installed (e.g. the GPU machine).
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import tempfile
 import time
 
+from kvbm_proc import start_kvbm
 from kvtier import Client
 
 
@@ -25,15 +24,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        sock = os.path.join(d, "kvbm.sock")
-        proc = subprocess.Popen(
-            [args.kvbm, "--data-dir", d, "--socket", sock, "--grpc", "", "--http", "",
-             "--host-bytes", "64MiB", "--disk-bytes", "0"],
-            stdout=subprocess.PIPE,
-        )
+        proc, sock = start_kvbm(args.kvbm, d, "64MiB")
         try:
-            if "kvbm listening" not in proc.stdout.readline().decode():
-                raise SystemExit("kvbm did not start")
             c = Client(sock)
             c.register_namespace("lat", 4096, {"model": "m", "tokens_per_block": 16})
             keys = [i.to_bytes(32, "big") for i in range(1, 513)]

@@ -24,9 +24,10 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import time
+
+from kvbm_proc import start_kvbm
 
 LLAMA3_8B_SHAPE = {
     "architectures": ["LlamaForCausalLM"],
@@ -47,20 +48,6 @@ LLAMA3_8B_SHAPE = {
     "eos_token_id": 128001,
     "torch_dtype": "bfloat16",
 }
-
-
-def start_kvbm(binary: str, workdir: str, host_bytes: str) -> tuple[subprocess.Popen, str]:
-    socket = os.path.join(workdir, "kvbm.sock")
-    proc = subprocess.Popen(
-        [binary, "--data-dir", os.path.join(workdir, "data"), "--socket", socket,
-         "--grpc", "", "--http", "", "--host-bytes", host_bytes, "--disk-bytes", "0"],
-        stdout=subprocess.PIPE,
-    )
-    line = proc.stdout.readline().decode()
-    if "kvbm listening" not in line:
-        proc.kill()
-        raise SystemExit(f"kvbm did not start: {line!r}")
-    return proc, socket
 
 
 def main() -> None:
