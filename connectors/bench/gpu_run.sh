@@ -43,7 +43,7 @@ vllm)
     PYTHONHASHSEED=0 KVTIER_BIN_DIR=$KV
   python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
   [ "${2:-}" = ttft-only ] || KVTIER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider connectors/tests 2>&1 | tail -25
-  [ "${2:-}" = ttft-only ] || python3 connectors/bench/latency.py --iters 3000 2>&1 | tail -1
+  [ "${2:-}" = ttft-only ] || python3 connectors/bench/latency.py --iters 3000 2>&1 | grep "^{"
   timeout 420 python3 connectors/bench/vllm_ttft.py --kvbm $KV/kvbm ${TTFT_ARGS:-} > ${OUT:-/tmp}/ttft.log 2>&1
   echo "ttft exit $?"
   grep '^{' ${OUT:-/tmp}/ttft.log
