@@ -33,6 +33,8 @@ pub const OP_ABORT: u8 = 4;
 pub const STATUS_OK: u8 = 0;
 /// Reply kind for a malformed request (gRPC `INVALID_ARGUMENT`).
 pub const STATUS_INVALID: u8 = 3;
+/// Reply kind for an answer too large to send (gRPC `RESOURCE_EXHAUSTED`).
+pub const STATUS_RESOURCE_EXHAUSTED: u8 = 8;
 
 /// A decoded Lookup, Commit or Abort request (a namespace and keys); the
 /// keys are views into the frame.
@@ -81,8 +83,8 @@ pub fn encode_keys<'k>(
     namespace: &str,
     keys: impl ExactSizeIterator<Item = &'k [u8]>,
 ) -> Result<(), String> {
-    let start = buf.len();
-    let res = encode_keys_inner(buf, op, namespace, keys, 0);
+    let start = begin_frame(buf, op);
+    let res = write_keys(buf, namespace, keys).and_then(|()| end_frame(buf, start));
     if res.is_err() {
         buf.truncate(start);
     }
@@ -100,7 +102,7 @@ pub fn encode_reserve<'k>(
     tokens: &[u32],
     tokens_per_block: usize,
 ) -> Result<(), String> {
-    let start = buf.len();
+    let start = begin_frame(buf, OP_RESERVE);
     let count = keys.len();
     let res = (|| {
         if parents.len() != count {
@@ -117,8 +119,7 @@ pub fn encode_reserve<'k>(
                 tokens.len()
             ));
         }
-        let extra = count * 33 + 4 + tokens.len() * 4;
-        encode_keys_inner(buf, OP_RESERVE, namespace, keys, extra)?;
+        write_keys(buf, namespace, keys)?;
         for p in parents {
             let len = u8::try_from(p.len()).map_err(|_| format!("parent of {} bytes", p.len()))?;
             buf.push(len);
@@ -128,13 +129,7 @@ pub fn encode_reserve<'k>(
         for t in tokens {
             buf.extend_from_slice(&t.to_le_bytes());
         }
-        // The body grew past what the header announced: patch it.
-        let body = buf.len() - start - 4;
-        if body > MAX_FRAME {
-            return Err(format!("reserve of {count} blocks exceeds the frame limit"));
-        }
-        buf[start..start + 4].copy_from_slice(&(body as u32).to_le_bytes());
-        Ok(())
+        end_frame(buf, start)
     })();
     if res.is_err() {
         buf.truncate(start);
@@ -142,25 +137,41 @@ pub fn encode_reserve<'k>(
     res
 }
 
-fn encode_keys_inner<'k>(
+/// Starts a frame of `kind` in `buf`: a length placeholder that
+/// [`end_frame`] fills in. Returns where the frame starts.
+fn begin_frame(buf: &mut Vec<u8>, kind: u8) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(kind);
+    start
+}
+
+/// Writes the length of the frame begun at `start`, refusing one over
+/// [`MAX_FRAME`].
+fn end_frame(buf: &mut [u8], start: usize) -> Result<(), String> {
+    let len = buf.len() - start - 4;
+    if len > MAX_FRAME {
+        return Err(format!("request of {len} bytes exceeds the frame limit"));
+    }
+    buf[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Writes `[ns_len][namespace][key_len][count][keys]`.
+fn write_keys<'k>(
     buf: &mut Vec<u8>,
-    op: u8,
     namespace: &str,
     mut keys: impl ExactSizeIterator<Item = &'k [u8]>,
-    extra: usize,
 ) -> Result<(), String> {
     let ns_len = u16::try_from(namespace.len()).map_err(|_| "namespace name too long")?;
     let count = keys.len();
     let first = keys.next();
     let key_len = first.map_or(0, <[u8]>::len);
     let key_len_u8 = u8::try_from(key_len).map_err(|_| format!("key of {key_len} bytes"))?;
-    let body = 1 + 2 + namespace.len() + 1 + 4 + count * key_len;
-    if body > MAX_FRAME {
+    if count.saturating_mul(key_len) > MAX_FRAME {
         return Err(format!("request of {count} keys exceeds the frame limit"));
     }
-    buf.reserve(4 + body + extra);
-    buf.extend_from_slice(&(body as u32).to_le_bytes());
-    buf.push(op);
+    buf.reserve(2 + namespace.len() + 1 + 4 + count * key_len);
     buf.extend_from_slice(&ns_len.to_le_bytes());
     buf.extend_from_slice(namespace.as_bytes());
     buf.push(key_len_u8);
@@ -247,29 +258,43 @@ fn read_keys<'a>(r: &mut Reader<'a>) -> Result<Keys<'a>, String> {
 
 /// Appends a success reply to a Lookup.
 pub fn encode_lookup_reply(buf: &mut Vec<u8>, c: LookupCounts) {
-    buf.extend_from_slice(&13u32.to_le_bytes());
-    buf.push(STATUS_OK);
+    let start = begin_frame(buf, STATUS_OK);
     for v in [c.matched, c.host, c.disk] {
         buf.extend_from_slice(&v.to_le_bytes());
+    }
+    reply_done(buf, start);
+}
+
+/// Ends a reply frame: replies are built by the daemon from bounded
+/// requests; one that still came out over the limit is replaced by an error
+/// reply, never sent with a length the client would refuse.
+fn reply_done(buf: &mut Vec<u8>, start: usize) {
+    if let Err(msg) = end_frame(buf, start) {
+        buf.truncate(start);
+        encode_error(
+            buf,
+            STATUS_RESOURCE_EXHAUSTED,
+            &format!("reply too large: {msg}"),
+        );
     }
 }
 
 /// Appends a success reply carrying one count (Commit, Abort).
 pub fn encode_count_reply(buf: &mut Vec<u8>, n: u32) {
-    buf.extend_from_slice(&5u32.to_le_bytes());
-    buf.push(STATUS_OK);
+    let start = begin_frame(buf, STATUS_OK);
     buf.extend_from_slice(&n.to_le_bytes());
+    reply_done(buf, start);
 }
 
 /// Appends a success reply carrying slots `(offset, length)` (Reserve).
 pub fn encode_slots_reply(buf: &mut Vec<u8>, slots: impl ExactSizeIterator<Item = (u64, u64)>) {
-    buf.extend_from_slice(&(1 + 4 + slots.len() as u32 * 16).to_le_bytes());
-    buf.push(STATUS_OK);
+    let start = begin_frame(buf, STATUS_OK);
     buf.extend_from_slice(&(slots.len() as u32).to_le_bytes());
     for (off, len) in slots {
         buf.extend_from_slice(&off.to_le_bytes());
         buf.extend_from_slice(&len.to_le_bytes());
     }
+    reply_done(buf, start);
 }
 
 /// Decodes a count reply, or the daemon's `(status, message)`.
@@ -311,10 +336,10 @@ fn ok_body(kind: u8, body: &[u8]) -> Result<(), (u8, String)> {
 
 /// Appends an error reply: `status` is a gRPC code, `message` says why.
 pub fn encode_error(buf: &mut Vec<u8>, status: u8, message: &str) {
-    let msg = &message.as_bytes()[..message.len().min(4096)];
-    buf.extend_from_slice(&(1 + msg.len() as u32).to_le_bytes());
-    buf.push(status);
-    buf.extend_from_slice(msg);
+    let start = begin_frame(buf, status);
+    buf.extend_from_slice(&message.as_bytes()[..message.len().min(4096)]);
+    // At most 4 KiB: always within the limit.
+    let _ = end_frame(buf, start);
 }
 
 /// Decodes a reply frame's kind and body into the Lookup answer, or the

@@ -45,6 +45,15 @@ pub struct Client {
     rpc: KvbmClient<Channel>,
 }
 
+/// The socket path of a `/path` or `unix:/path` address; `None` for a TCP
+/// URL (`http://…`, `https://…`).
+pub fn unix_socket_path(addr: &str) -> Option<std::path::PathBuf> {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        return None;
+    }
+    Some(addr.strip_prefix("unix:").unwrap_or(addr).into())
+}
+
 /// Where kvbm listens by default (`kvbm` with no flags).
 pub const DEFAULT_SOCKET: &str = "kvtier-data/kvbm.sock";
 
@@ -52,7 +61,7 @@ impl Client {
     /// Connects to `addr`: a Unix socket path (`/run/kvbm.sock`,
     /// `unix:/run/kvbm.sock`) or a TCP URL (`http://127.0.0.1:50051`).
     pub async fn connect(addr: &str) -> Result<Client> {
-        let channel = if addr.starts_with("http://") || addr.starts_with("https://") {
+        let channel = if unix_socket_path(addr).is_none() {
             Endpoint::from_shared(addr.to_string())
                 .map_err(|_| Error::Address(addr.to_string()))?
                 .tcp_nodelay(true)
@@ -63,8 +72,8 @@ impl Client {
                     source,
                 })?
         } else {
-            let path = addr.strip_prefix("unix:").unwrap_or(addr).to_string();
-            if path.is_empty() {
+            let path = unix_socket_path(addr).unwrap_or_default();
+            if path.as_os_str().is_empty() {
                 return Err(Error::Address(addr.to_string()));
             }
             // The URI is required by tonic but unused: the connector below

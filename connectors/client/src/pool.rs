@@ -32,7 +32,6 @@ pub struct Pool {
     session: u64,
     base: *mut u8,
     len: usize,
-    fd: std::os::fd::RawFd,
     // Held open: the session lives as long as this connection.
     conn: std::sync::Mutex<Session>,
 }
@@ -92,7 +91,6 @@ impl Pool {
             session,
             base: base as *mut u8,
             len,
-            fd: conn.as_raw_fd(),
             conn: std::sync::Mutex::new(Session::new(path, conn)),
         })
     }
@@ -207,11 +205,12 @@ impl Pool {
     /// restarted), after which slot offsets no longer refer to this
     /// mapping. Non-blocking: one `poll(2)`.
     pub fn is_alive(&self) -> bool {
-        if self.conn.lock().map_or(true, |s| s.broken) {
-            return false;
-        }
+        let fd = match self.conn.lock() {
+            Ok(s) if !s.broken => s.conn.as_raw_fd(),
+            _ => return false,
+        };
         let mut pfd = libc::pollfd {
-            fd: self.fd,
+            fd,
             events: libc::POLLIN | libc::POLLRDHUP,
             revents: 0,
         };

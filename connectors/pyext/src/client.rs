@@ -49,6 +49,17 @@ impl CallError {
     }
 }
 
+/// A failed pool-socket call: a daemon status keeps its meaning; anything
+/// else (a broken session, a timeout) means kvbm is unavailable.
+impl From<kvtier_client::Error> for CallError {
+    fn from(e: kvtier_client::Error) -> CallError {
+        match e {
+            kvtier_client::Error::Status(s) => CallError::from_status(s),
+            other => CallError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 /// The pool-socket session that answers `lookup` when the daemon is on a
 /// Unix socket: binary frames, no gRPC (see `kvtier_proto::session`).
 #[derive(Default)]
@@ -162,10 +173,12 @@ impl Client {
         // is a whole number of `key_len` keys.
         match session.lookup(namespace, keys.chunks(key_len.max(1))) {
             Ok(c) => Ok(c.matched),
-            Err(kvtier_client::Error::Status(s)) => Err(CallError::from_status(s)),
             Err(e) => {
-                fast.session = None;
-                Err(CallError::Unavailable(e.to_string()))
+                let e = CallError::from(e);
+                if let CallError::Unavailable(_) = e {
+                    fast.session = None;
+                }
+                Err(e)
             }
         }
     }
@@ -204,14 +217,6 @@ impl Client {
             e.into_py()
         })
     }
-}
-
-/// The socket path of a `/path` or `unix:/path` address; `None` for TCP.
-fn unix_socket(addr: &str) -> Option<PathBuf> {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        return None;
-    }
-    Some(PathBuf::from(addr.strip_prefix("unix:").unwrap_or(addr)))
 }
 
 /// Copies a Python sequence of equally long `bytes` into one buffer:
@@ -305,7 +310,7 @@ impl Client {
             timeout: Duration::from_millis(timeout_ms.max(1)),
             retry: Duration::from_millis(retry_ms),
             conn: Mutex::new(Conn::default()),
-            unix: unix_socket(&addr),
+            unix: kvtier_client::unix_socket_path(&addr),
             fast: Mutex::new(Fast::default()),
             connects: AtomicU64::new(0),
             failures: AtomicU64::new(0),

@@ -5,7 +5,6 @@
 //! the session alive. Closing it (or dropping it) ends the session: the
 //! daemon then releases its leases and reservations.
 
-use std::path::Path;
 use std::sync::RwLock;
 
 use pyo3::prelude::*;
@@ -30,10 +29,12 @@ impl Pool {
     #[new]
     #[pyo3(signature = (socket, timeout_ms = 2000))]
     fn attach(py: Python<'_>, socket: String, timeout_ms: u64) -> PyResult<Pool> {
-        let path = socket.strip_prefix("unix:").unwrap_or(&socket).to_string();
+        let path = kvtier_client::unix_socket_path(&socket).ok_or_else(|| {
+            KvbmUnavailable::new_err(format!("the pool needs kvbm's Unix socket, not {socket}"))
+        })?;
         let timeout = Some(std::time::Duration::from_millis(timeout_ms.max(1)));
         let pool = py
-            .detach(|| kvtier_client::Pool::attach_with_timeout(Path::new(&path), timeout))
+            .detach(|| kvtier_client::Pool::attach_with_timeout(&path, timeout))
             .map_err(|e| KvbmUnavailable::new_err(e.to_string()))?;
         Ok(Pool {
             session: pool.session(),
@@ -140,9 +141,7 @@ impl Pool {
         let pool = guard
             .as_ref()
             .ok_or_else(|| KvbmUnavailable::new_err("pool closed"))?;
-        py.detach(|| f(pool)).map_err(|e| match e {
-            kvtier_client::Error::Status(s) => CallError::from_status(s).into_py(),
-            other => KvbmUnavailable::new_err(other.to_string()),
-        })
+        py.detach(|| f(pool))
+            .map_err(|e| CallError::from(e).into_py())
     }
 }

@@ -697,8 +697,13 @@ class _WorkerSide:
         except KvbmError as e:
             logger.debug("kvtier: abort failed: %s", e)
 
+    def _attached_to(self, session: int) -> bool:
+        """Whether the pool is still the one of ``session`` (a re-attach
+        since ends that session's reservations and leases)."""
+        return self.pool is not None and self.pool.session == session
+
     def _io_commit(self, session: int, keys: list[bytes]) -> None:
-        if self.pool is None or self.pool.session != session:
+        if not self._attached_to(session):
             # Detached since the copy: the reservations died with the session.
             self._count("save_skipped_blocks", len(keys))
             return
@@ -711,7 +716,7 @@ class _WorkerSide:
                 self._detach(str(e))
 
     def _io_release(self, session: int, lease: int) -> None:
-        if self.pool is None or self.pool.session != session:
+        if not self._attached_to(session):
             return  # the lease died with its session
         try:
             self.client.release(session, lease)
