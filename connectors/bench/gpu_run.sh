@@ -4,7 +4,8 @@
 # ../shared/gpu-vllm/build_payload.sh split vLLM 0.25.1 into .vllm1/ .vllm2/.
 # The machine takes 64 MiB per call, so this runs in two calls:
 #   1. carry [.gpu, .vllm1]:  bash connectors/bench/gpu_run.sh copy-bench
-#      (throughput and lookup latency; no vLLM needed)
+#      (throughput and lookup latency; no vLLM needed; CHUNK_MBS="0 64" runs
+#      the throughput bench once per copy_chunk_mb)
 #   2. carry [.vllm2]:        bash connectors/bench/gpu_run.sh vllm
 #      (contract tests on CUDA, get_num_new_matched_tokens latency, TTFT in a
 #      real vLLM engine)
@@ -22,8 +23,11 @@ stage) ;;  # only copy the carried parts (first of two calls)
 copy-bench)
   rm -rf /tmp/kvsite && mkdir -p /tmp/kvsite
   python3 -m zipfile -e $KV/kvtier-*.whl /tmp/kvsite
+  cp connectors/python/kvtier/*.py /tmp/kvsite/kvtier/  # this checkout's sources
   export PYTHONPATH=/tmp/kvsite
-  python3 connectors/bench/gpu_throughput.py --kvbm $KV/kvbm
+  for mb in ${CHUNK_MBS:-64}; do  # the connector's copy_chunk_mb
+    python3 connectors/bench/gpu_throughput.py --kvbm $KV/kvbm --chunk-mb $mb
+  done
   python3 connectors/bench/lookup_latency.py --kvbm $KV/kvbm --iters 3000
   ;;
 vllm)

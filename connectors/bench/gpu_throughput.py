@@ -11,8 +11,11 @@ vLLM-layout KV tensors on the GPU and kvbm's shared pool:
 - ``baseline``: plain torch in the same run: per-layer ``index_select`` into
   a GPU staging tensor, then one copy to a pinned host tensor (and back).
 
-Runs with the pool pinned (``cudaHostRegister``) and not pinned. Prints one
-JSON line. Needs a kvbm daemon: ``--socket`` or ``--kvbm PATH`` to start one.
+Runs with the pool pinned (``cudaHostRegister``) and not pinned. Also
+``probe``: how long an engine-like small device-to-host copy on the default
+stream takes while an offload of all the blocks is in flight (``--chunk-mb``
+sets the connector's ``copy_chunk_mb``), against the same copy on an idle GPU.
+Prints one JSON line. Needs a kvbm daemon: ``--socket`` or ``--kvbm PATH`` to start one.
 """
 
 import argparse
@@ -24,6 +27,7 @@ import torch
 
 from kvbm_proc import start_kvbm
 from kvtier import Client, Pool
+from kvtier.config import KvtierSettings
 from kvtier.mover import Mover, pool_tensor
 
 
@@ -40,6 +44,32 @@ def timed(fn, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def probe(mover, ids, offsets, iters: int, result: dict) -> None:
+    """Wall time of a sampled-token-sized copy to the host on the default
+    stream, on an idle GPU and 0-10 ms after an offload was queued."""
+    small = torch.zeros(256, dtype=torch.long, device=mover.device)
+
+    def sample_copy() -> float:
+        t = time.perf_counter()
+        small.add_(1)
+        small.cpu()
+        return time.perf_counter() - t
+
+    idle, busy = [], []
+    for _ in range(iters):
+        for delay in (0, 0.002, 0.005, 0.010):
+            torch.cuda.synchronize()
+            idle.append(sample_copy())
+            transfer = mover.save(ids, offsets)
+            time.sleep(delay)  # the offload's copies, not its gathers, running
+            busy.append(sample_copy())
+            transfer.wait()
+    result["chunk_mb"] = mover.chunk_blocks * mover.block_bytes >> 20
+    result["probe_idle_ms"] = round(sorted(idle)[len(idle) // 2] * 1e3, 3)
+    result["probe_during_offload_ms"] = round(sorted(busy)[len(busy) // 2] * 1e3, 3)
+    result["probe_during_offload_max_ms"] = round(max(busy) * 1e3, 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--socket")
@@ -52,6 +82,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--host-bytes", default="3GiB")
+    ap.add_argument("--chunk-mb", type=int, default=KvtierSettings.copy_chunk_mb)
     args = ap.parse_args()
 
     dev = torch.device("cuda")
@@ -119,7 +150,7 @@ def main() -> None:
                     result["pin_error"] = str(rc)
                     pool.close()
                     continue
-            mover = Mover(layers, tensor)
+            mover = Mover(layers, tensor, chunk_bytes=args.chunk_mb << 20)
             tag = "pinned" if pinned else "unpinned"
             # Key chains made before timing: an engine has its block hashes
             # already (vLLM's request.block_hashes).
@@ -164,6 +195,8 @@ def main() -> None:
             result[f"ours_copy_offload_{tag}_GBps"] = round(total / t / 1e9, 2)
             t = timed(onboard_copy, args.iters)
             result[f"ours_copy_onboard_{tag}_GBps"] = round(total / t / 1e9, 2)
+            if pinned:
+                probe(mover, ids, copy_slots["offsets"], args.iters, result)
             client.release(pool.session, lease)
             # Bytes check: what was onboarded equals what was offloaded.
             ok = all(

@@ -7,12 +7,16 @@ length:
 
 - ``cold``: nothing cached; vLLM computes the prefill, the connector offloads
   the blocks to kvbm.
-- ``gpu_hit``: the same prompt again, from vLLM's own GPU prefix cache.
+- ``gpu_hit``: the same prompt again, from vLLM's own GPU prefix cache, at
+  once (the connector's offload of the cold request is still copying).
+- ``gpu_hit_idle``: the same again, half a second later (offload done).
 - ``kvtier_hit``: after ``reset_prefix_cache`` (the GPU copy is gone), the
   same prompt: the connector matches it in kvbm and loads it onto the GPU.
 
 The baseline is ``cold`` in the same run; the figure of merit is
-cold / kvtier_hit. Needs a GPU, vLLM and the kvtier package.
+cold / kvtier_hit. ``--no-connector`` runs the same engine without the
+connector (cold and GPU hits only), for what the connector costs a GPU hit.
+Needs a GPU, vLLM and the kvtier package.
 
     python connectors/bench/vllm_ttft.py --kvbm .gpu/kvbm [--tokens 2000 8000 20000] [--tp 2]
 
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[2000, 8000, 20000])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (worker processes)")
+    ap.add_argument("--chunk-mb", type=int, help="the connector's copy_chunk_mb (default: its own)")
+    ap.add_argument("--no-connector", action="store_true", help="vLLM alone, for the baseline")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one gpu_hit and one kvtier_hit of the longest prompt")
     args = ap.parse_args()
@@ -69,6 +75,10 @@ def main() -> None:
     proc, socket = start_kvbm(args.kvbm, work, args.host_bytes)
 
     from vllm import LLM, SamplingParams
+
+    extra = {"socket": socket, "model": "llama3-8b-shape"}
+    if args.chunk_mb is not None:
+        extra["copy_chunk_mb"] = args.chunk_mb
 
     try:
         llm = LLM(
@@ -83,11 +93,11 @@ def main() -> None:
             gpu_memory_utilization=0.85,
             seed=0,
             tensor_parallel_size=args.tp,
-            kv_transfer_config={
+            kv_transfer_config=None if args.no_connector else {
                 "kv_connector": "KvtierConnector",
                 "kv_connector_module_path": "kvtier.vllm",
                 "kv_role": "kv_both",
-                "kv_connector_extra_config": {"socket": socket, "model": "llama3-8b-shape"},
+                "kv_connector_extra_config": extra,
             },
         )
         sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -125,6 +135,11 @@ def main() -> None:
                 p = ids(n)
                 rows.append(run(p, "cold"))
                 rows.append(run(p, "gpu_hit"))
+                time.sleep(0.5)
+                rows.append(run(p, "gpu_hit_idle"))
+                if args.no_connector:
+                    llm.reset_prefix_cache()
+                    continue
                 settle()
                 rows.append(run(p, "kvtier_hit"))
                 settle()
@@ -146,16 +161,17 @@ def main() -> None:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         summary = {}
         for n in args.tokens:
-            med = {
-                label: statistics.median(
-                    r["ttft_ms"] for r in rows if r["tokens"] == n and r["label"] == label
-                )
-                for label in ("cold", "gpu_hit", "kvtier_hit")
-            }
-            cached = [r["cached_tokens"] for r in rows if r["tokens"] == n and r["label"] == "kvtier_hit"]
-            summary[n] = {**{f"{k}_ms": v for k, v in med.items()},
-                          "cold_over_kvtier": round(med["cold"] / med["kvtier_hit"], 2),
-                          "kvtier_cached_tokens": cached}
+            med = {}
+            for label in ("cold", "gpu_hit", "gpu_hit_idle", "kvtier_hit"):
+                t = [r["ttft_ms"] for r in rows if r["tokens"] == n and r["label"] == label]
+                if t:
+                    med[f"{label}_ms"] = statistics.median(t)
+            summary[n] = med
+            if "kvtier_hit_ms" in med:
+                med["cold_over_kvtier"] = round(med["cold_ms"] / med["kvtier_hit_ms"], 2)
+                med["kvtier_cached_tokens"] = [
+                    r["cached_tokens"] for r in rows if r["tokens"] == n and r["label"] == "kvtier_hit"
+                ]
         print(json.dumps({"summary": summary}), flush=True)
     finally:
         proc.terminate()

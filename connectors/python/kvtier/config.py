@@ -44,6 +44,10 @@ class KvtierSettings:
     min_match_blocks: int = 1
     # Publish kvbm's tier events through take_events().
     events: bool = True
+    # Largest piece of an offload or onboard copy (MiB; 0: no limit): bounds
+    # the GPU staging memory and how long the engine's own device-to-host
+    # copies can queue behind the connector's.
+    copy_chunk_mb: int = 64
     # Pin the shared pool for the GPU (cudaHostRegister): "auto", "on", "off".
     pin_pool: str = "auto"
     # Accept a block-hash setup that is not reproducible across processes.
@@ -72,6 +76,8 @@ class KvtierSettings:
         s = cls(**values)
         if not s.socket:
             s.socket = os.environ.get("KVTIER_SOCKET", DEFAULT_SOCKET)
+        if s.copy_chunk_mb < 0:
+            raise ValueError("kvtier: copy_chunk_mb must be 0 (no limit) or more")
         if s.pin_pool not in ("auto", "on", "off"):
             raise ValueError("kvtier: pin_pool must be auto, on or off")
         return s

@@ -581,7 +581,7 @@ class _WorkerSide:
             if not self.pinned:
                 logger.warning("kvtier: cudaHostRegister failed (%s)", rc)
         self.pool = pool
-        self.mover = Mover(self.layers, tensor, self.stream)
+        self.mover = Mover(self.layers, tensor, self.stream, self.settings.copy_chunk_mb << 20)
         self.failures = 0
         return True
 
@@ -638,8 +638,11 @@ class _WorkerSide:
                     spec.block_ids[:good], [off for off, _ in slots[:good]], ready
                 )
                 failed = list(spec.block_ids[good:])
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory
                 logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
+                # Copies issued before the failure must end before the lease
+                # does (the slots may be reused) and before vLLM recomputes.
+                self.mover.sync()
         finally:
             ld.failed = failed
             ld.loaded = len(spec.block_ids) - len(failed)
@@ -678,8 +681,9 @@ class _WorkerSide:
                 return
             try:
                 transfer = self.mover.save(write_ids, offsets, ready)
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory
                 logger.error("kvtier: offload copy failed: %s", e)
+                self.mover.sync()  # nothing may still write the slots aborted next
                 self._abort(write_keys)
                 return
             s.keys, s.session = write_keys, session
