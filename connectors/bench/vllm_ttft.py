@@ -170,7 +170,9 @@ def main() -> None:
             if "kvtier_hit_ms" in med:
                 med["cold_over_kvtier"] = round(med["cold_ms"] / med["kvtier_hit_ms"], 2)
                 med["kvtier_cached_tokens"] = [
-                    r["cached_tokens"] for r in rows if r["tokens"] == n and r["label"] == "kvtier_hit"
+                    r["cached_tokens"]
+                    for r in rows
+                    if r["tokens"] == n and r["label"] == "kvtier_hit"
                 ]
         print(json.dumps({"summary": summary}), flush=True)
     finally:
