@@ -72,6 +72,13 @@ def test_scattered_layout_is_refused():
         Mover([t], torch.zeros(1024, dtype=torch.uint8))
 
 
+def test_layers_of_different_layouts_are_refused():
+    a = torch.zeros((4, 2, 16), dtype=torch.bfloat16)  # one piece per block
+    b = torch.zeros((2, 4, 16), dtype=torch.bfloat16).movedim(1, 0)  # K and V apart
+    with pytest.raises(ValueError, match="unsupported KV layout"):
+        Mover([a, b], torch.zeros(1024, dtype=torch.uint8))
+
+
 def test_slot_outside_the_pool_is_refused():
     src = layers(num_blocks=4)
     mover = Mover(src, torch.zeros(1024, dtype=torch.uint8))

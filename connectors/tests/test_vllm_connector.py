@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import Daemon
 from engine import Engine
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from kvtier import Client
 from kvtier.config import HashConfigError
+from kvtier.vllm import KvtierConnector
 
 BS = 16
 HERE = Path(__file__).resolve().parent
@@ -286,3 +288,19 @@ def test_namespace_shared_by_equal_layouts(daemon):
     assert e3.worker.worker_side.namespace != e1.worker.worker_side.namespace
     for e in (e1, e2, e3):
         e.shutdown()
+
+
+def test_unsupported_layout_disables_the_worker_side(daemon):
+    eng = Engine(daemon.socket)
+    worker = KvtierConnector(eng.config, KVConnectorRole.WORKER, eng.kv_cache_config)
+    # Equal shapes, but one layer keeps K and V of a block apart and the
+    # others do not: the copy path cannot move them as one slot format.
+    kv = {name: t.clone() for name, t in eng.kv.items()}
+    first = next(iter(kv))
+    t = kv[first]
+    kv[first] = t.movedim(0, 1).contiguous().movedim(1, 0)
+    worker.register_kv_caches(kv)
+    side = worker.worker_side
+    assert "unsupported KV layout" in side.disabled_reason
+    assert side.io is None  # no IO thread, no pool attached
+    eng.shutdown()

@@ -44,9 +44,9 @@ class KvtierSettings:
     min_match_blocks: int = 1
     # Publish kvbm's tier events through take_events().
     events: bool = True
-    # Largest piece of an offload or onboard copy (MiB; 0: no limit): bounds
-    # the GPU staging memory and how long the engine's own device-to-host
-    # copies can queue behind the connector's.
+    # Largest chunk of an offload (MiB; 0: no limit): bounds its GPU staging
+    # memory and how long the engine's own device-to-host copies can queue
+    # behind the connector's. Onboards are not chunked (see Mover.load).
     copy_chunk_mb: int = 64
     # Pin the shared pool for the GPU (cudaHostRegister): "auto", "on", "off".
     pin_pool: str = "auto"

@@ -65,6 +65,18 @@ def byte_pieces(view: torch.Tensor) -> list[torch.Tensor]:
     return pieces
 
 
+def layer_pieces(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The byte pieces of every layer, in order; ``ValueError`` for a layout
+    the copy path cannot move (checked when the KV caches are registered)."""
+    pieces = [p for layer in layers for p in byte_pieces(layer)]
+    sizes = {p.shape[1] for p in pieces}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"kvtier: unsupported KV layout: layers split into pieces of {sorted(sizes)} bytes"
+        )
+    return pieces
+
+
 def widest_word(pieces: list[torch.Tensor]) -> torch.dtype:
     """The widest integer type that every byte piece can be viewed as."""
     for word in (torch.int64, torch.int32, torch.int16):
@@ -122,16 +134,14 @@ class Mover:
     def __init__(
         self, layers: list[torch.Tensor], pool: torch.Tensor, stream=None, chunk_bytes: int = 0
     ):
-        # Block-first views of each layer; all of one shape and dtype.
-        self.layers = layers
+        # ``layers``: block-first views of each layer, all of one shape and dtype.
         self.pool = pool
         first = layers[0]
         self.device = first.device
-        self.layer_bytes = first[0].numel() * first.element_size()
-        self.block_bytes = self.layer_bytes * len(layers)
+        self.block_bytes = first[0].numel() * first.element_size() * len(layers)
         # Pieces as the widest words their sizes and alignment allow: the
         # index kernels move one element per thread, so bytes would be slow.
-        pieces = [p for layer in layers for p in byte_pieces(layer)]
+        pieces = layer_pieces(layers)
         self.word = widest_word(pieces)
         self.pieces = [p.view(self.word) for p in pieces]
         self.piece_words = self.pieces[0].shape[1]

@@ -44,7 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier._kvtier import Client, EventStream, KvbmError, KvbmUnavailable, Pool
 from kvtier.config import KvtierSettings, LayoutInfo, layout_info
-from kvtier.mover import Mover, Transfer, block_dim, pool_tensor
+from kvtier.mover import Mover, Transfer, block_dim, layer_pieces, pool_tensor
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -508,6 +508,13 @@ class _WorkerSide:
         shapes = {(tuple(v.shape), v.dtype) for v in views}
         if len(shapes) != 1:
             self.disabled_reason = f"layers differ in KV shape: {sorted(map(str, shapes))}"
+            logger.error("kvtier: connector disabled: %s", self.disabled_reason)
+            return
+        try:
+            # Checked here, once: the IO thread builds the mover later.
+            layer_pieces(views)
+        except ValueError as e:
+            self.disabled_reason = str(e)
             logger.error("kvtier: connector disabled: %s", self.disabled_reason)
             return
         self.layers = views
