@@ -13,7 +13,8 @@ stdout once done:
                                     the publisher thread has sent it
   {"cmd": "drop", "on": bool}       while on, batches are numbered and kept
                                     for replay but not sent on the PUB socket
-  {"cmd": "stop"}                   shut the publisher down (an engine exit)
+  {"cmd": "stop"}                   shut the publisher down (an engine exit);
+                                    answered once its ports are free again
   {"cmd": "exit"}
 EV: {"type": "stored", "hashes": [int | hex str], "parent": int | hex | null,
      "tokens": [int], "block_size": int, "lora_name": str | null,
@@ -26,6 +27,7 @@ Hex strings become bytes hashes (as vLLM publishes by default); ints stay ints
 """
 
 import json
+import socket
 import sys
 import time
 
@@ -86,6 +88,34 @@ class DroppingPub:
         return getattr(self.sock, name)
 
 
+def wait_released(endpoints, timeout=30.0):
+    """Waits until nothing listens on the endpoints' TCP ports any more.
+
+    Closing a ZMQ socket only queues the unbind for the context's IO thread,
+    so a publisher started right after `shutdown()` on the same ports (an
+    engine restart within one process) can hit EADDRINUSE on a loaded
+    machine. A plain socket with SO_REUSEADDR binds as soon as the listener
+    is gone (TIME_WAIT connections do not block it).
+    """
+    deadline = time.monotonic() + timeout
+    for ep in endpoints:
+        if not ep or not ep.startswith("tcp://"):
+            continue
+        port = int(ep.rsplit(":", 1)[1])
+        while True:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            finally:
+                s.close()
+
+
 def reply(**kw):
     kw["ok"] = True
     sys.stdout.write(json.dumps(kw) + "\n")
@@ -123,6 +153,7 @@ def main() -> None:
             pub, wrapper = pubs.pop(pid)
             pub._pub = wrapper.sock
             pub.shutdown()
+            wait_released([pub._endpoint, pub._replay_endpoint])
             reply()
         elif cmd == "exit":
             reply()
