@@ -304,3 +304,27 @@ def test_unsupported_layout_disables_the_worker_side(daemon):
     assert "unsupported KV layout" in side.disabled_reason
     assert side.io is None  # no IO thread, no pool attached
     eng.shutdown()
+
+
+def test_failed_attach_closes_the_pool_and_retries(daemon, monkeypatch):
+    import kvtier.vllm as kv
+
+    real, calls = kv.Mover, []
+
+    def failing_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected: no CUDA stream")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kv, "Mover", failing_once)
+    eng = Engine(daemon.socket, retry_ms=50)
+    side = eng.worker.worker_side
+    side.wait_idle()
+    # The attach that failed left no mapping open (or pinned) behind it.
+    assert calls == [1] and side.pool is None and side.mover is None
+    time.sleep(0.1)  # past the back-off
+    run_a(eng, prompt(80))
+    assert side.stats["saved_blocks"] == 5
+    assert len(calls) == 2
+    eng.shutdown()

@@ -588,7 +588,14 @@ class _WorkerSide:
             if not self.pinned:
                 logger.warning("kvtier: cudaHostRegister failed (%s)", rc)
         self.pool = pool
-        self.mover = Mover(self.layers, tensor, self.stream, self.settings.copy_chunk_mb << 20)
+        try:
+            self.mover = Mover(self.layers, tensor, self.stream, self.settings.copy_chunk_mb << 20)
+        except Exception:
+            # Unpin and close the mapping now: the next attempt attaches a new
+            # one, and this one would otherwise stay pinned and open.
+            self._close_pool()
+            self._back_off()
+            raise
         self.failures = 0
         return True
 
