@@ -430,16 +430,12 @@ mod tests {
         let keys: Vec<[u8; 32]> = (1..=3u8).map(|i| [i; 32]).collect();
         let parents: Vec<&[u8]> = vec![&[], &keys[0], &keys[1]];
         let tokens: Vec<u32> = (0..48).collect();
+        let reserve = |buf: &mut Vec<u8>, tokens: &[u32]| {
+            let keys = keys.iter().map(|k| &k[..]);
+            encode_reserve(buf, "ns", keys, parents.iter().copied(), tokens, 16)
+        };
         let mut buf = Vec::new();
-        encode_reserve(
-            &mut buf,
-            "ns",
-            keys.iter().map(|k| &k[..]),
-            parents.iter().copied(),
-            &tokens,
-            16,
-        )
-        .unwrap();
+        reserve(&mut buf, &tokens).unwrap();
         let (kind, body) = frame(&buf);
         assert_eq!(kind, OP_RESERVE);
         let r = decode_reserve(body).unwrap();
@@ -453,26 +449,10 @@ mod tests {
         }
         // No tokens at all is fine; a wrong number is refused up front.
         let mut buf2 = Vec::new();
-        encode_reserve(
-            &mut buf2,
-            "ns",
-            keys.iter().map(|k| &k[..]),
-            parents.iter().copied(),
-            &[],
-            16,
-        )
-        .unwrap();
+        reserve(&mut buf2, &[]).unwrap();
         assert!(decode_reserve(frame(&buf2).1).unwrap().tokens.is_empty());
         let mut buf3 = vec![7];
-        let err = encode_reserve(
-            &mut buf3,
-            "ns",
-            keys.iter().map(|k| &k[..]),
-            parents.iter().copied(),
-            &tokens[..40],
-            16,
-        )
-        .unwrap_err();
+        let err = reserve(&mut buf3, &tokens[..40]).unwrap_err();
         assert!(err.contains("token ids"), "{err}");
         assert_eq!(buf3, vec![7]);
         // Slots and counts come back as sent.

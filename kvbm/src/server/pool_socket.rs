@@ -141,10 +141,12 @@ fn answer(
             let r = wire::decode_keys(body).map_err(invalid)?;
             wire::encode_count_reply(reply, store.commit(session, r.namespace, &r.keys)?);
         }
-        _ => {
+        wire::OP_ABORT => {
             let r = wire::decode_keys(body).map_err(invalid)?;
             wire::encode_count_reply(reply, store.abort(session, r.namespace, &r.keys)?);
         }
+        // serve_frames refuses other ops before reading their body.
+        _ => return Err(invalid(format!("unknown op {op}"))),
     }
     Ok(())
 }
