@@ -56,10 +56,16 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         bail!("invalid hex key {s:?}: expected an even number of hex digits");
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16).with_context(|| format!("invalid hex key {s:?}"))
+    // By bytes, not by string slices: a multi-byte character would split a
+    // slice inside a character (a panic) rather than fail to parse.
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => Ok((hi * 16 + lo) as u8),
+                _ => bail!("invalid hex key {s:?}"),
+            }
         })
         .collect()
 }
@@ -255,5 +261,10 @@ mod tests {
         assert!(unhex("abc").is_err());
         assert!(unhex("zz").is_err());
         assert!(unhex("").is_err());
+        // Non-ASCII input, including characters that straddle a digit pair.
+        assert!(unhex("é").is_err());
+        assert!(unhex("0é0").is_err());
+        assert!(unhex("€0").is_err());
+        assert!(unhex("+1").is_err());
     }
 }

@@ -54,6 +54,15 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Event batches kept for subscribers to resume from. Default 4096.
     pub event_ring: usize,
+    /// Group given access to the Unix sockets (mode 0660); without it they
+    /// are private to the daemon's user (0600). Default none.
+    pub socket_group: Option<String>,
+    /// Largest block a namespace may have; also bounds every gRPC message
+    /// (plus 1 MiB for metadata), so no request buffers more. Default 64 MiB.
+    pub max_block_bytes: u64,
+    /// Pool-socket clients (engine processes) served at once; more are
+    /// refused. Default 256.
+    pub max_clients: usize,
 }
 
 impl Default for Config {
@@ -73,6 +82,9 @@ impl Default for Config {
             http: "127.0.0.1:9091".into(),
             lease_ttl: Duration::from_secs(30),
             event_ring: 4096,
+            socket_group: None,
+            max_block_bytes: 64 << 20,
+            max_clients: 256,
         }
     }
 }
@@ -94,6 +106,9 @@ pub struct FileConfig {
     pub http: Option<String>,
     pub lease_ttl_secs: Option<u64>,
     pub event_ring: Option<usize>,
+    pub socket_group: Option<String>,
+    pub max_block_bytes: Option<Size>,
+    pub max_clients: Option<usize>,
 }
 
 /// Command-line flags; each also read from the environment variable named.
@@ -137,6 +152,9 @@ pub struct Flags {
     /// Lease time-to-live in seconds [default: 30].
     #[arg(long, env = "KVBM_LEASE_TTL_SECS")]
     pub lease_ttl_secs: Option<u64>,
+    /// Group allowed to use the Unix sockets (mode 0660) [default: none, 0600].
+    #[arg(long, env = "KVBM_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
 }
 
 impl Config {
@@ -181,6 +199,9 @@ impl Config {
                 .map(Duration::from_secs),
         );
         set(&mut c.event_ring, file.event_ring);
+        c.socket_group = flags.socket_group.or(file.socket_group);
+        set(&mut c.max_block_bytes, file.max_block_bytes.map(|s| s.0));
+        set(&mut c.max_clients, file.max_clients);
         c.validate()?;
         Ok(c)
     }
@@ -198,12 +219,26 @@ impl Config {
                 self.disk_bytes, self.region_bytes
             )));
         }
-        if self.disk_queue_depth == 0 || self.write_queue == 0 || self.event_ring == 0 {
+        if self.disk_queue_depth == 0
+            || self.write_queue == 0
+            || self.event_ring == 0
+            || self.max_clients == 0
+        {
             return Err(Error::invalid(
-                "disk_queue_depth, write_queue and event_ring must be positive",
+                "disk_queue_depth, write_queue, event_ring and max_clients must be positive",
+            ));
+        }
+        if !(4096..=1 << 30).contains(&self.max_block_bytes) {
+            return Err(Error::invalid(
+                "max_block_bytes must be between 4KiB and 1GiB",
             ));
         }
         Ok(())
+    }
+
+    /// The largest gRPC message accepted or sent: one block and its metadata.
+    pub fn max_message_bytes(&self) -> usize {
+        (self.max_block_bytes + (1 << 20)) as usize
     }
 
     /// The pool socket next to the gRPC socket.

@@ -4,6 +4,10 @@ use clap::Parser;
 use kvbm::config::{Config, Flags};
 
 fn main() -> std::process::ExitCode {
+    // Everything the daemon creates (catalog, disk tier, sockets) holds or
+    // reaches users' prompts: private unless a mode is set explicitly.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KVBM_LOG")
@@ -11,6 +15,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A connection is a descriptor: serve as many as the hard limit allows.
+    if let Err(e) = kvtier_net::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
     let cfg = match Config::load(Flags::parse()) {
         Ok(c) => c,
         Err(e) => {
@@ -49,15 +57,21 @@ async fn run(cfg: Config) -> kvbm::Result<()> {
     kvbm::server::serve(store, listeners, shutdown_signal()).await
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM, SIGINT or SIGHUP: each stops the daemon cleanly (a
+/// closed terminal or `systemctl kill -s HUP` must not lose write-behind).
+/// The configuration is read at start only, so SIGHUP has nothing to reload.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down");
 }

@@ -28,8 +28,39 @@ use crate::index::{same_generation, DiskRef, Index, Key, State};
 use crate::metrics::{tier, Metrics, OpLabel, OpLabels, TierLabel};
 use crate::pool::{slot_bytes, Extents, Pool};
 
-/// The session id the daemon uses for its own copying paths (Put, Get).
-pub const INTERNAL_SESSION: u64 = 0;
+/// Who owns a session. Only the owner may use it: a session's slots are
+/// mapped memory its owner writes, and its leases keep blocks from eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The daemon's own copying paths (Put, Get, Prefetch), one session per
+    /// call; never reachable from a request.
+    Daemon,
+    /// The process at the other end of a pool-socket connection, as the
+    /// kernel reports it (`SO_PEERCRED`). A pid the daemon cannot see (a
+    /// peer in another pid namespace) reads as 0; such a claim still needs
+    /// the session's random id.
+    Process { pid: u32, uid: u32 },
+}
+
+/// A claim to a session: its id and who is asking. Every operation on a
+/// session checks the claim against the owner under the same lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub id: u64,
+    pub owner: Owner,
+}
+
+/// See [`Store::daemon_session`].
+struct DaemonSession<'a> {
+    store: &'a Store,
+    session: Session,
+}
+
+impl Drop for DaemonSession<'_> {
+    fn drop(&mut self) {
+        self.store.close_session(self.session);
+    }
+}
 
 /// A registered namespace.
 #[derive(Debug)]
@@ -75,12 +106,11 @@ struct Reservation {
 
 #[derive(Default)]
 struct Sessions {
-    next: u64,
     open: HashMap<u64, SessionState>,
 }
 
-#[derive(Default)]
 struct SessionState {
+    owner: Owner,
     reservations: HashMap<(u32, Key), Reservation>,
     leases: BTreeSet<u64>,
 }
@@ -279,12 +309,7 @@ impl Store {
                 extents,
                 leases: HashMap::new(),
                 next_lease: 1,
-                // Random start: a restarted daemon never hands out a
-                // session id an old client still holds.
-                sessions: Sessions {
-                    next: (rand::random::<u32>() as u64) << 16 | 1,
-                    ..Sessions::default()
-                },
+                sessions: Sessions::default(),
                 regions,
                 waiters: HashMap::new(),
                 host_blocks: 0,
@@ -353,10 +378,11 @@ impl Store {
         if name.is_empty() || name.len() > 256 {
             return Err(Error::invalid("namespace name must be 1 to 256 bytes"));
         }
-        if block_bytes == 0 || block_bytes > self.pool.len() / 2 {
+        let most = (self.pool.len() / 2).min(self.cfg.max_block_bytes);
+        if block_bytes == 0 || block_bytes > most {
             return Err(Error::invalid(format!(
-                "block_bytes must be between 1 and half the host pool ({}), got {block_bytes}",
-                self.pool.len() / 2
+                "block_bytes must be between 1 and {most} (max_block_bytes, at most half \
+                 the host pool), got {block_bytes}"
             )));
         }
         let layout = layout.unwrap_or_default();
@@ -413,18 +439,41 @@ impl Store {
 
     // --- sessions ----------------------------------------------------------
 
-    pub fn open_session(&self) -> u64 {
+    /// Opens a session for `owner`. Ids are random, never 0 and never
+    /// reused: one cannot be guessed from another, and a restarted daemon
+    /// never hands out an id an old client still holds.
+    pub fn open_session(&self, owner: Owner) -> Session {
         let mut st = self.state.lock();
-        let id = st.sessions.next;
-        st.sessions.next += 1;
-        st.sessions.open.insert(id, SessionState::default());
-        id
+        let id = loop {
+            let id = rand::random::<u64>();
+            if id != 0 && !st.sessions.open.contains_key(&id) {
+                break id;
+            }
+        };
+        st.sessions.open.insert(
+            id,
+            SessionState {
+                owner,
+                reservations: HashMap::new(),
+                leases: BTreeSet::new(),
+            },
+        );
+        Session { id, owner }
+    }
+
+    /// Sessions open now (pool-socket connections and calls in progress).
+    pub fn open_sessions(&self) -> usize {
+        self.state.lock().sessions.open.len()
     }
 
     /// Ends a session: its reservations are aborted, its leases released.
-    pub fn close_session(&self, session: u64) {
+    /// A claim that does not own the session ends nothing.
+    pub fn close_session(&self, session: Session) {
         let mut st = self.state.lock();
-        if let Some(s) = st.sessions.open.remove(&session) {
+        if Self::check_session(&st, session).is_err() {
+            return;
+        }
+        if let Some(s) = st.sessions.open.remove(&session.id) {
             for ((_, _), r) in s.reservations {
                 self.drop_reserved(&mut st, r.id);
             }
@@ -436,13 +485,26 @@ impl Store {
         }
     }
 
-    fn check_session(st: &State_, session: u64) -> Result<()> {
-        if session == INTERNAL_SESSION || st.sessions.open.contains_key(&session) {
-            Ok(())
-        } else {
-            Err(Error::not_found(format!(
-                "unknown session {session}: attach the pool socket first"
-            )))
+    /// A session the claim owns. An unknown id and someone else's id get
+    /// the same answer, so the error tells an attacker nothing.
+    fn check_session(st: &State_, session: Session) -> Result<()> {
+        match st.sessions.open.get(&session.id) {
+            Some(s) if s.owner == session.owner => Ok(()),
+            _ => Err(Error::not_found(format!(
+                "unknown session {}: attach the pool socket first (sessions \
+                 belong to the process that opened them)",
+                session.id
+            ))),
+        }
+    }
+
+    /// A session for one of the daemon's own copying calls, closed (its
+    /// reservation or lease released) when dropped, even when the call's
+    /// future is cancelled half-way.
+    fn daemon_session(&self) -> DaemonSession<'_> {
+        DaemonSession {
+            store: self,
+            session: self.open_session(Owner::Daemon),
         }
     }
 
@@ -589,7 +651,7 @@ impl Store {
     /// cannot hold them all (the rest is pinned), nothing is reserved.
     pub fn reserve(
         &self,
-        session: u64,
+        session: Session,
         namespace: &str,
         blocks: Vec<pb::BlockMeta>,
     ) -> Result<Vec<SlotGrant>> {
@@ -644,18 +706,22 @@ impl Store {
                 },
             ));
         }
-        // The internal session (Put) commits right away; its reservations
-        // are kept like any other session's.
-        let s = st.sessions.open.entry(session).or_default();
-        for (key, r) in made {
-            s.reservations.insert((ns.id, key), r);
+        if let Some(s) = st.sessions.open.get_mut(&session.id) {
+            for (key, r) in made {
+                s.reservations.insert((ns.id, key), r);
+            }
         }
         Ok(grants)
     }
 
     /// Makes reserved blocks readable, publishes them and starts their
     /// write-behind. Keys not reserved by this session are ignored.
-    pub fn commit<K: AsRef<[u8]>>(&self, session: u64, namespace: &str, keys: &[K]) -> Result<u32> {
+    pub fn commit<K: AsRef<[u8]>>(
+        &self,
+        session: Session,
+        namespace: &str,
+        keys: &[K],
+    ) -> Result<u32> {
         let ns = self.namespace(namespace)?;
         let mut committed = Vec::new();
         {
@@ -666,7 +732,7 @@ impl Store {
                 let Some(r) = st
                     .sessions
                     .open
-                    .get_mut(&session)
+                    .get_mut(&session.id)
                     .and_then(|s| s.reservations.remove(&(ns.id, key)))
                 else {
                     continue;
@@ -704,7 +770,12 @@ impl Store {
         Ok(n)
     }
 
-    pub fn abort<K: AsRef<[u8]>>(&self, session: u64, namespace: &str, keys: &[K]) -> Result<u32> {
+    pub fn abort<K: AsRef<[u8]>>(
+        &self,
+        session: Session,
+        namespace: &str,
+        keys: &[K],
+    ) -> Result<u32> {
         let ns = self.namespace(namespace)?;
         let mut st = self.state.lock();
         Self::check_session(&st, session)?;
@@ -714,7 +785,7 @@ impl Store {
             let r = st
                 .sessions
                 .open
-                .get_mut(&session)
+                .get_mut(&session.id)
                 .and_then(|s| s.reservations.remove(&(ns.id, key)));
             if let Some(r) = r {
                 self.drop_reserved(&mut st, r.id);
@@ -1029,7 +1100,7 @@ impl Store {
     /// prefix (and is dropped). Returns the lease id (0 if empty) and slots.
     pub async fn acquire(
         &self,
-        session: u64,
+        session: Session,
         namespace: &str,
         keys: &[Vec<u8>],
     ) -> Result<(u64, Vec<SlotGrant>)> {
@@ -1125,25 +1196,31 @@ impl Store {
         st.leases.insert(
             lease,
             Lease {
-                session,
+                session: session.id,
                 ids: pinned,
                 deadline: Instant::now() + self.cfg.lease_ttl,
             },
         );
-        if let Some(s) = st.sessions.open.get_mut(&session) {
+        if let Some(s) = st.sessions.open.get_mut(&session.id) {
             s.leases.insert(lease);
         }
         Ok((lease, grants))
     }
 
-    pub fn release(&self, session: u64, lease: u64) -> Result<()> {
+    /// Ends a lease of `session`. Someone else's lease is as unknown as a
+    /// lease that never existed.
+    pub fn release(&self, session: Session, lease: u64) -> Result<()> {
         let mut st = self.state.lock();
-        match st.leases.get(&lease) {
-            Some(l) if l.session == session => {}
-            _ => return Err(Error::not_found(format!("unknown lease {lease}"))),
+        let owned = Self::check_session(&st, session).is_ok()
+            && st
+                .leases
+                .get(&lease)
+                .is_some_and(|l| l.session == session.id);
+        if !owned {
+            return Err(Error::not_found(format!("unknown lease {lease}")));
         }
         if let Some(l) = st.leases.remove(&lease) {
-            if let Some(s) = st.sessions.open.get_mut(&session) {
+            if let Some(s) = st.sessions.open.get_mut(&session.id) {
                 s.leases.remove(&lease);
             }
             self.unpin_all(&mut st, &l.ids);
@@ -1290,14 +1367,15 @@ impl Store {
             )));
         }
         let key = meta.key.clone();
-        let grants = self.reserve(INTERNAL_SESSION, namespace, vec![meta])?;
+        let s = self.daemon_session();
+        let grants = self.reserve(s.session, namespace, vec![meta])?;
         let Some(g) = grants.first().filter(|g| g.length > 0) else {
             return Ok(false);
         };
-        // SAFETY: the slot is reserved by us until commit.
+        // SAFETY: the slot is reserved by this call's own session until
+        // commit; no other session can commit or abort it.
         unsafe { self.pool.slice_mut(g.offset, g.length) }.copy_from_slice(data);
-        self.commit(INTERNAL_SESSION, namespace, &[key])?;
-        Ok(true)
+        Ok(self.commit(s.session, namespace, &[key])? == 1)
     }
 
     /// Reads one block as bytes.
@@ -1310,15 +1388,14 @@ impl Store {
                 .find(ns.id, &k)
                 .is_some_and(|id| st.index.get(id).has_host())
         };
-        let (lease, grants) = self
-            .acquire(INTERNAL_SESSION, namespace, &[key.to_vec()])
-            .await?;
+        let s = self.daemon_session();
+        let (_, grants) = self.acquire(s.session, namespace, &[key.to_vec()]).await?;
         let Some(g) = grants.first() else {
             return Err(Error::not_found(format!("block {} not found", hex(key))));
         };
-        // SAFETY: leased until released below.
+        // SAFETY: leased by this call's session until it is dropped.
         let data = unsafe { self.pool.slice(g.offset, g.length) }.to_vec();
-        self.release(INTERNAL_SESSION, lease)?;
+        drop(s);
         Ok((
             data,
             if was_host {
@@ -1331,10 +1408,8 @@ impl Store {
 
     /// Promotes the longest present prefix into host memory.
     pub async fn prefetch(&self, namespace: &str, keys: &[Vec<u8>]) -> Result<u32> {
-        let (lease, grants) = self.acquire(INTERNAL_SESSION, namespace, keys).await?;
-        if lease != 0 {
-            self.release(INTERNAL_SESSION, lease)?;
-        }
+        let s = self.daemon_session();
+        let (_, grants) = self.acquire(s.session, namespace, keys).await?;
         Ok(grants.len() as u32)
     }
 

@@ -518,6 +518,79 @@ mod tests {
         assert_eq!(decode_header([3, 0, 0, 0, 7]), Ok((2, 7)));
     }
 
+    /// Every decoder, fed valid frames with random bytes flipped, cut off,
+    /// repeated or appended: an answer or an error, never a panic, and what
+    /// a decoded request holds always fits in the bytes it came from.
+    #[test]
+    fn mutated_frames_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let keys: Vec<[u8; 16]> = (0..6u8).map(|i| [i; 16]).collect();
+        let parents: Vec<&[u8]> = vec![&[], &keys[0], &keys[1], &keys[2], &keys[3], &keys[4]];
+        let tokens: Vec<u32> = (0..24).collect();
+        let mut seeds = Vec::new();
+        let mut buf = Vec::new();
+        encode_lookup(&mut buf, "ns", keys.iter().map(|k| &k[..])).unwrap();
+        seeds.push(buf.clone());
+        buf.clear();
+        let ks = keys.iter().map(|k| &k[..]);
+        encode_reserve(&mut buf, "ns", ks, parents.iter().copied(), &tokens, 4).unwrap();
+        seeds.push(buf.clone());
+        buf.clear();
+        encode_slots_reply(&mut buf, [(4096u64, 8192u64), (0, 0)].into_iter());
+        seeds.push(buf.clone());
+        buf.clear();
+        encode_lookup_reply(&mut buf, LookupCounts::default());
+        seeds.push(buf.clone());
+
+        for _ in 0..200_000 {
+            let mut f = seeds[rng.random_range(0..seeds.len())].clone();
+            for _ in 0..rng.random_range(1..4) {
+                if f.is_empty() {
+                    f.push(rng.random());
+                }
+                match rng.random_range(0..4) {
+                    0 => {
+                        let i = rng.random_range(0..f.len());
+                        f[i] = rng.random();
+                    }
+                    1 => f.truncate(rng.random_range(0..f.len().max(1))),
+                    2 => f.extend((0..rng.random_range(1..9)).map(|_| rng.random::<u8>())),
+                    _ => {
+                        // A plausible count or length in a random place.
+                        let i = rng.random_range(0..f.len());
+                        let v: u32 = *[0, 1, 255, 65535, u32::MAX, 1 << 24]
+                            .get(rng.random_range(0..6))
+                            .unwrap();
+                        for (j, b) in v.to_le_bytes().into_iter().enumerate() {
+                            if let Some(x) = f.get_mut(i + j) {
+                                *x = b;
+                            }
+                        }
+                    }
+                }
+            }
+            if f.len() >= 5 {
+                let _ = decode_header(f[..5].try_into().unwrap());
+            }
+            let body = f.get(5..).unwrap_or(&[]);
+            if let Ok(k) = decode_keys(body) {
+                let held: usize = k.keys.iter().map(|k| k.len()).sum();
+                assert!(held + k.namespace.len() <= body.len());
+            }
+            if let Ok(r) = decode_reserve(body) {
+                assert!(r.tokens.len() * 4 <= body.len());
+                assert_eq!(r.parents.len(), r.keys.len());
+            }
+            let kind = f.get(4).copied().unwrap_or(0);
+            if let Ok(slots) = decode_slots_reply(kind, body) {
+                assert!(slots.len() * 16 <= body.len());
+            }
+            let _ = decode_count_reply(kind, body);
+            let _ = decode_lookup_reply(kind, body);
+        }
+    }
+
     #[test]
     fn error_replies_carry_status_and_message() {
         let mut rep = Vec::new();

@@ -7,24 +7,27 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::index::IndexConfig;
+use crate::registration::RegistrationConfig;
 use crate::scoring::ScoringConfig;
 use crate::workers::WorkerSpec;
 
 /// Default HTTP listen address (`/v1/route`, `/v1/workers`, `/metrics`).
-pub const DEFAULT_HTTP: &str = "0.0.0.0:8090";
+/// Loopback: the APIs have no authentication but the registration token,
+/// so reaching them from other hosts is the operator's explicit choice.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8090";
 /// Default gRPC listen address (router service, Envoy ext_proc, health).
 /// 9002 is the port the Gateway API Inference Extension expects of an
 /// endpoint picker.
-pub const DEFAULT_GRPC: &str = "0.0.0.0:9002";
+pub const DEFAULT_GRPC: &str = "127.0.0.1:9002";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// HTTP listen address. Default `0.0.0.0:8090`; env `KVROUTER_HTTP`;
+    /// HTTP listen address. Default `127.0.0.1:8090`; env `KVROUTER_HTTP`;
     /// flag `--http`.
     pub http: String,
-    /// gRPC listen address. Default `0.0.0.0:9002`; env `KVROUTER_GRPC`;
+    /// gRPC listen address. Default `127.0.0.1:9002`; env `KVROUTER_GRPC`;
     /// flag `--grpc`.
     pub grpc: String,
     pub index: IndexSection,
@@ -32,8 +35,12 @@ pub struct Config {
     pub load: LoadConfig,
     /// Per-model settings (tokenizer, chat template, KV group to route on).
     pub models: Vec<ModelConfig>,
-    /// Workers known at start (more through `POST /v1/workers`).
+    /// Workers known at start (more through `POST /v1/workers`). Trusted:
+    /// `[registration]`'s address rules apply to API registrations only.
     pub workers: Vec<WorkerSpec>,
+    /// Who may add and remove workers over the APIs, and which addresses
+    /// such workers may name.
+    pub registration: RegistrationConfig,
 }
 
 impl Default for Config {
@@ -46,6 +53,7 @@ impl Default for Config {
             load: LoadConfig::default(),
             models: Vec::new(),
             workers: Vec::new(),
+            registration: RegistrationConfig::default(),
         }
     }
 }
@@ -139,6 +147,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn listeners_default_to_loopback() {
+        for a in [DEFAULT_HTTP, DEFAULT_GRPC] {
+            let addr: std::net::SocketAddr = a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+            assert!(kvtier_net::is_loopback(&addr), "{a}");
+        }
+        let r = RegistrationConfig::default();
+        assert!(r.enabled && r.token_file.is_none() && r.ipc_dir.is_none());
+        assert!(r.allow_bind.is_empty());
+    }
+
+    #[test]
     fn defaults_and_full_file() {
         let c = Config::from_toml("").unwrap_or_default();
         assert_eq!(c.http, DEFAULT_HTTP);
@@ -169,5 +188,16 @@ remote_group = "s3"
         assert_eq!(c.workers[0].remote_group.as_deref(), Some("s3"));
         assert!(c.model("m").is_some());
         assert!(Config::from_toml("nope = 1").is_err());
+        let c = Config::from_toml(
+            r#"
+[registration]
+enabled = false
+allow_connect = ["10.0.0.0/8:5557-5600"]
+"#,
+        )
+        .unwrap_or_default();
+        assert!(!c.registration.enabled);
+        assert_eq!(c.registration.allow_connect, ["10.0.0.0/8:5557-5600"]);
+        assert!(Config::from_toml("[registration]\ntoken = \"x\"").is_err());
     }
 }

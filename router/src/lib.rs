@@ -4,6 +4,9 @@
 //! - [`index`]: router-owned chain keys, the sharded global block index.
 //! - [`scoring`]: the TTFT estimate per worker and the choice.
 //! - [`workers`]: the worker registry, in-flight load, engine metrics scraping.
+//! - [`registration`]: who may register workers over the APIs, and which
+//!   addresses those workers may name.
+//! - [`ingest`]: engine (ZMQ) and kvbm (gRPC) event streams into the index.
 //! - [`route`]: the routing decision every API shares.
 //! - [`tokenize`]: prompts and chat messages to token ids.
 //! - [`config`]: the TOML configuration and its defaults.
@@ -18,6 +21,7 @@ pub mod event;
 pub mod index;
 pub mod ingest;
 pub mod metrics;
+pub mod registration;
 pub mod replay;
 pub mod route;
 pub mod scoring;

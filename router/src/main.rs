@@ -7,9 +7,11 @@
 //! Precedence: flag, then environment (`KVROUTER_HTTP`, `KVROUTER_GRPC`,
 //! `KVROUTER_CONFIG`, `KVROUTER_MAX_BLOCKS`, `KVROUTER_TEMPERATURE`,
 //! `KVROUTER_LOG`), then the TOML file, then the defaults (HTTP
-//! `0.0.0.0:8090`, gRPC `0.0.0.0:9002`). Prints where it listens on stdout.
+//! `127.0.0.1:8090`, gRPC `127.0.0.1:9002`). Prints where it listens on
+//! stdout. SIGTERM, SIGINT and SIGHUP shut it down cleanly: listeners
+//! close, requests in progress get up to 5 s, the exit status is 0.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -21,10 +23,10 @@ struct Args {
     /// TOML configuration file.
     #[arg(long, env = "KVROUTER_CONFIG")]
     config: Option<PathBuf>,
-    /// HTTP listen address [default: 0.0.0.0:8090].
+    /// HTTP listen address [default: 127.0.0.1:8090].
     #[arg(long, env = "KVROUTER_HTTP")]
     http: Option<String>,
-    /// gRPC listen address (router, ext_proc, health) [default: 0.0.0.0:9002].
+    /// gRPC listen address (router, ext_proc, health) [default: 127.0.0.1:9002].
     #[arg(long, env = "KVROUTER_GRPC")]
     grpc: Option<String>,
     /// Most holdings in the index [default: 20000000].
@@ -46,7 +48,12 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    match kvtier_net::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the descriptor limit"),
+    }
     let mut cfg = match &args.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -68,7 +75,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let running = kvrouter::api::start(cfg).await?;
+        // Before the addresses are printed: whoever reads them may signal
+        // at once, and an unhandled SIGHUP would kill the process.
+        let mut signals = Signals::new()?;
+        let mut running = kvrouter::api::start(cfg).await?;
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "kvrouter: HTTP listening on {}", running.http_addr)?;
@@ -80,33 +90,56 @@ fn main() -> anyhow::Result<()> {
             out.flush()?;
         }
         tokio::select! {
-            _ = running.wait() => {}
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down");
-            }
+            _ = running.wait() => anyhow::bail!("a server task ended"),
+            signal = signals.recv() => tracing::info!(signal, "shutting down"),
         }
+        running.shutdown().await;
+        tracing::info!("stopped");
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// The signals that end the process cleanly. SIGHUP is one of them: a
+/// closed terminal or a supervisor's reload must not kill the router
+/// mid-request.
+struct Signals {
     #[cfg(unix)]
-    {
+    streams: Vec<(&'static str, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        Ok(Signals {
+            streams: vec![
+                ("SIGTERM", signal(SignalKind::terminate())?),
+                ("SIGINT", signal(SignalKind::interrupt())?),
+                ("SIGHUP", signal(SignalKind::hangup())?),
+            ],
+        })
     }
+
     #[cfg(not(unix))]
-    {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// The name of the first signal received.
+    #[cfg(unix)]
+    async fn recv(&mut self) -> &'static str {
+        let waits = self.streams.iter_mut().map(|(name, s)| {
+            Box::pin(async move {
+                s.recv().await;
+                *name
+            })
+        });
+        futures::future::select_all(waits).await.0
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
+        "ctrl-c"
     }
 }

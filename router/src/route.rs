@@ -19,6 +19,12 @@ use crate::workers::Workers;
 /// Longest prompt accepted, in tokens.
 pub const MAX_PROMPT_TOKENS: usize = 4 << 20;
 
+/// Largest request body accepted, on every API (HTTP, gRPC messages, the
+/// ext_proc buffered body): room for [`MAX_PROMPT_TOKENS`] tokens at 4 bytes
+/// each (about a token's worth of prompt text, or a JSON token id below
+/// 1000 with its comma), 16 MiB. Larger bodies are refused before parsing.
+pub const MAX_BODY_BYTES: usize = MAX_PROMPT_TOKENS * 4;
+
 /// What the request carries instead of token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {

@@ -38,8 +38,8 @@ pub struct WorkerSpec {
     /// The engine's ZMQ ROUTER endpoint for replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zmq_replay_endpoint: Option<String>,
-    /// Data-parallel ranks behind `zmq_endpoint` (rank r on port + r).
-    /// Default 1.
+    /// Data-parallel ranks behind `zmq_endpoint` (rank r on port + r); in
+    /// bind mode, the ranks replay is asked for. Default 1.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub dp_ranks: u32,
     /// The node's kvbm gRPC address (`http://10.0.0.1:7070`).

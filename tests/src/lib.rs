@@ -38,6 +38,15 @@ pub fn python_with_vllm() -> Option<PathBuf> {
     }
 }
 
+/// A two-thread runtime for a test's client calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// A kvbm daemon process started for a test. Killed (SIGKILL) on drop unless
 /// stopped first.
 pub struct Kvbm {

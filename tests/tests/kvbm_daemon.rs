@@ -5,18 +5,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use kvtier_client::{v1, Client, Pool};
-use kvtier_e2e::{bin, Kvbm};
+use kvtier_e2e::{bin, rt, Kvbm};
 use rand::{Rng, RngCore, SeedableRng};
 
 const KIB: usize = 1024;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn key(i: u64) -> Vec<u8> {
     let mut k = b"k".to_vec();

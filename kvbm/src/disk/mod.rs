@@ -800,8 +800,10 @@ fn open_file(cfg: &DiskConfig) -> Result<(File, bool), DiskError> {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .custom_flags(flags | libc::O_CLOEXEC)
             .open(&cfg.path)
+            .and_then(private)
     };
     match open(libc::O_DIRECT) {
         Ok(f) => Ok((f, true)),
@@ -813,6 +815,18 @@ fn open_file(cfg: &DiskConfig) -> Result<(File, bool), DiskError> {
         }
         Err(e) => Err(DiskError::Io(e, format!("opening {}", cfg.path.display()))),
     }
+}
+
+/// Blocks are users' prompts: a data file made readable to others (by an
+/// older version or by hand) is made private again. A raw device keeps the
+/// owner and mode its administrator gave it.
+fn private(f: File) -> std::io::Result<File> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = f.metadata()?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use futures::Stream;
 use kvtier_proto::v1::{self as pb, kvbm_server::Kvbm};
 use tokio::sync::broadcast::error::RecvError;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::events::Resume;
-use crate::store::{SlotGrant, Store};
+use crate::store::{Owner, Session, SlotGrant, Store};
 
 pub struct Service {
     store: Arc<Store>,
@@ -30,6 +31,29 @@ fn slots(grants: Vec<SlotGrant>) -> Vec<pb::Slot> {
             length: g.length,
         })
         .collect()
+}
+
+/// The claim a request makes to session `id`: the calling process, as the
+/// kernel reports it on the Unix socket. Over TCP no caller can own a
+/// session (sessions belong to pool-socket connections, which are local).
+fn session<T>(req: &Request<T>, id: u64) -> Result<Session, Status> {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| {
+            Status::permission_denied(
+                "sessions are usable only over the Unix socket, by the process \
+                 that opened them on the pool socket",
+            )
+        })?;
+    Ok(Session {
+        id,
+        owner: Owner::Process {
+            pid: cred.pid().map_or(0, |p| p.max(0) as u32),
+            uid: cred.uid(),
+        },
+    })
 }
 
 fn tier(t: i32) -> Result<pb::Tier, Status> {
@@ -220,8 +244,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let s = session(&req, req.get_ref().session)?;
         let r = req.into_inner();
-        let grants = self.store.reserve(r.session, &r.namespace, r.blocks)?;
+        let grants = self.store.reserve(s, &r.namespace, r.blocks)?;
         Ok(Response::new(pb::ReserveResponse {
             slots: slots(grants),
         }))
@@ -231,8 +256,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        let s = session(&req, req.get_ref().session)?;
         let r = req.into_inner();
-        let committed = self.store.commit(r.session, &r.namespace, &r.keys)?;
+        let committed = self.store.commit(s, &r.namespace, &r.keys)?;
         Ok(Response::new(pb::CommitResponse { committed }))
     }
 
@@ -240,8 +266,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        let s = session(&req, req.get_ref().session)?;
         let r = req.into_inner();
-        let aborted = self.store.abort(r.session, &r.namespace, &r.keys)?;
+        let aborted = self.store.abort(s, &r.namespace, &r.keys)?;
         Ok(Response::new(pb::AbortResponse { aborted }))
     }
 
@@ -249,8 +276,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let s = session(&req, req.get_ref().session)?;
         let r = req.into_inner();
-        let (lease, grants) = self.store.acquire(r.session, &r.namespace, &r.keys).await?;
+        let (lease, grants) = self.store.acquire(s, &r.namespace, &r.keys).await?;
         Ok(Response::new(pb::AcquireResponse {
             lease,
             slots: slots(grants),
@@ -261,8 +289,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let s = session(&req, req.get_ref().session)?;
         let r = req.into_inner();
-        self.store.release(r.session, r.lease)?;
+        self.store.release(s, r.lease)?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 }

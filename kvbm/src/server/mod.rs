@@ -6,17 +6,19 @@ pub mod http;
 pub mod pool_socket;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use kvtier_net::{AcceptOptions, HttpOptions, Incoming};
 use kvtier_proto::v1::kvbm_server::KvbmServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::catalog::rocks::RocksCatalog;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::Store;
 
 /// Where a running daemon listens (ports resolved when `:0` was asked).
@@ -44,12 +46,7 @@ impl std::fmt::Display for Listening {
 /// Opens the store and binds every listener. Errors here are start-up
 /// errors (unwritable data dir, address in use) and end the process.
 pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        Error::io(
-            format!("cannot create data dir {}", cfg.data_dir.display()),
-            e,
-        )
-    })?;
+    private_dir(&cfg.data_dir)?;
     // Fail early and clearly when the directory is not writable.
     let probe = cfg.data_dir.join(".write-probe");
     std::fs::write(&probe, b"").map_err(|e| {
@@ -59,20 +56,43 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
         )
     })?;
     let _ = std::fs::remove_file(&probe);
+    let socket_gid = match &cfg.socket_group {
+        Some(g) => Some(group_id(g)?),
+        None => None,
+    };
     if let Some(parent) = cfg.socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        if !parent.exists() {
+            // The group needs to traverse the directory to reach the socket.
+            let mode = if socket_gid.is_some() { 0o750 } else { 0o700 };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(parent)
+                .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+            if let Some(gid) = socket_gid {
+                chown_group(parent, gid)?;
+            }
+        }
     }
 
     let catalog = Arc::new(RocksCatalog::open(&cfg.data_dir.join("catalog"))?);
     let store = Store::open(cfg.clone(), catalog)?;
 
-    let _ = std::fs::remove_file(&cfg.socket);
-    let uds = UnixListener::bind(&cfg.socket)
-        .map_err(|e| Error::io(format!("cannot bind {}", cfg.socket.display()), e))?;
-    let pool = pool_socket::bind(&cfg.pool_socket())?;
+    let uds = bind_unix(&cfg.socket, socket_gid)?;
+    let pool = bind_unix(&cfg.pool_socket(), socket_gid)?;
     let tcp = bind_tcp(&cfg.grpc).await?;
     let http = bind_tcp(&cfg.http).await?;
+    for (what, l) in [("gRPC", &tcp), ("HTTP", &http)] {
+        if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "{what} listens beyond loopback without authentication: anyone who \
+                     reaches it can read, write and clear cached blocks (see docs/security.md)"
+                );
+            }
+        }
+    }
     let listening = Listening {
         socket: cfg.socket.clone(),
         pool_socket: cfg.pool_socket(),
@@ -89,6 +109,91 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
             http,
         },
     ))
+}
+
+/// Creates the data directory, or makes an existing one private: it holds
+/// users' prompts, so only the daemon's user may enter it (0700).
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| Error::io(format!("cannot create data dir {}", dir.display()), e))
+}
+
+/// Binds a Unix socket at `path`, private to the daemon's user (0600) or
+/// shared with group `gid` (0660). A socket left by a daemon that died is
+/// replaced; a live daemon's socket, or anything that is not a socket, is
+/// an error: a second daemon must not take over the first one's clients,
+/// and a mistyped path must not delete a file.
+fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("{} is in use by a running daemon", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| Error::io(format!("cannot replace {}", path.display()), e))?;
+        }
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("cannot bind {}", path.display()), e))?;
+    let mode = match gid {
+        Some(gid) => {
+            chown_group(path, gid)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("cannot set the mode of {}", path.display()), e))?;
+    Ok(l)
+}
+
+/// The id of group `name` (or a numeric id as is).
+fn group_id(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| Error::invalid(format!("bad group name {name:?}")))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to a live buffer of the stated size.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        return Err(Error::invalid(format!("unknown group {name:?}")));
+    }
+    Ok(grp.gr_gid)
+}
+
+fn chown_group(path: &Path, gid: u32) -> Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+        .map_err(|e| Error::io(format!("cannot give {} to group {gid}", path.display()), e))
 }
 
 pub struct Listeners {
@@ -120,16 +225,21 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // One block and its metadata is the largest message there is; a larger
+    // one is refused from its length prefix, before its body is buffered.
+    let limit = store.config().max_message_bytes();
     let svc = || {
         KvbmServer::new(grpc::Service::new(store.clone()))
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
     };
     let mut tasks = tokio::task::JoinSet::new();
+    // Every listener accepts through kvtier-net: bounded connections, and a
+    // pause instead of a spinning core when descriptors run out.
     let uds = tonic::transport::Server::builder()
         .add_service(svc())
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listeners.uds),
+            Incoming::new(listeners.uds, "gRPC (Unix)", AcceptOptions::default()),
             stopped(stop_rx.clone()),
         );
     tasks.spawn(async move {
@@ -138,10 +248,14 @@ pub async fn serve(
         }
     });
     if let Some(tcp) = listeners.tcp {
+        let incoming = Incoming::new(tcp, "gRPC", AcceptOptions::default()).inspect(|c| {
+            if let Ok(c) = c {
+                let _ = c.get_ref().set_nodelay(true);
+            }
+        });
         let srv = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(svc())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped(stop_rx.clone()));
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         tasks.spawn(async move {
             if let Err(e) = srv.await {
                 tracing::error!(error = %e, "gRPC on TCP failed");
@@ -151,16 +265,24 @@ pub async fn serve(
     if let Some(http) = listeners.http {
         let app = http::router(store.clone());
         let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            if let Err(e) = axum::serve(http, app)
-                .with_graceful_shutdown(stopped(rx))
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(kvtier_net::serve_http(
+            Incoming::new(http, "HTTP", AcceptOptions::default()),
+            app,
+            HttpOptions::default(),
+            stopped(rx),
+        ));
     }
-    let pool_task = tokio::spawn(pool_socket::serve(listeners.pool, store.clone()));
+    let pool_task = tokio::spawn(pool_socket::serve(
+        Incoming::new(
+            listeners.pool,
+            "pool",
+            AcceptOptions {
+                max_connections: store.config().max_clients,
+                ..AcceptOptions::default()
+            },
+        ),
+        store.clone(),
+    ));
     let reaper = {
         let store = store.clone();
         tokio::spawn(async move {

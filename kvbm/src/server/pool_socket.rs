@@ -15,54 +15,63 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::Arc;
 
+use futures::StreamExt;
+use kvtier_net::Incoming;
 use kvtier_proto::session::{self as wire, LookupCounts};
 use tokio::net::UnixListener;
 
-use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Owner, Session, Store};
 
-pub fn bind(path: &Path) -> Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| Error::io(format!("cannot bind {}", path.display()), e))
-}
-
-pub async fn serve(listener: UnixListener, store: Arc<Store>) {
-    loop {
-        let conn = match listener.accept().await.and_then(|(c, _)| c.into_std()) {
+/// Accepts pool clients, one thread each. `incoming` caps how many are
+/// served at once (`max_clients`): past the cap new clients wait in the
+/// listen backlog until one leaves.
+pub async fn serve(mut incoming: Incoming<UnixListener>, store: Arc<Store>) {
+    while let Some(Ok(conn)) = incoming.next().await {
+        let (conn, slot) = conn.into_parts();
+        let accepted = conn
+            .peer_cred()
+            .and_then(|cred| Ok((conn.into_std()?, cred)));
+        let (conn, cred) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "pool socket accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tracing::warn!(error = %e, "pool client without credentials refused");
                 continue;
             }
+        };
+        let owner = Owner::Process {
+            pid: cred.pid().map_or(0, |p| p.max(0) as u32),
+            uid: cred.uid(),
         };
         let store = store.clone();
         let spawned = std::thread::Builder::new()
             .name("kvbm-session".into())
-            .spawn(move || run_session(conn, &store));
+            .spawn(move || {
+                run_session(conn, owner, &store);
+                drop(slot);
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a pool session thread");
         }
     }
 }
 
-fn run_session(conn: UnixStream, store: &Store) {
-    let session = store.open_session();
+fn run_session(conn: UnixStream, owner: Owner, store: &Store) {
+    let session = store.open_session(owner);
+    let id = session.id;
     let res = conn
         .set_nonblocking(false)
-        .and_then(|_| handshake(&conn, session, store));
+        .and_then(|_| handshake(&conn, id, store));
     if let Err(e) = res {
-        tracing::warn!(error = %e, session, "pool handshake failed");
+        tracing::warn!(error = %e, session = id, "pool handshake failed");
         store.close_session(session);
         return;
     }
-    tracing::debug!(session, "pool session opened");
+    tracing::debug!(session = id, ?owner, "pool session opened");
     match serve_frames(conn, store, session) {
-        Ok(()) => tracing::debug!(session, "pool session closed"),
-        Err(e) => tracing::warn!(error = %e, session, "pool session ended"),
+        Ok(()) => tracing::debug!(session = id, "pool session closed"),
+        Err(e) => tracing::warn!(error = %e, session = id, "pool session ended"),
     }
     store.close_session(session);
 }
@@ -71,7 +80,7 @@ fn run_session(conn: UnixStream, store: &Store) {
 /// whose body is malformed gets an error reply and the session goes on; a
 /// header over the limit, or an unknown op, cannot be skipped safely and
 /// ends the session after an error reply.
-fn serve_frames(mut conn: UnixStream, store: &Store, session: u64) -> std::io::Result<()> {
+fn serve_frames(mut conn: UnixStream, store: &Store, session: Session) -> std::io::Result<()> {
     let mut body = Vec::new();
     let mut reply = Vec::with_capacity(64);
     loop {
@@ -99,20 +108,38 @@ fn serve_frames(mut conn: UnixStream, store: &Store, session: u64) -> std::io::R
             conn.write_all(&reply)?;
             return Err(std::io::Error::other(msg));
         }
-        body.resize(len, 0);
-        conn.read_exact(&mut body)?;
+        read_body(&mut conn, len, &mut body)?;
         if let Err(s) = answer(store, session, op, &body, &mut reply) {
             reply.clear();
             wire::encode_error(&mut reply, s.code() as u8, s.message());
         }
         conn.write_all(&reply)?;
+        if body.capacity() > KEEP_BODY {
+            body = Vec::new();
+        }
     }
+}
+
+/// Frame bodies up to this size keep their buffer for the next frame.
+const KEEP_BODY: usize = 1 << 20;
+
+/// Reads a body of `len` bytes (`len` is at most `MAX_FRAME`) into `body`.
+/// The buffer grows with the bytes that arrive, not with the length the
+/// header declares: a client that announces 16 MiB and sends nothing costs
+/// nothing.
+fn read_body(conn: &mut UnixStream, len: usize, body: &mut Vec<u8>) -> std::io::Result<()> {
+    body.clear();
+    let n = conn.take(len as u64).read_to_end(body)?;
+    if n < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// Runs one request of session `session` and appends its success reply.
 fn answer(
     store: &Store,
-    session: u64,
+    session: Session,
     op: u8,
     body: &[u8],
     reply: &mut Vec<u8>,

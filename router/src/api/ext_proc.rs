@@ -5,7 +5,9 @@
 //! - request headers: answered CONTINUE (no body: immediate 400, a route
 //!   needs the body's `model`);
 //! - request body (Envoy's `request_body_mode: BUFFERED`; chunks before the
-//!   last are answered CONTINUE and buffered, up to 16 MiB): the OpenAI body
+//!   last are answered CONTINUE and buffered, up to
+//!   [`MAX_BODY_BYTES`](crate::route::MAX_BODY_BYTES); past it an immediate
+//!   413): the OpenAI body
 //!   (`model`, `prompt` as text or token ids, or `messages`, and optional
 //!   `lora_name`, `cache_salt`) is routed; the answer sets the
 //!   `x-gateway-destination-endpoint: host:port` header, clears the route
@@ -31,7 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::proto::envoy::config::core::v3 as core;
 use super::proto::envoy::r#type::v3 as httptype;
 use super::proto::envoy::service::ext_proc::v3 as ep;
-use crate::route::{Input, RouteError, RouteRequest, Router};
+use crate::route::{Input, RouteError, RouteRequest, Router, MAX_BODY_BYTES};
 
 /// The header naming the chosen endpoint.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -41,8 +43,6 @@ pub const LB_NAMESPACE: &str = "envoy.lb";
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// The key of the subset list in that namespace.
 pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
-/// Largest request body buffered.
-pub const MAX_BODY: usize = 16 << 20;
 
 /// The `envoy.service.ext_proc.v3.ExternalProcessor` service.
 pub struct ExtProcService {
@@ -227,10 +227,10 @@ impl ExtProcService {
                 }
             }
             R::RequestBody(b) => {
-                if st.body.len() + b.body.len() > MAX_BODY {
+                if st.body.len().saturating_add(b.body.len()) > MAX_BODY_BYTES {
                     return Some(immediate(
-                        httptype::StatusCode::BadRequest,
-                        "request body too large",
+                        httptype::StatusCode::PayloadTooLarge,
+                        &format!("request body exceeds {MAX_BODY_BYTES} bytes"),
                     ));
                 }
                 st.body.extend_from_slice(&b.body);

@@ -2,7 +2,11 @@
 //! `grpc.health.v1.Health`. Errors: INVALID_ARGUMENT for bad input,
 //! UNAVAILABLE when no worker serves the model, NOT_FOUND for unknown
 //! workers and request ids, ALREADY_EXISTS for a conflicting worker,
-//! INTERNAL for the router's own setup.
+//! INTERNAL for the router's own setup. `AddWorker` and `RemoveWorker`
+//! follow [`Registration`]: UNAUTHENTICATED without the configured bearer
+//! token (metadata `authorization: Bearer TOKEN`), PERMISSION_DENIED when
+//! registration is disabled or the worker names an address outside the
+//! allow-lists.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,12 +16,32 @@ use tonic::{Request, Response, Status};
 
 use super::proto::grpc::health::v1 as health;
 use super::proto::kvtier::router::v1 as pb;
+use crate::registration::{Registration, RegistrationError};
 use crate::route::{Decision, Input, RouteError, RouteRequest, Router};
 use crate::workers::{WorkerError, WorkerSpec};
 
 /// The `kvtier.router.v1.Router` service.
 pub struct RouterService {
     pub router: Arc<Router>,
+    pub registration: Arc<Registration>,
+}
+
+fn registration_status(e: RegistrationError) -> Status {
+    match e {
+        RegistrationError::Unauthenticated => Status::unauthenticated(e.to_string()),
+        RegistrationError::Disabled | RegistrationError::Forbidden(_) => {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+impl RouterService {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
+        self.registration
+            .authorize(auth)
+            .map_err(registration_status)
+    }
 }
 
 /// gRPC status of a route error.
@@ -137,7 +161,14 @@ impl pb::router_server::Router for RouterService {
         &self,
         req: Request<pb::Worker>,
     ) -> Result<Response<pb::AddWorkerResponse>, Status> {
-        match self.router.workers.add(spec_from_pb(req.into_inner())) {
+        self.authorize(&req)?;
+        let spec = spec_from_pb(req.into_inner());
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(WorkerError::Invalid(e).to_string()))?;
+        self.registration
+            .check(&spec)
+            .map_err(registration_status)?;
+        match self.router.workers.add(spec) {
             Ok(created) => Ok(Response::new(pb::AddWorkerResponse { created })),
             Err(e @ WorkerError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ WorkerError::Conflict(_)) => Err(Status::already_exists(e.to_string())),
@@ -162,6 +193,7 @@ impl pb::router_server::Router for RouterService {
         &self,
         req: Request<pb::RemoveWorkerRequest>,
     ) -> Result<Response<pb::RemoveWorkerResponse>, Status> {
+        self.authorize(&req)?;
         let id = req.into_inner().worker_id;
         let router = self.router.clone();
         let id2 = id.clone();

@@ -5,35 +5,74 @@
 //! | POST | `/v1/route` | `{"model", "token_ids" \| "prompt" \| "messages", "lora_name"?, "cache_salt"?}` | 200 [`Decision`]; 400 bad input; 503 no worker for the model |
 //! | POST | `/v1/route/{request_id}/done` | none | 204; 404 unknown or expired |
 //! | GET | `/v1/workers` | | 200 `{"workers": [WorkerSpec]}` |
-//! | POST | `/v1/workers` | [`WorkerSpec`] | 201 created, 200 already there (same spec), 409 different spec, 400 bad input |
-//! | DELETE | `/v1/workers/{worker_id}` | | 204 (blocks purged); 404 unknown |
+//! | POST | `/v1/workers` | [`WorkerSpec`] | 201 created, 200 already there (same spec), 409 different spec, 400 bad input, 401/403 (below) |
+//! | DELETE | `/v1/workers/{worker_id}` | | 204 (blocks purged); 404 unknown; 401/403 (below) |
 //! | GET | `/metrics` | | Prometheus text |
 //! | GET | `/health` | | 200 `ok` |
 //!
-//! Errors are `{"error": "reason"}`.
+//! Errors are `{"error": "reason"}`. A body over
+//! [`MAX_BODY_BYTES`](crate::route::MAX_BODY_BYTES) is 413. Adding and
+//! removing workers follows [`Registration`]: 401 without the configured
+//! bearer token, 403 when registration is disabled or the worker names an
+//! address outside the allow-lists.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::route::{Input, RouteError, RouteRequest, Router};
+use crate::registration::{Registration, RegistrationError};
+use crate::route::{Input, RouteError, RouteRequest, Router, MAX_BODY_BYTES};
 use crate::workers::{WorkerError, WorkerSpec};
 
 /// What the HTTP handlers share.
 pub struct HttpState {
     pub router: Arc<Router>,
     pub registry: prometheus_client::registry::Registry,
+    pub registration: Arc<Registration>,
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": msg.to_string() }))).into_response()
+}
+
+/// The answer to a body that could not be read: 413 past the limit.
+fn body_error(e: BytesRejection) -> Response {
+    match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        ),
+        s => error(s, e.body_text()),
+    }
+}
+
+fn registration_error(e: RegistrationError) -> Response {
+    match e {
+        RegistrationError::Unauthenticated => {
+            let mut r = error(StatusCode::UNAUTHORIZED, e);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+        RegistrationError::Disabled | RegistrationError::Forbidden(_) => {
+            error(StatusCode::FORBIDDEN, e)
+        }
+    }
+}
+
+fn authorize(st: &HttpState, headers: &HeaderMap) -> Result<(), RegistrationError> {
+    st.registration
+        .authorize(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
 }
 
 /// The body of `POST /v1/route`. Unknown keys are ignored (so an OpenAI
@@ -84,7 +123,11 @@ pub fn route_status(e: &RouteError) -> StatusCode {
     }
 }
 
-async fn route(State(st): State<Arc<HttpState>>, body: Bytes) -> Response {
+async fn route(State(st): State<Arc<HttpState>>, b: Result<Bytes, BytesRejection>) -> Response {
+    let body = match b {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
     let parsed: RouteBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
@@ -135,11 +178,28 @@ async fn list_workers(State(st): State<Arc<HttpState>>) -> Response {
     Json(json!({ "workers": ws })).into_response()
 }
 
-async fn add_worker(State(st): State<Arc<HttpState>>, body: Bytes) -> Response {
+async fn add_worker(
+    State(st): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return registration_error(e);
+    }
+    let body = match b {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
     let spec: WorkerSpec = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid worker: {e}")),
     };
+    if let Err(e) = spec.validate() {
+        return error(StatusCode::BAD_REQUEST, WorkerError::Invalid(e));
+    }
+    if let Err(e) = st.registration.check(&spec) {
+        return registration_error(e);
+    }
     match st.router.workers.add(spec.clone()) {
         Ok(true) => (StatusCode::CREATED, Json(spec)).into_response(),
         Ok(false) => (StatusCode::OK, Json(spec)).into_response(),
@@ -148,7 +208,14 @@ async fn add_worker(State(st): State<Arc<HttpState>>, body: Bytes) -> Response {
     }
 }
 
-async fn delete_worker(State(st): State<Arc<HttpState>>, Path(id): Path<String>) -> Response {
+async fn delete_worker(
+    State(st): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return registration_error(e);
+    }
     let router = st.router.clone();
     let id2 = id.clone();
     // Purging walks the worker's blocks: off the reactor.
@@ -192,5 +259,6 @@ pub fn app(state: Arc<HttpState>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -23,8 +23,10 @@ use crate::index::Index;
 use crate::ingest::{
     spawn_engine, spawn_kvbm, EngineSubscription, IngestMetrics, KvbmSubscription,
 };
-use crate::route::Router;
+use crate::registration::Registration;
+use crate::route::{Router, MAX_BODY_BYTES};
 use crate::workers::{spawn_scraper, Guard, Spawner, Worker, Workers};
+use kvtier_net::{AcceptOptions, Incoming};
 
 /// A running router.
 pub struct Running {
@@ -32,14 +34,35 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     pub router: Arc<Router>,
     pub ingest_metrics: Arc<IngestMetrics>,
+    stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How long [`Running::shutdown`] lets requests in progress finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 impl Running {
-    /// Waits until a server task ends (it should not).
-    pub async fn wait(mut self) {
+    /// Waits until a server task ends (it should not before
+    /// [`Running::shutdown`]).
+    pub async fn wait(&mut self) {
+        if self.tasks.is_empty() {
+            return futures::future::pending().await;
+        }
+        let _ = futures::future::select_all(self.tasks.iter_mut()).await;
+    }
+
+    /// Stops accepting connections, lets requests in progress finish for
+    /// up to 5 s, then stops every server task.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.tasks);
-        let _ = futures::future::select_all(tasks).await;
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), all)
+            .await
+            .is_err()
+        {
+            tracing::info!("shutdown: connections still open after the grace period");
+        }
     }
 }
 
@@ -73,9 +96,14 @@ fn spawner(sink: Arc<dyn EventSink>, metrics: Arc<IngestMetrics>, scrape: Durati
     })
 }
 
+/// Largest gRPC message decoded: a body of [`MAX_BODY_BYTES`] plus room for
+/// the message's other fields (ext_proc headers and metadata).
+const MAX_GRPC_MESSAGE: usize = MAX_BODY_BYTES + (1 << 20);
+
 /// Builds the router from `cfg`, binds both listeners and serves. Must run
 /// inside a Tokio runtime.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let registration = Arc::new(Registration::from_config(&cfg.registration)?);
     let index = Arc::new(Index::new(cfg.index.to_index_config()));
     let ingest_metrics = Arc::new(IngestMetrics::new());
     let sink: Arc<dyn EventSink> = index.clone();
@@ -107,32 +135,67 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("binding gRPC {}", cfg.grpc))?;
     let http_addr = http_l.local_addr()?;
     let grpc_addr = grpc_l.local_addr()?;
+    for (listener, addr) in [("HTTP", http_addr), ("gRPC", grpc_addr)] {
+        if !kvtier_net::is_loopback(&addr) && !registration.has_token() {
+            tracing::warn!(
+                listener, %addr,
+                "listening beyond loopback without authentication: anyone who can reach it \
+                 can route, list workers{}",
+                if cfg.registration.enabled {
+                    " and add or remove them (set registration.token_file, or registration.enabled = false)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
 
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let app = http::app(Arc::new(http::HttpState {
         router: router.clone(),
         registry,
+        registration: registration.clone(),
     }));
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_l, app).await {
-            tracing::error!(error = %e, "HTTP server ended");
-        }
-    });
+    let http_task = tokio::spawn(kvtier_net::serve_http(
+        Incoming::new(http_l, "HTTP", AcceptOptions::default()),
+        app,
+        kvtier_net::HttpOptions {
+            shutdown_grace: SHUTDOWN_GRACE,
+            ..Default::default()
+        },
+        until_stopped(stopped.clone()),
+    ));
     let grpc_router = router.clone();
+    let grpc_stop = until_stopped(stopped);
     let grpc_task = tokio::spawn(async move {
         use proto::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
         use proto::grpc::health::v1::health_server::HealthServer;
         use proto::kvtier::router::v1::router_server::RouterServer;
         let r = tonic::transport::Server::builder()
-            .add_service(RouterServer::new(grpc::RouterService {
-                router: grpc_router.clone(),
-            }))
-            .add_service(ExternalProcessorServer::new(Arc::new(
-                ext_proc::ExtProcService {
+            // A peer that stops answering pings is gone: free its slot.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(
+                RouterServer::new(grpc::RouterService {
+                    router: grpc_router.clone(),
+                    registration,
+                })
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+            )
+            .add_service(
+                ExternalProcessorServer::new(Arc::new(ext_proc::ExtProcService {
                     router: grpc_router,
-                },
-            )))
+                }))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+            )
             .add_service(HealthServer::new(grpc::HealthService))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
+            .serve_with_incoming_shutdown(
+                Incoming::new(grpc_l, "gRPC", AcceptOptions::default()),
+                grpc_stop,
+            )
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "gRPC server ended");
@@ -143,6 +206,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         grpc_addr,
         router,
         ingest_metrics,
+        stop,
         tasks: vec![http_task, grpc_task],
     })
 }

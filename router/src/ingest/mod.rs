@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use self::kvbm::{spawn_kvbm, KvbmSubscription};
 pub use self::metrics::IngestMetrics;
+pub(crate) use self::zmq::zmq_endpoint_mode;
 pub use self::zmq::{spawn_engine, EngineSubscription};
 
 /// Connection behaviour shared by engine and kvbm subscriptions. Every

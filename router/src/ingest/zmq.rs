@@ -56,7 +56,8 @@ pub struct EngineSubscription {
     /// The engine's replay ROUTER address (rank r on port + r). Without it,
     /// gaps are counted and skipped.
     pub zmq_replay_endpoint: Option<String>,
-    /// Data-parallel ranks to subscribe to in connect mode (default 1).
+    /// Data-parallel ranks to subscribe to in connect mode; in bind mode,
+    /// the ranks replay is asked for (default 1).
     pub dp_ranks: u32,
     /// Topic prefix to subscribe to (vLLM's `kv_events_config.topic`;
     /// default empty: everything).
@@ -130,20 +131,13 @@ pub fn spawn_engine(
         logged: Mutex::new(HashSet::new()),
     });
     let mut tasks = Vec::new();
-    let (bind, ep) = match cfg.zmq_endpoint.strip_prefix("bind:") {
-        Some(rest) => (true, rest),
-        None => (
-            cfg.zmq_endpoint.contains("://*:"),
-            cfg.zmq_endpoint.as_str(),
-        ),
-    };
-    let endpoint = Endpoint::parse(ep);
+    let endpoint = zmq_endpoint_mode(&cfg.zmq_endpoint);
     let replay = cfg
         .zmq_replay_endpoint
         .as_deref()
         .map(Endpoint::parse)
         .transpose();
-    let (endpoint, replay) = match (endpoint, replay) {
+    let ((bind, endpoint), replay) = match (endpoint, replay) {
         (Ok(e), Ok(r)) => (e, r),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(worker = %cfg.worker, error = %e, "engine subscription: bad endpoint");
@@ -151,7 +145,8 @@ pub fn spawn_engine(
         }
     };
     if bind {
-        tasks.push(tokio::spawn(run_bound(shared, endpoint, replay)));
+        let ranks = cfg.dp_ranks.max(1);
+        tasks.push(tokio::spawn(run_bound(shared, endpoint, replay, ranks)));
     } else {
         for rank in 0..cfg.dp_ranks.max(1) {
             let ep = endpoint.offset(rank);
@@ -168,6 +163,16 @@ pub fn spawn_engine(
         }
     }
     SubscriptionHandle::new(tasks)
+}
+
+/// Whether an engine endpoint is bound (a `bind:` prefix, or a host of `*`)
+/// rather than connected to, and the endpoint itself.
+pub(crate) fn zmq_endpoint_mode(s: &str) -> Result<(bool, Endpoint), String> {
+    let (bind, ep) = match s.strip_prefix("bind:") {
+        Some(rest) => (true, rest),
+        None => (s.contains("://*:"), s),
+    };
+    Ok((bind, Endpoint::parse(ep)?))
 }
 
 /// Sequencing state of one rank's stream.
@@ -534,8 +539,10 @@ async fn serve(sh: &Shared, st: &mut RankState, rd: zmtp::Reader, wr: zmtp::Writ
     }
 }
 
-/// Bind mode: publishers connect to us; ranks come from the batches.
-async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>) {
+/// Bind mode: publishers connect to us; ranks come from the batches. Only
+/// ranks below `replay_ranks` get a replay endpoint: the rank is the
+/// publisher's word, and each one moves the replay port.
+async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>, replay_ranks: u32) {
     let mut backoff = Backoff::new(sh.options.backoff_initial, sh.options.backoff_max);
     let listener = loop {
         match Listener::bind(&ep).await {
@@ -582,7 +589,10 @@ async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>) {
                             let batch = decode_batch(payload, sh.options.max_batch_events);
                             let rank = batch.as_ref().ok().and_then(|b| b.dp_rank).unwrap_or(0);
                             let st = ranks.entry(rank).or_insert_with(|| {
-                                let rp = replay.as_ref().and_then(|r| r.offset(rank).ok());
+                                let rp = replay
+                                    .as_ref()
+                                    .filter(|_| rank < replay_ranks)
+                                    .and_then(|r| r.offset(rank).ok());
                                 RankState::new(&sh, rank, rp)
                             });
                             st.on_live(&sh, seq, batch).await;

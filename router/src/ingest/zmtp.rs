@@ -439,6 +439,38 @@ fn split_command(body: &[u8]) -> io::Result<(&[u8], &[u8])> {
     Ok((name, &body[1 + n..]))
 }
 
+/// Whether a Unix socket sits at `p` (false: nothing does). Anything else
+/// there (a regular file, a directory, a symlink, a device) is an error:
+/// binding must never replace it.
+#[cfg(unix)]
+pub fn existing_socket(p: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => Ok(true),
+        Ok(m) => {
+            let t = m.file_type();
+            let what = if t.is_symlink() {
+                "a symlink"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_file() {
+                "a regular file"
+            } else {
+                "not a socket"
+            };
+            Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{}: {what} is there; refusing to replace it with a socket",
+                    p.display()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A bound address accepting ZMTP peers (publishers connecting to the
 /// router's SUB).
 pub enum Listener {
@@ -460,8 +492,29 @@ impl Listener {
             }
             #[cfg(unix)]
             Endpoint::Ipc(p) => {
-                let _ = std::fs::remove_file(p);
-                Ok(Listener::Ipc(UnixListener::bind(p)?, p.clone()))
+                if existing_socket(p)? {
+                    // Stale (its owner is gone) only when a connect is
+                    // refused; a live one belongs to someone else.
+                    match tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(p)).await
+                    {
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                            std::fs::remove_file(p)?
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        Ok(Ok(_)) | Err(_) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("{}: a live socket is bound there", p.display()),
+                            ))
+                        }
+                    }
+                }
+                let l = UnixListener::bind(p)?;
+                // Events are users' prompts: the socket is for the router's
+                // user and group only.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Ipc(l, p.clone()))
             }
             #[cfg(not(unix))]
             Endpoint::Ipc(_) => Err(io::Error::new(
@@ -504,5 +557,56 @@ pub struct Pending {
 impl Pending {
     pub async fn handshake(self, role: Role, limits: Limits) -> io::Result<Conn> {
         Conn::handshake(self.io, role, limits).await
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ipc_bind_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let file = d.join("file");
+        std::fs::write(&file, b"precious").expect("write");
+        let sub = d.join("dir");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        for p in [&file, &sub, &link] {
+            let e = Listener::bind(&Endpoint::Ipc(p.clone()))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{} replaced", p.display()));
+            assert!(e.to_string().contains("refusing"), "{e}");
+        }
+        assert_eq!(std::fs::read(&file).expect("read"), b"precious");
+        assert!(sub.is_dir());
+        assert!(std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink());
+
+        // a live socket is someone else's
+        let live = d.join("live.sock");
+        let _owner = std::os::unix::net::UnixListener::bind(&live).expect("bind");
+        let e = Listener::bind(&Endpoint::Ipc(live.clone())).await.err();
+        assert_eq!(e.map(|e| e.kind()), Some(io::ErrorKind::AddrInUse));
+
+        // a stale one (its listener closed, the file left behind) is reused
+        let stale = d.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(existing_socket(&stale).expect("socket"));
+        let l = Listener::bind(&Endpoint::Ipc(stale.clone()))
+            .await
+            .expect("stale socket replaced");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&stale)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660);
+        drop(l);
     }
 }

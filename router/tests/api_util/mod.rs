@@ -5,19 +5,36 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One HTTP/1.1 request (`Connection: close`); returns (status, body).
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(addr, method, path, &[], body.unwrap_or("").as_bytes())
+}
+
+/// One HTTP/1.1 request with extra header lines (`"Name: value"`).
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let body = body.unwrap_or("");
+    let mut extra = String::new();
+    for h in headers {
+        extra.push_str(h);
+        extra.push_str("\r\n");
+    }
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(req.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -60,6 +77,30 @@ pub struct Proc {
     pub child: Child,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// Everything it wrote on stderr so far (also echoed to ours).
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Waits up to `timeout` for a log line containing every one of `words`.
+    pub fn log_line(&self, words: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .log
+                .lock()
+                .map(|l| {
+                    l.lines()
+                        .find(|line| words.iter().all(|w| line.contains(w)))
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -72,10 +113,15 @@ impl Drop for Proc {
 /// Starts `kvrouter` on ephemeral ports with `args`, reads the addresses it
 /// prints.
 pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
+    start_cmd(Command::new(env!("CARGO_BIN_EXE_kvrouter")), args, envs)
+}
+
+/// [`start`] through a command that execs `kvrouter` with `args` appended
+/// (e.g. a shell that lowers a limit first).
+pub fn start_cmd(mut cmd: Command, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     cmd.args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .env_remove("KVROUTER_HTTP")
         .env_remove("KVROUTER_GRPC")
         .env_remove("KVROUTER_CONFIG");
@@ -83,6 +129,18 @@ pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("start kvrouter");
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("stderr");
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if let Ok(mut l) = log2.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut http = None;
@@ -106,5 +164,6 @@ pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         child,
         http: http.expect("http"),
         grpc: grpc.expect("grpc"),
+        log,
     }
 }

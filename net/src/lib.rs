@@ -1,0 +1,17 @@
+//! kvtier-net: the listener pieces kvtier's daemons share.
+//!
+//! - [`Incoming`]: accepts from a TCP or Unix listener, backs off instead of
+//!   spinning when the process runs out of descriptors or memory, and caps
+//!   open connections; a tonic `serve_with_incoming` stream as it is.
+//! - [`serve_http`]: an HTTP/1 server for an axum `Router` with a header
+//!   read timeout, a per-request deadline and graceful shutdown.
+//! - [`raise_nofile_limit`]: the soft descriptor limit up to the hard one.
+//! - [`is_loopback`]: whether a listener is reachable from this host only.
+
+mod accept;
+mod http;
+mod limits;
+
+pub use accept::{Accept, AcceptOptions, Conn, Incoming, Slot};
+pub use http::{serve_http, HttpOptions};
+pub use limits::{is_loopback, raise_nofile_limit};
