@@ -8,7 +8,7 @@ mod replay;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kvtier_client::{Client, DEFAULT_SOCKET};
+use kvtier_client::{Client, Credentials, DEFAULT_SOCKET};
 
 #[derive(Parser)]
 #[command(name = "kvtier", version, about = "kvtier command-line client")]
@@ -16,6 +16,18 @@ struct Cli {
     /// kvbm address: a Unix socket path, unix:/path, or http://host:port.
     #[arg(long, global = true, env = "KVTIER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: String,
+    /// CA (PEM) to check kvbm's TLS certificate against (https:// addresses).
+    #[arg(long, global = true, env = "KVTIER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "KVTIER_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "KVTIER_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// File holding the bearer token kvbm's TCP port asks for.
+    #[arg(long, global = true, env = "KVTIER_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,6 +87,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let creds = Credentials {
+        tls_ca: cli.tls_ca,
+        tls_cert: cli.tls_cert,
+        tls_key: cli.tls_key,
+        token_file: cli.auth_token_file,
+    };
+    let connect = |addr: &str| {
+        let addr = addr.to_string();
+        let creds = creds.clone();
+        async move { anyhow::Ok(Client::connect_with(&addr, &creds).await?) }
+    };
     match cli.cmd {
         Cmd::Bench { cmd } => bench::run(cmd).await.map(|_| ExitCode::SUCCESS),
         Cmd::Replay(args) => tokio::task::spawn_blocking(move || replay::run(args))
@@ -90,8 +113,4 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Stats { json } => blocks::stats(&connect(&cli.socket).await?, json).await,
     }
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Client> {
-    Ok(Client::connect(addr).await?)
 }

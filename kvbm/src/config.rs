@@ -60,9 +60,17 @@ pub struct Config {
     /// Largest block a namespace may have; also bounds every gRPC message
     /// (plus 1 MiB for metadata), so no request buffers more. Default 64 MiB.
     pub max_block_bytes: u64,
-    /// Pool-socket clients (engine processes) served at once; more are
-    /// refused. Default 256.
+    /// Pool-socket clients (engine processes) served at once; more wait.
+    /// Default 256.
     pub max_clients: usize,
+    /// TLS on the TCP listeners (gRPC and HTTP): certificate, key and, for
+    /// mutual TLS, the CA client certificates must chain to. Default none
+    /// (plain TCP).
+    pub tls: Option<kvtier_net::TlsFiles>,
+    /// File holding the bearer token every request on the TCP listeners
+    /// must carry (`authorization: Bearer T`), `/healthz` excepted.
+    /// Default none.
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -85,6 +93,8 @@ impl Default for Config {
             socket_group: None,
             max_block_bytes: 64 << 20,
             max_clients: 256,
+            tls: None,
+            auth_token_file: None,
         }
     }
 }
@@ -109,6 +119,10 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     pub max_block_bytes: Option<Size>,
     pub max_clients: Option<usize>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub auth_token_file: Option<PathBuf>,
 }
 
 /// Command-line flags; each also read from the environment variable named.
@@ -155,6 +169,18 @@ pub struct Flags {
     /// Group allowed to use the Unix sockets (mode 0660) [default: none, 0600].
     #[arg(long, env = "KVBM_SOCKET_GROUP")]
     pub socket_group: Option<String>,
+    /// TLS certificate chain (PEM) for the TCP listeners [default: none].
+    #[arg(long, env = "KVBM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the TCP listeners [default: none].
+    #[arg(long, env = "KVBM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) client certificates must chain to: mutual TLS [default: none].
+    #[arg(long, env = "KVBM_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer token file for requests on the TCP listeners [default: none].
+    #[arg(long, env = "KVBM_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -202,6 +228,24 @@ impl Config {
         c.socket_group = flags.socket_group.or(file.socket_group);
         set(&mut c.max_block_bytes, file.max_block_bytes.map(|s| s.0));
         set(&mut c.max_clients, file.max_clients);
+        let client_ca = flags.tls_client_ca.or(file.tls_client_ca);
+        c.tls = match (
+            flags.tls_cert.or(file.tls_cert),
+            flags.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(kvtier_net::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None) if client_ca.is_none() => None,
+            _ => {
+                return Err(Error::invalid(
+                    "tls-cert and tls-key go together (and tls-client-ca needs both)",
+                ))
+            }
+        };
+        c.auth_token_file = flags.auth_token_file.or(file.auth_token_file);
         c.validate()?;
         Ok(c)
     }

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,7 +13,10 @@ use futures::StreamExt;
 use hyper::body::Incoming as HyperBody;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio_rustls::rustls;
 use tower::Service;
+
+use crate::tls::BearerToken;
 
 use crate::accept::{Accept, Incoming};
 
@@ -31,6 +35,16 @@ pub struct HttpOptions {
     /// On shutdown, longest wait for requests in progress before
     /// [`serve_http`] returns anyway. Default 5 s.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this configuration (see
+    /// [`TlsFiles::server_config`](crate::TlsFiles::server_config)); the
+    /// handshake must end within `header_read_timeout`. Default none.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Requests must carry this bearer token, except those for the paths
+    /// in `open_paths`: a 401 otherwise. Default none.
+    pub token: Option<BearerToken>,
+    /// Paths served without a token (e.g. `/healthz` for load balancers).
+    /// Default none.
+    pub open_paths: Vec<&'static str>,
 }
 
 impl Default for HttpOptions {
@@ -39,6 +53,9 @@ impl Default for HttpOptions {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
+            token: None,
+            open_paths: Vec::new(),
         }
     }
 }
@@ -52,6 +69,39 @@ fn timed_out() -> Response<Body> {
     );
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Who may be served: everyone, or holders of the token (and anyone for
+/// the open paths).
+struct Auth {
+    token: Option<BearerToken>,
+    open_paths: Vec<&'static str>,
+}
+
+impl Auth {
+    fn allows<B>(&self, req: &Request<B>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        self.open_paths.contains(&req.uri().path())
+            || token.accepts(
+                req.headers()
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes),
+            )
+    }
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut r = Response::new(Body::from(r#"{"error":"a bearer token is required"}"#));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
 }
 
@@ -75,6 +125,11 @@ pub async fn serve_http<L, F>(
         .header_read_timeout(options.header_read_timeout)
         .keep_alive(true);
     let request_timeout = options.request_timeout;
+    let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let auth = Arc::new(Auth {
+        token: options.token.clone(),
+        open_paths: options.open_paths.clone(),
+    });
     {
         let mut incoming = std::pin::pin!(incoming);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -88,9 +143,14 @@ pub async fn serve_http<L, F>(
                 },
             };
             let app = app.clone();
+            let auth = auth.clone();
             let svc = hyper::service::service_fn(move |req: Request<HyperBody>| {
                 let mut app = app.clone();
+                let allowed = auth.allows(&req);
                 async move {
+                    if !allowed {
+                        return Ok::<_, Infallible>(unauthorized());
+                    }
                     let call = app.call(req.map(Body::new));
                     match tokio::time::timeout(request_timeout, call).await {
                         Ok(r) => r,
@@ -98,10 +158,30 @@ pub async fn serve_http<L, F>(
                     }
                 }
             });
-            let conn = graceful.watch(builder.serve_connection(TokioIo::new(conn), svc));
+            let (builder, watcher) = (builder.clone(), graceful.watcher());
+            let handshake = options.header_read_timeout;
+            let tls = tls.clone();
             tokio::spawn(async move {
                 // Timeouts and clients that vanish end here; nothing to do.
-                if let Err(e) = conn.await {
+                let ended = match tls {
+                    None => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(conn), svc))
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let Ok(Ok(conn)) =
+                            tokio::time::timeout(handshake, acceptor.accept(conn)).await
+                        else {
+                            tracing::debug!("TLS handshake failed or timed out");
+                            return;
+                        };
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(conn), svc))
+                            .await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "HTTP connection ended");
                 }
             });

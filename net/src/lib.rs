@@ -7,11 +7,15 @@
 //!   read timeout, a per-request deadline and graceful shutdown.
 //! - [`raise_nofile_limit`]: the soft descriptor limit up to the hard one.
 //! - [`is_loopback`]: whether a listener is reachable from this host only.
+//! - [`TlsFiles`], [`BearerToken`]: TLS (mutual with a client CA) and bearer
+//!   tokens for TCP listeners.
 
 mod accept;
 mod http;
 mod limits;
+mod tls;
 
 pub use accept::{Accept, AcceptOptions, Conn, Incoming, Slot};
 pub use http::{serve_http, HttpOptions};
 pub use limits::{is_loopback, raise_nofile_limit};
+pub use tls::{BearerToken, TlsFiles};

@@ -27,6 +27,7 @@ fn options() -> HttpOptions {
         header_read_timeout: Duration::from_millis(300),
         request_timeout: Duration::from_millis(500),
         shutdown_grace: Duration::from_secs(5),
+        ..HttpOptions::default()
     }
 }
 

@@ -468,3 +468,159 @@ fn descriptor_exhaustion_and_slow_headers() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, and a client certificate of another CA; PEM files in `dir`.
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        write(&format!("{name}-ca.pem"), cert.pem());
+        Issuer::new(p, key)
+    };
+    let (ours, theirs) = (ca("ours"), ca("theirs"));
+    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
+        let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        write(
+            &format!("{name}.pem"),
+            p.signed_by(&key, issuer).unwrap().pem(),
+        );
+        write(&format!("{name}.key"), key.serialize_pem());
+    };
+    leaf("server", &ours);
+    leaf("client", &ours);
+    leaf("rogue", &theirs);
+}
+
+/// Finding: kvbm's TCP ports served Put, Get and Clear to anyone. With TLS,
+/// a client CA and a token, only a client holding both gets in; the Unix
+/// socket is unchanged and `/healthz` stays open.
+#[test]
+fn tcp_listeners_require_tls_client_certificates_and_a_token() {
+    use kvtier_client::Credentials;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    certificates(&pki);
+    std::fs::write(pki.join("token"), "tok-123\n").unwrap();
+    std::fs::write(pki.join("wrong-token"), "tok-124\n").unwrap();
+    let f = |n: &str| pki.join(n).display().to_string();
+    let d = Kvbm::start(
+        &dir.path().join("data"),
+        &[
+            "--host-bytes",
+            "4MiB",
+            "--disk-bytes",
+            "0",
+            "--tls-cert",
+            &f("server.pem"),
+            "--tls-key",
+            &f("server.key"),
+            "--tls-client-ca",
+            &f("ours-ca.pem"),
+            "--auth-token-file",
+            &f("token"),
+        ],
+    )
+    .unwrap();
+    let https = d.grpc.replace("http://", "https://");
+    let creds = |cert: &str, token: &str| Credentials {
+        tls_ca: Some(pki.join("ours-ca.pem")),
+        tls_cert: Some(pki.join(format!("{cert}.pem"))),
+        tls_key: Some(pki.join(format!("{cert}.key"))),
+        token_file: Some(pki.join(token)),
+    };
+    rt().block_on(async {
+        let good = Client::connect_with(&https, &creds("client", "token"))
+            .await
+            .unwrap();
+        good.register_namespace("m", BLOCK as u64).await.unwrap();
+        assert!(put(&good, 1, 4).await);
+        assert_eq!(get(&good, 1).await.unwrap(), vec![4; BLOCK]);
+
+        for (what, token) in [("no token", None), ("a wrong token", Some("wrong-token"))] {
+            let c = Credentials {
+                token_file: token.map(|t| pki.join(t)),
+                ..creds("client", "token")
+            };
+            let c = Client::connect_with(&https, &c).await.unwrap();
+            let code = get(&c, 1).await.unwrap_err().code();
+            assert_eq!(code, tonic::Code::Unauthenticated, "{what}");
+        }
+        // Without a certificate of the client CA, or without TLS at all,
+        // nothing gets through.
+        for c in [
+            Credentials {
+                tls_cert: None,
+                tls_key: None,
+                ..creds("client", "token")
+            },
+            creds("rogue", "token"),
+        ] {
+            let refused = match Client::connect_with(&https, &c).await {
+                Ok(c) => get(&c, 1).await.is_err(),
+                Err(_) => true,
+            };
+            assert!(refused, "{c:?}");
+        }
+        let plain = match Client::connect(&d.grpc).await {
+            Ok(c) => get(&c, 1).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(plain, "plain TCP was served");
+        // The Unix socket is the local trust boundary: no TLS, no token.
+        let local = Client::connect(&d.socket_str()).await.unwrap();
+        assert_eq!(get(&local, 1).await.unwrap(), vec![4; BLOCK]);
+    });
+
+    // HTTP: the same certificate rules; /metrics needs the token, /healthz not.
+    let curl = |path: &str, cert: &str, token: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(pki.join("ours-ca.pem"))
+            .arg("--cert")
+            .arg(pki.join(format!("{cert}.pem")))
+            .arg("--key")
+            .arg(pki.join(format!("{cert}.key")));
+        if let Some(t) = token {
+            c.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = c.arg(format!("https://{}{path}", d.http)).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(curl("/metrics", "client", None), "401");
+    assert_eq!(curl("/metrics", "client", Some("tok-124")), "401");
+    assert_eq!(curl("/metrics", "client", Some("tok-123")), "200");
+    assert_eq!(curl("/healthz", "client", None), "200");
+    assert_eq!(
+        curl("/healthz", "rogue", None),
+        "000",
+        "a rogue certificate was served"
+    );
+
+    // The CLI takes the same credentials.
+    let out = Command::new(bin("kvtier"))
+        .args(["--socket", &https, "stats"])
+        .arg("--tls-ca")
+        .arg(pki.join("ours-ca.pem"))
+        .arg("--tls-cert")
+        .arg(pki.join("client.pem"))
+        .arg("--tls-key")
+        .arg(pki.join("client.key"))
+        .arg("--auth-token-file")
+        .arg(pki.join("token"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

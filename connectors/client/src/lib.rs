@@ -14,8 +14,12 @@ pub use kvtier_proto::session::LookupCounts;
 pub use kvtier_proto::v1;
 pub use pool::{pool_socket_path, Pool, Session};
 
+use std::path::PathBuf;
+
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use v1::kvbm_client::KvbmClient;
 
 /// What can go wrong talking to kvbm.
@@ -30,6 +34,8 @@ pub enum Error {
     Address(String),
     #[error("kvbm: {0}")]
     Status(#[from] tonic::Status),
+    #[error("kvbm credentials: {0}")]
+    Credentials(String),
     #[error("pool socket {path}: {source}")]
     Pool {
         path: String,
@@ -42,7 +48,77 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A connection to one kvbm daemon. Cheap to clone: clones share the channel.
 #[derive(Clone, Debug)]
 pub struct Client {
-    rpc: KvbmClient<Channel>,
+    rpc: Rpc,
+}
+
+/// The generated gRPC client, with the credentials of its [`Client`].
+pub type Rpc = KvbmClient<InterceptedService<Channel, Authorization>>;
+
+/// What a TCP port of kvbm may require (see `docs/security.md`): TLS with a
+/// CA to check the daemon against, a client certificate for mutual TLS, a
+/// bearer token. Unused on the Unix socket. Each is a PEM or token file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// Speak TLS, trusting this CA for the daemon's certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Bearer token sent with every call.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Authorization(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))
+}
+
+impl Credentials {
+    fn authorization(&self) -> Result<Authorization> {
+        let Some(f) = &self.token_file else {
+            return Ok(Authorization(None));
+        };
+        let token = String::from_utf8(read(f)?)
+            .map_err(|_| Error::Credentials(format!("{}: not UTF-8", f.display())))?;
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| Error::Credentials(format!("{}: not a valid token", f.display())))?;
+        Ok(Authorization(Some(v)))
+    }
+
+    fn tls(&self) -> Result<Option<ClientTlsConfig>> {
+        let Some(ca) = &self.tls_ca else {
+            if self.tls_cert.is_some() || self.tls_key.is_some() {
+                return Err(Error::Credentials(
+                    "a client certificate needs tls_ca".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => {
+                return Err(Error::Credentials(
+                    "tls_cert and tls_key go together".into(),
+                ))
+            }
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// The socket path of a `/path` or `unix:/path` address; `None` for a TCP
@@ -61,16 +137,26 @@ impl Client {
     /// Connects to `addr`: a Unix socket path (`/run/kvbm.sock`,
     /// `unix:/run/kvbm.sock`) or a TCP URL (`http://127.0.0.1:50051`).
     pub async fn connect(addr: &str) -> Result<Client> {
+        Client::connect_with(addr, &Credentials::default()).await
+    }
+
+    /// Connects to `addr` as [`Client::connect`], presenting `creds` on TCP
+    /// (an `https://` address needs `tls_ca`).
+    pub async fn connect_with(addr: &str, creds: &Credentials) -> Result<Client> {
         let channel = if unix_socket_path(addr).is_none() {
-            Endpoint::from_shared(addr.to_string())
+            let mut ep = Endpoint::from_shared(addr.to_string())
                 .map_err(|_| Error::Address(addr.to_string()))?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|source| Error::Connect {
+                .tcp_nodelay(true);
+            if let Some(tls) = creds.tls()? {
+                ep = ep.tls_config(tls).map_err(|source| Error::Connect {
                     addr: addr.to_string(),
                     source,
-                })?
+                })?;
+            }
+            ep.connect().await.map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })?
         } else {
             let path = unix_socket_path(addr).unwrap_or_default();
             if path.as_os_str().is_empty() {
@@ -93,14 +179,14 @@ impl Client {
                 })?
         };
         Ok(Client {
-            rpc: KvbmClient::new(channel)
+            rpc: KvbmClient::with_interceptor(channel, creds.authorization()?)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
         })
     }
 
     /// The generated gRPC client, for any call of the API.
-    pub fn rpc(&self) -> KvbmClient<Channel> {
+    pub fn rpc(&self) -> Rpc {
         self.rpc.clone()
     }
 

@@ -13,10 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvtier_client::v1;
-use kvtier_client::v1::kvbm_client::KvbmClient;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::{runtime, KvbmError, KvbmUnavailable};
@@ -71,7 +69,7 @@ struct Fast {
 
 #[derive(Default)]
 struct Conn {
-    client: Option<KvbmClient<Channel>>,
+    client: Option<kvtier_client::Rpc>,
     /// After a failed connect: no new attempt before this instant.
     retry_at: Option<Instant>,
 }
@@ -93,7 +91,7 @@ pub struct Client {
 
 impl Client {
     /// The gRPC client, connecting first when there is none.
-    fn rpc(&self) -> Result<KvbmClient<Channel>, CallError> {
+    fn rpc(&self) -> Result<kvtier_client::Rpc, CallError> {
         let mut conn = self
             .conn
             .lock()
@@ -194,7 +192,7 @@ impl Client {
     fn call<T, F, Fut>(&self, py: Python<'_>, f: F) -> PyResult<T>
     where
         T: Send,
-        F: FnOnce(KvbmClient<Channel>) -> Fut + Send,
+        F: FnOnce(kvtier_client::Rpc) -> Fut + Send,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let res = py.detach(|| {

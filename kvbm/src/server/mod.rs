@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kvtier_net::{AcceptOptions, HttpOptions, Incoming};
+use kvtier_net::{AcceptOptions, BearerToken, HttpOptions, Incoming};
 use kvtier_proto::v1::kvbm_server::KvbmServer;
 use tokio::net::{TcpListener, UnixListener};
 
@@ -75,6 +75,16 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
         }
     }
 
+    // Bad TLS or token files are start-up errors, named.
+    if let Some(tls) = &cfg.tls {
+        tls.server_config()
+            .map_err(|e| Error::io("TLS configuration", e))?;
+    }
+    let token = match &cfg.auth_token_file {
+        Some(f) => Some(BearerToken::from_file(f).map_err(|e| Error::io("auth token", e))?),
+        None => None,
+    };
+
     let catalog = Arc::new(RocksCatalog::open(&cfg.data_dir.join("catalog"))?);
     let store = Store::open(cfg.clone(), catalog)?;
 
@@ -82,9 +92,11 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
     let pool = bind_unix(&cfg.pool_socket(), socket_gid)?;
     let tcp = bind_tcp(&cfg.grpc).await?;
     let http = bind_tcp(&cfg.http).await?;
+    let authenticated =
+        cfg.auth_token_file.is_some() || cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     for (what, l) in [("gRPC", &tcp), ("HTTP", &http)] {
         if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
-            if !addr.ip().is_loopback() {
+            if !kvtier_net::is_loopback(&addr) && !authenticated {
                 tracing::warn!(
                     %addr,
                     "{what} listens beyond loopback without authentication: anyone who \
@@ -107,6 +119,8 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
             pool,
             tcp,
             http,
+            tls: cfg.tls.clone(),
+            token,
         },
     ))
 }
@@ -201,6 +215,8 @@ pub struct Listeners {
     pool: UnixListener,
     tcp: Option<TcpListener>,
     http: Option<TcpListener>,
+    tls: Option<kvtier_net::TlsFiles>,
+    token: Option<BearerToken>,
 }
 
 async fn bind_tcp(addr: &str) -> Result<Option<TcpListener>> {
@@ -253,7 +269,24 @@ pub async fn serve(
                 let _ = c.get_ref().set_nodelay(true);
             }
         });
-        let srv = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &listeners.tls {
+            let cfg = tls
+                .tonic_config()
+                .map_err(|e| Error::io("TLS configuration", e))?;
+            builder = builder
+                .tls_config(cfg)
+                .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
+        }
+        let token = listeners.token.clone();
+        let authenticate = move |req: tonic::Request<()>| match &token {
+            Some(t) if !t.accepts(req.metadata().get("authorization").map(|v| v.as_bytes())) => {
+                Err(tonic::Status::unauthenticated("a bearer token is required"))
+            }
+            _ => Ok(req),
+        };
+        let srv = builder
+            .layer(tonic::service::InterceptorLayer::new(authenticate))
             .add_service(svc())
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         tasks.spawn(async move {
@@ -265,10 +298,23 @@ pub async fn serve(
     if let Some(http) = listeners.http {
         let app = http::router(store.clone());
         let rx = stop_rx.clone();
+        let tls = match &listeners.tls {
+            Some(t) => Some(
+                t.server_config()
+                    .map_err(|e| Error::io("TLS configuration", e))?,
+            ),
+            None => None,
+        };
         tasks.spawn(kvtier_net::serve_http(
             Incoming::new(http, "HTTP", AcceptOptions::default()),
             app,
-            HttpOptions::default(),
+            HttpOptions {
+                tls,
+                token: listeners.token.clone(),
+                // Load balancers probe health without credentials.
+                open_paths: vec!["/healthz"],
+                ..HttpOptions::default()
+            },
             stopped(rx),
         ));
     }
