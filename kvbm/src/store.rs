@@ -461,11 +461,6 @@ impl Store {
         Session { id, owner }
     }
 
-    /// Sessions open now (pool-socket connections and calls in progress).
-    pub fn open_sessions(&self) -> usize {
-        self.state.lock().sessions.open.len()
-    }
-
     /// Ends a session: its reservations are aborted, its leases released.
     /// A claim that does not own the session ends nothing.
     pub fn close_session(&self, session: Session) {

@@ -12,7 +12,7 @@ use crate::scoring::ScoringConfig;
 use crate::workers::WorkerSpec;
 
 /// Default HTTP listen address (`/v1/route`, `/v1/workers`, `/metrics`).
-/// Loopback: the APIs have no authentication but the registration token,
+/// Loopback: without `auth_token_file` or `tls_client_ca` the APIs are open,
 /// so reaching them from other hosts is the operator's explicit choice.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8090";
 /// Default gRPC listen address (router service, Envoy ext_proc, health).
@@ -30,6 +30,22 @@ pub struct Config {
     /// gRPC listen address. Default `127.0.0.1:9002`; env `KVROUTER_GRPC`;
     /// flag `--grpc`.
     pub grpc: String,
+    /// PEM certificate chain both listeners serve TLS with (with
+    /// `tls_key`; one without the other is a start-up error). Default none:
+    /// plain HTTP and gRPC. Env `KVROUTER_TLS_CERT`; flag `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Default none; env `KVROUTER_TLS_KEY`;
+    /// flag `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that clients' certificates must chain to (mutual TLS; needs
+    /// `tls_cert`). Default none: any client may connect. Env
+    /// `KVROUTER_TLS_CLIENT_CA`; flag `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// File holding the bearer token every HTTP request (but `/health`,
+    /// `/healthz`) and every gRPC call (but `grpc.health.v1`) must present
+    /// (`Authorization: Bearer TOKEN`). Default none: no token asked. Env
+    /// `KVROUTER_AUTH_TOKEN_FILE`; flag `--auth-token-file`.
+    pub auth_token_file: Option<PathBuf>,
     pub index: IndexSection,
     pub scoring: ScoringConfig,
     pub load: LoadConfig,
@@ -41,6 +57,8 @@ pub struct Config {
     /// Who may add and remove workers over the APIs, and which addresses
     /// such workers may name.
     pub registration: RegistrationConfig,
+    /// Credentials presented to kvbm daemons reached over TCP.
+    pub kvbm_client: KvbmClientConfig,
 }
 
 impl Default for Config {
@@ -48,13 +66,68 @@ impl Default for Config {
         Self {
             http: DEFAULT_HTTP.into(),
             grpc: DEFAULT_GRPC.into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_token_file: None,
             index: IndexSection::default(),
             scoring: ScoringConfig::default(),
             load: LoadConfig::default(),
             models: Vec::new(),
             workers: Vec::new(),
             registration: RegistrationConfig::default(),
+            kvbm_client: KvbmClientConfig::default(),
         }
+    }
+}
+
+/// `[kvbm_client]`: what the router presents to kvbm's TCP gRPC port when
+/// it subscribes to events (see kvbm's `--tls-*` and `--auth-token-file`).
+/// Unused for `unix:` addresses. Every key is a file and defaults to none.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvbmClientConfig {
+    /// PEM CA kvbm's certificate must chain to; needed for `https://`
+    /// addresses. Default none.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `tls_key`). Default none.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM key of `tls_cert`. Default none.
+    pub tls_key: Option<PathBuf>,
+    /// File holding the bearer token sent with every call. Default none.
+    pub token_file: Option<PathBuf>,
+}
+
+impl KvbmClientConfig {
+    /// The credentials, after checking that the files can be read and go
+    /// together: a mistake here is a start-up error, not a subscription
+    /// that fails quietly forever.
+    pub fn credentials(&self) -> anyhow::Result<kvtier_client::Credentials> {
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "kvbm_client: tls_cert and tls_key go together"
+        );
+        anyhow::ensure!(
+            self.tls_cert.is_none() || self.tls_ca.is_some(),
+            "kvbm_client: a client certificate needs tls_ca"
+        );
+        for (key, f) in [
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("token_file", &self.token_file),
+        ] {
+            if let Some(f) = f {
+                std::fs::File::open(f)
+                    .map_err(|e| anyhow::anyhow!("kvbm_client.{key} {}: {e}", f.display()))?;
+            }
+        }
+        Ok(kvtier_client::Credentials {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token_file: self.token_file.clone(),
+        })
     }
 }
 
@@ -140,6 +213,25 @@ impl Config {
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
     }
+
+    /// The listeners' TLS files; none when `tls_cert` is not set.
+    pub fn tls(&self) -> anyhow::Result<Option<kvtier_net::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(kvtier_net::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.tls_client_ca.is_none(),
+                    "tls_client_ca needs tls_cert and tls_key"
+                );
+                Ok(None)
+            }
+            _ => anyhow::bail!("tls_cert and tls_key go together"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -199,5 +291,56 @@ allow_connect = ["10.0.0.0/8:5557-5600"]
         assert!(!c.registration.enabled);
         assert_eq!(c.registration.allow_connect, ["10.0.0.0/8:5557-5600"]);
         assert!(Config::from_toml("[registration]\ntoken = \"x\"").is_err());
+    }
+
+    #[test]
+    fn tls_and_kvbm_client_keys() {
+        let c = Config::default();
+        assert!(c.tls_cert.is_none() && c.tls_key.is_none() && c.tls_client_ca.is_none());
+        assert!(c.auth_token_file.is_none());
+        assert!(matches!(c.tls(), Ok(None)));
+        assert_eq!(
+            c.kvbm_client.credentials().ok(),
+            Some(kvtier_client::Credentials::default())
+        );
+        let c = Config::from_toml(
+            r#"
+tls_cert = "/etc/kvrouter/cert.pem"
+tls_key = "/etc/kvrouter/key.pem"
+tls_client_ca = "/etc/kvrouter/ca.pem"
+auth_token_file = "/etc/kvrouter/token"
+[kvbm_client]
+tls_ca = "/etc/kvtier/ca.pem"
+token_file = "/etc/kvtier/token"
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let tls = c.tls().ok().flatten().unwrap_or_else(|| panic!("no TLS"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/kvrouter/ca.pem")));
+        assert_eq!(
+            c.auth_token_file,
+            Some(PathBuf::from("/etc/kvrouter/token"))
+        );
+        assert_eq!(
+            c.kvbm_client.tls_ca,
+            Some(PathBuf::from("/etc/kvtier/ca.pem"))
+        );
+        // The named files do not exist: a start-up error naming the key.
+        let e = c.kvbm_client.credentials().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("kvbm_client.tls_ca")));
+        for bad in [
+            "tls_cert = \"c\"",
+            "tls_key = \"k\"",
+            "tls_client_ca = \"ca\"",
+        ] {
+            let c = Config::from_toml(bad).unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.tls().is_err(), "{bad}");
+        }
+        for bad in ["tls_cert = \"c\"", "tls_cert = \"c\"\ntls_key = \"k\""] {
+            let c = Config::from_toml(&format!("[kvbm_client]\n{bad}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.kvbm_client.credentials().is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("[kvbm_client]\ntoken = \"x\"").is_err());
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! kvrouter [--http ADDR] [--grpc ADDR] [--config FILE] [--max-blocks N] [--temperature T]
+//!          [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
 //! ```
 //!
 //! Precedence: flag, then environment (`KVROUTER_HTTP`, `KVROUTER_GRPC`,
 //! `KVROUTER_CONFIG`, `KVROUTER_MAX_BLOCKS`, `KVROUTER_TEMPERATURE`,
-//! `KVROUTER_LOG`), then the TOML file, then the defaults (HTTP
-//! `127.0.0.1:8090`, gRPC `127.0.0.1:9002`). Prints where it listens on
+//! `KVROUTER_TLS_CERT`, `KVROUTER_TLS_KEY`, `KVROUTER_TLS_CLIENT_CA`,
+//! `KVROUTER_AUTH_TOKEN_FILE`, `KVROUTER_LOG`), then the TOML file, then the
+//! defaults (HTTP `127.0.0.1:8090`, gRPC `127.0.0.1:9002`, no TLS, no token). Prints where it listens on
 //! stdout. SIGTERM, SIGINT and SIGHUP shut it down cleanly: listeners
 //! close, requests in progress get up to 5 s, the exit status is 0.
 
@@ -35,6 +37,19 @@ struct Args {
     /// Softmax temperature of the choice; 0 = lowest estimate [default: 0].
     #[arg(long, env = "KVROUTER_TEMPERATURE")]
     temperature: Option<f64>,
+    /// Certificate chain (PEM) both listeners serve TLS with [default: none, plain].
+    #[arg(long, env = "KVROUTER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert [default: none].
+    #[arg(long, env = "KVROUTER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) clients' certificates must chain to: mutual TLS [default: none].
+    #[arg(long, env = "KVROUTER_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding the bearer token every request but health checks must
+    /// present [default: none].
+    #[arg(long, env = "KVROUTER_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "KVROUTER_LOG", default_value = "info")]
     log: String,
@@ -63,6 +78,16 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(g) = args.grpc {
         cfg.grpc = g;
+    }
+    for (arg, key) in [
+        (args.tls_cert, &mut cfg.tls_cert),
+        (args.tls_key, &mut cfg.tls_key),
+        (args.tls_client_ca, &mut cfg.tls_client_ca),
+        (args.auth_token_file, &mut cfg.auth_token_file),
+    ] {
+        if arg.is_some() {
+            *key = arg;
+        }
     }
     if let Some(m) = args.max_blocks {
         cfg.index.max_blocks = m;

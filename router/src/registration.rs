@@ -19,8 +19,8 @@
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 
+use kvtier_net::BearerToken;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::ingest::{zmq_endpoint_mode, zmtp::Endpoint};
 use crate::workers::WorkerSpec;
@@ -320,9 +320,7 @@ fn kvbm_target(s: &str) -> Result<Target, String> {
 #[derive(Debug)]
 pub struct Registration {
     enabled: bool,
-    /// SHA-256 of the token: comparing digests takes the same time whatever
-    /// the presented token's length or content.
-    token: Option<[u8; 32]>,
+    token: Option<BearerToken>,
     ipc_dir: Option<PathBuf>,
     allow_bind: Vec<AddrPattern>,
     allow_connect: Vec<AddrPattern>,
@@ -332,17 +330,10 @@ impl Registration {
     /// Reads the token file and parses the patterns.
     pub fn from_config(c: &RegistrationConfig) -> anyhow::Result<Registration> {
         let token = match &c.token_file {
-            Some(f) => {
-                let t = std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("registration.token_file {}: {e}", f.display()))?;
-                let t = t.trim();
-                anyhow::ensure!(
-                    !t.is_empty(),
-                    "registration.token_file {}: empty",
-                    f.display()
-                );
-                Some(Sha256::digest(t.as_bytes()).into())
-            }
+            Some(f) => Some(
+                BearerToken::from_file(f)
+                    .map_err(|e| anyhow::anyhow!("registration.token_file: {e}"))?,
+            ),
             None => None,
         };
         let ipc_dir = match &c.ipc_dir {
@@ -372,9 +363,9 @@ impl Registration {
         })
     }
 
-    /// Whether calls must present a token.
-    pub fn has_token(&self) -> bool {
-        self.token.is_some()
+    /// The token registration calls must present, if any.
+    pub fn token(&self) -> Option<&BearerToken> {
+        self.token.as_ref()
     }
 
     /// Checks a call's `Authorization` value (`Bearer TOKEN`).
@@ -382,20 +373,9 @@ impl Registration {
         if !self.enabled {
             return Err(RegistrationError::Disabled);
         }
-        let Some(want) = &self.token else {
-            return Ok(());
-        };
-        // The scheme is case-insensitive (RFC 9110 11.1).
-        let presented = authorization
-            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
-            .map(|v| v[7..].trim_ascii())
-            .ok_or(RegistrationError::Unauthenticated)?;
-        let got: [u8; 32] = Sha256::digest(presented).into();
-        let diff = got.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b));
-        if diff == 0 {
-            Ok(())
-        } else {
-            Err(RegistrationError::Unauthenticated)
+        match &self.token {
+            Some(t) if !t.accepts(authorization) => Err(RegistrationError::Unauthenticated),
+            _ => Ok(()),
         }
     }
 
@@ -602,6 +582,7 @@ mod tests {
             ..RegistrationConfig::default()
         });
         assert!(r.authorize(Some(b"Bearer s3cret")).is_ok());
+        assert!(r.authorize(Some(b"bearer  s3cret ")).is_ok());
         for bad in [
             None,
             Some(&b"Bearer s3cre"[..]),

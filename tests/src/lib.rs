@@ -38,6 +38,85 @@ pub fn python_with_vllm() -> Option<PathBuf> {
     }
 }
 
+/// Test certificates in `dir` (PEM): `ours-ca.pem` and `theirs-ca.pem`, and
+/// leaves `server`, `client` (signed by ours) and `rogue` (by theirs) as
+/// `NAME.pem` + `NAME.key`, valid for 127.0.0.1 and localhost.
+pub fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).expect("write");
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let key = KeyPair::generate().expect("key");
+        write(
+            &format!("{name}-ca.pem"),
+            p.self_signed(&key).expect("self-signed").pem(),
+        );
+        Issuer::new(p, key)
+    };
+    let (ours, theirs) = (ca("ours"), ca("theirs"));
+    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
+        let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .expect("params");
+        let key = KeyPair::generate().expect("key");
+        write(
+            &format!("{name}.pem"),
+            p.signed_by(&key, issuer).expect("sign").pem(),
+        );
+        write(&format!("{name}.key"), key.serialize_pem());
+    };
+    leaf("server", &ours);
+    leaf("client", &ours);
+    leaf("rogue", &theirs);
+}
+
+/// The bearer token of [`Kvbm::start_secured`].
+pub const KVBM_TOKEN: &str = "kvbm-t0ken";
+
+/// Puts a chain of `blocks` 4 KiB blocks of model `model` (namespace
+/// `{model}-ns`, `tokens_per_block` tokens each, token ids 0, 1, ...) into
+/// the daemon behind `c`; returns the chain's token ids.
+pub async fn put_chain(
+    c: &kvtier_client::Client,
+    model: &str,
+    tokens_per_block: u32,
+    blocks: u32,
+) -> Vec<u32> {
+    use kvtier_client::v1;
+    let tokens: Vec<u32> = (0..blocks * tokens_per_block).collect();
+    c.rpc()
+        .register_namespace(v1::RegisterNamespaceRequest {
+            name: format!("{model}-ns"),
+            block_bytes: 4096,
+            layout: Some(v1::Layout {
+                model: model.into(),
+                tokens_per_block,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("register namespace");
+    let key = |j: u32| format!("block-{j}").into_bytes();
+    for (i, t) in tokens.chunks(tokens_per_block as usize).enumerate() {
+        let i = i as u32;
+        c.rpc()
+            .put(v1::PutRequest {
+                namespace: format!("{model}-ns"),
+                block: Some(v1::BlockMeta {
+                    key: key(i),
+                    parent: if i == 0 { vec![] } else { key(i - 1) },
+                    token_ids: t.to_vec(),
+                }),
+                data: vec![i as u8; 4096],
+            })
+            .await
+            .expect("put");
+    }
+    tokens
+}
+
 /// A two-thread runtime for a test's client calls.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -105,6 +184,38 @@ impl Kvbm {
             data_dir: data_dir.to_path_buf(),
             socket,
         })
+    }
+
+    /// Starts kvbm as [`Kvbm::start`] with TLS on its TCP ports, clients
+    /// needing a certificate of `ours-ca.pem` and the token [`KVBM_TOKEN`]
+    /// (file `token`); the [`certificates`] are made in `pki`.
+    pub fn start_secured(
+        data_dir: &std::path::Path,
+        pki: &std::path::Path,
+        args: &[&str],
+    ) -> anyhow::Result<Kvbm> {
+        std::fs::create_dir_all(pki)?;
+        certificates(pki);
+        std::fs::write(pki.join("token"), format!("{KVBM_TOKEN}\n"))?;
+        let f = |n: &str| pki.join(n).display().to_string();
+        let (cert, key, ca, token) = (
+            f("server.pem"),
+            f("server.key"),
+            f("ours-ca.pem"),
+            f("token"),
+        );
+        let mut all = vec![
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+            "--auth-token-file",
+            &token,
+        ];
+        all.extend_from_slice(args);
+        Kvbm::start(data_dir, &all)
     }
 
     pub fn socket_str(&self) -> String {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kvtier_client::{v1, Client, Pool};
-use kvtier_e2e::{bin, rt, Kvbm};
+use kvtier_e2e::{bin, rt, Kvbm, KVBM_TOKEN};
 
 const BLOCK: usize = 4096;
 
@@ -469,36 +469,6 @@ fn descriptor_exhaustion_and_slow_headers() {
     }
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate it
-/// signed, and a client certificate of another CA; PEM files in `dir`.
-fn certificates(dir: &std::path::Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
-    let ca = |name: &str| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} CA"));
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        write(&format!("{name}-ca.pem"), cert.pem());
-        Issuer::new(p, key)
-    };
-    let (ours, theirs) = (ca("ours"), ca("theirs"));
-    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
-        let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        write(
-            &format!("{name}.pem"),
-            p.signed_by(&key, issuer).unwrap().pem(),
-        );
-        write(&format!("{name}.key"), key.serialize_pem());
-    };
-    leaf("server", &ours);
-    leaf("client", &ours);
-    leaf("rogue", &theirs);
-}
-
 /// Finding: kvbm's TCP ports served Put, Get and Clear to anyone. With TLS,
 /// a client CA and a token, only a client holding both gets in; the Unix
 /// socket is unchanged and `/healthz` stays open.
@@ -507,29 +477,13 @@ fn tcp_listeners_require_tls_client_certificates_and_a_token() {
     use kvtier_client::Credentials;
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    certificates(&pki);
-    std::fs::write(pki.join("token"), "tok-123\n").unwrap();
-    std::fs::write(pki.join("wrong-token"), "tok-124\n").unwrap();
-    let f = |n: &str| pki.join(n).display().to_string();
-    let d = Kvbm::start(
+    let d = Kvbm::start_secured(
         &dir.path().join("data"),
-        &[
-            "--host-bytes",
-            "4MiB",
-            "--disk-bytes",
-            "0",
-            "--tls-cert",
-            &f("server.pem"),
-            "--tls-key",
-            &f("server.key"),
-            "--tls-client-ca",
-            &f("ours-ca.pem"),
-            "--auth-token-file",
-            &f("token"),
-        ],
+        &pki,
+        &["--host-bytes", "4MiB", "--disk-bytes", "0"],
     )
     .unwrap();
+    std::fs::write(pki.join("wrong-token"), "not-the-token\n").unwrap();
     let https = d.grpc.replace("http://", "https://");
     let creds = |cert: &str, token: &str| Credentials {
         tls_ca: Some(pki.join("ours-ca.pem")),
@@ -596,8 +550,8 @@ fn tcp_listeners_require_tls_client_certificates_and_a_token() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     assert_eq!(curl("/metrics", "client", None), "401");
-    assert_eq!(curl("/metrics", "client", Some("tok-124")), "401");
-    assert_eq!(curl("/metrics", "client", Some("tok-123")), "200");
+    assert_eq!(curl("/metrics", "client", Some("not-the-token")), "401");
+    assert_eq!(curl("/metrics", "client", Some(KVBM_TOKEN)), "200");
     assert_eq!(curl("/healthz", "client", None), "200");
     assert_eq!(
         curl("/healthz", "rogue", None),

@@ -5,8 +5,8 @@ use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvtier_client::{v1, Client};
-use kvtier_e2e::{bin, Kvbm};
+use kvtier_client::Client;
+use kvtier_e2e::{bin, put_chain, Kvbm};
 
 struct Router {
     child: Child,
@@ -88,39 +88,10 @@ fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
         assert!(status == 200 || status == 201, "{status} {resp}");
     }
     // Worker b's kvbm stores a 4-block prefix (tokens 0..64).
-    let tokens: Vec<u32> = (0..4 * BLOCK_TOKENS).collect();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let tokens = rt.block_on(async {
         let c = Client::connect(&b.socket_str()).await.unwrap();
-        c.rpc()
-            .register_namespace(v1::RegisterNamespaceRequest {
-                name: "m-ns".into(),
-                block_bytes: 4096,
-                layout: Some(v1::Layout {
-                    model: "m".into(),
-                    tokens_per_block: BLOCK_TOKENS,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
-        for i in 0..4u32 {
-            let key = |j: u32| format!("block-{j}").into_bytes();
-            c.rpc()
-                .put(v1::PutRequest {
-                    namespace: "m-ns".into(),
-                    block: Some(v1::BlockMeta {
-                        key: key(i),
-                        parent: if i == 0 { vec![] } else { key(i - 1) },
-                        token_ids: tokens
-                            [(i * BLOCK_TOKENS) as usize..((i + 1) * BLOCK_TOKENS) as usize]
-                            .to_vec(),
-                    }),
-                    data: vec![i as u8; 4096],
-                })
-                .await
-                .unwrap();
-        }
+        put_chain(&c, "m", BLOCK_TOKENS, 4).await
     });
     // The request shares the 4 blocks and adds 2 of its own.
     let mut request = tokens.clone();

@@ -258,6 +258,8 @@ pub fn app(state: Arc<HttpState>) -> axum::Router {
         .route("/v1/workers/{id}", delete(delete_worker))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        // The name kvbm and Kubernetes probes use.
+        .route("/healthz", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

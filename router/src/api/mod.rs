@@ -4,6 +4,14 @@
 //! - [`grpc`]: `kvtier.router.v1.Router` and `grpc.health.v1.Health`.
 //! - [`ext_proc`]: the Envoy `ext_proc` endpoint picker.
 //! - [`proto`]: the generated protobuf code.
+//!
+//! Both listeners take the same TLS files (`tls_cert`, `tls_key`, mutual
+//! with `tls_client_ca`) and the same bearer token (`auth_token_file`),
+//! through `kvtier-net`. The token is asked of every HTTP request but the
+//! health probes, and of every gRPC call but `grpc.health.v1`, ext_proc
+//! included: Envoy sends it as `grpc_service.initial_metadata`; a gateway
+//! that cannot is authenticated by its client certificate instead (set
+//! `tls_client_ca` and no token).
 
 pub mod ext_proc;
 pub mod grpc;
@@ -26,7 +34,7 @@ use crate::ingest::{
 use crate::registration::Registration;
 use crate::route::{Router, MAX_BODY_BYTES};
 use crate::workers::{spawn_scraper, Guard, Spawner, Worker, Workers};
-use kvtier_net::{AcceptOptions, Incoming};
+use kvtier_net::{AcceptOptions, BearerToken, Incoming};
 
 /// A running router.
 pub struct Running {
@@ -74,8 +82,75 @@ impl Drop for Running {
     }
 }
 
+/// Who may use the listeners: everyone without a token; with one, callers
+/// presenting it, or the registration token (registration calls need that
+/// one, and a request carries a single `Authorization`).
+#[derive(Debug)]
+struct ApiAuth {
+    token: Option<BearerToken>,
+    registration: Option<BearerToken>,
+}
+
+impl ApiAuth {
+    fn allows(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(t) = &self.token else {
+            return true;
+        };
+        t.accepts(authorization)
+            || self
+                .registration
+                .as_ref()
+                .is_some_and(|r| r.accepts(authorization))
+    }
+}
+
+/// Paths served without a token, for load balancers' probes.
+const OPEN_PATHS: [&str; 2] = ["/health", "/healthz"];
+
+/// The HTTP gate of [`ApiAuth`]: 401 with `WWW-Authenticate: Bearer`.
+async fn http_auth(
+    axum::extract::State(auth): axum::extract::State<Arc<ApiAuth>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if OPEN_PATHS.contains(&req.uri().path()) || auth.allows(presented) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(serde_json::json!({"error": "a bearer token is required"})),
+    )
+        .into_response()
+}
+
+/// The gRPC gate of [`ApiAuth`], as a tonic interceptor.
+fn grpc_auth(
+    auth: Arc<ApiAuth>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| {
+        let presented = req.metadata().get("authorization").map(|v| v.as_bytes());
+        if auth.allows(presented) {
+            Ok(req)
+        } else {
+            Err(tonic::Status::unauthenticated("a bearer token is required"))
+        }
+    }
+}
+
 /// The spawner of a worker's event subscriptions and metrics scraper.
-fn spawner(sink: Arc<dyn EventSink>, metrics: Arc<IngestMetrics>, scrape: Duration) -> Spawner {
+fn spawner(
+    sink: Arc<dyn EventSink>,
+    metrics: Arc<IngestMetrics>,
+    scrape: Duration,
+    kvbm_credentials: kvtier_client::Credentials,
+) -> Spawner {
     Arc::new(move |w: &Arc<Worker>| {
         let mut guards: Vec<Guard> = Vec::new();
         let s = &w.spec;
@@ -86,7 +161,8 @@ fn spawner(sink: Arc<dyn EventSink>, metrics: Arc<IngestMetrics>, scrape: Durati
             guards.push(Box::new(spawn_engine(sub, sink.clone(), metrics.clone())));
         }
         if let Some(kvbm) = &s.kvbm {
-            let sub = KvbmSubscription::new(w.id.clone(), kvbm.clone());
+            let mut sub = KvbmSubscription::new(w.id.clone(), kvbm.clone());
+            sub.credentials = kvbm_credentials.clone();
             guards.push(Box::new(spawn_kvbm(sub, sink.clone(), metrics.clone())));
         }
         if let Some(g) = spawn_scraper(w, scrape) {
@@ -104,6 +180,26 @@ const MAX_GRPC_MESSAGE: usize = MAX_BODY_BYTES + (1 << 20);
 /// inside a Tokio runtime.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let registration = Arc::new(Registration::from_config(&cfg.registration)?);
+    // Bad TLS, token or credential files are start-up errors, named.
+    let tls = cfg.tls()?;
+    let http_tls = match &tls {
+        Some(t) => Some(t.server_config().context("TLS configuration")?),
+        None => None,
+    };
+    let grpc_tls = match &tls {
+        Some(t) => Some(t.tonic_config().context("TLS configuration")?),
+        None => None,
+    };
+    let token = match &cfg.auth_token_file {
+        Some(f) => Some(BearerToken::from_file(f).context("auth_token_file")?),
+        None => None,
+    };
+    let authenticated = token.is_some() || tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let auth = Arc::new(ApiAuth {
+        token,
+        registration: registration.token().cloned(),
+    });
+    let kvbm_credentials = cfg.kvbm_client.credentials()?;
     let index = Arc::new(Index::new(cfg.index.to_index_config()));
     let ingest_metrics = Arc::new(IngestMetrics::new());
     let sink: Arc<dyn EventSink> = index.clone();
@@ -113,6 +209,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             sink,
             ingest_metrics.clone(),
             Duration::from_millis(cfg.load.scrape_interval_ms),
+            kvbm_credentials,
         )),
     ));
     for w in &cfg.workers {
@@ -136,12 +233,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let http_addr = http_l.local_addr()?;
     let grpc_addr = grpc_l.local_addr()?;
     for (listener, addr) in [("HTTP", http_addr), ("gRPC", grpc_addr)] {
-        if !kvtier_net::is_loopback(&addr) && !registration.has_token() {
+        if !kvtier_net::is_loopback(&addr) && !authenticated {
             tracing::warn!(
                 listener, %addr,
-                "listening beyond loopback without authentication: anyone who can reach it \
-                 can route, list workers{}",
-                if cfg.registration.enabled {
+                "listening beyond loopback without authentication (set auth_token_file or \
+                 tls_client_ca): anyone who can reach it can route, list workers{}",
+                if cfg.registration.enabled && registration.token().is_none() {
                     " and add or remove them (set registration.token_file, or registration.enabled = false)"
                 } else {
                     ""
@@ -158,39 +255,52 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         router: router.clone(),
         registry,
         registration: registration.clone(),
-    }));
+    }))
+    .layer(axum::middleware::from_fn_with_state(
+        auth.clone(),
+        http_auth,
+    ));
     let http_task = tokio::spawn(kvtier_net::serve_http(
         Incoming::new(http_l, "HTTP", AcceptOptions::default()),
         app,
         kvtier_net::HttpOptions {
             shutdown_grace: SHUTDOWN_GRACE,
+            tls: http_tls,
             ..Default::default()
         },
         until_stopped(stopped.clone()),
     ));
     let grpc_router = router.clone();
     let grpc_stop = until_stopped(stopped);
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(t) = grpc_tls {
+        grpc_builder = grpc_builder.tls_config(t).context("TLS configuration")?;
+    }
     let grpc_task = tokio::spawn(async move {
         use proto::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
         use proto::grpc::health::v1::health_server::HealthServer;
         use proto::kvtier::router::v1::router_server::RouterServer;
-        let r = tonic::transport::Server::builder()
+        use tonic::service::interceptor::InterceptedService;
+        let r = grpc_builder
             // A peer that stops answering pings is gone: free its slot.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(
+            .add_service(InterceptedService::new(
                 RouterServer::new(grpc::RouterService {
                     router: grpc_router.clone(),
                     registration,
                 })
                 .max_decoding_message_size(MAX_GRPC_MESSAGE),
-            )
-            .add_service(
+                grpc_auth(auth.clone()),
+            ))
+            .add_service(InterceptedService::new(
                 ExternalProcessorServer::new(Arc::new(ext_proc::ExtProcService {
                     router: grpc_router,
                 }))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE),
-            )
+                grpc_auth(auth),
+            ))
+            // Health stays open, like `/healthz`: probes carry no token.
             .add_service(HealthServer::new(grpc::HealthService))
             .serve_with_incoming_shutdown(
                 Incoming::new(grpc_l, "gRPC", AcceptOptions::default()),

@@ -1,5 +1,7 @@
 //! kvbm event streams: `SubscribeEvents(from_seq, incarnation)` over gRPC
-//! (TCP `http://host:port` or a Unix socket `unix:/path`).
+//! (TCP `http://host:port`, `https://host:port` with the subscription's
+//! credentials, or a Unix socket `unix:/path`), dialled through
+//! `kvtier_client` like every other kvbm client.
 //!
 //! Rules: batches are applied in seq order; a seq already applied is
 //! skipped; a gap on the live stream resubscribes from last + 1 (the
@@ -13,11 +15,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use kvtier_proto::v1::kvbm_client::KvbmClient;
+use kvtier_client::{Client, Credentials, Rpc};
 use kvtier_proto::v1::{self as pb, event::Kind};
 use parking_lot::Mutex;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
 
 use super::decode::{bytes_hash, DecodeError, DecodeErrorKind};
 use super::metrics::IngestMetrics;
@@ -30,8 +30,11 @@ pub struct KvbmSubscription {
     /// The worker whose node the daemon serves (its blocks count for this
     /// worker; `dp_rank` 0).
     pub worker: WorkerId,
-    /// `http://host:port` or `unix:/path/to/kvbm.sock`.
+    /// `http://host:port`, `https://host:port` or `unix:/path/to/kvbm.sock`.
     pub endpoint: String,
+    /// What a TCP endpoint is given: TLS trust, a client certificate, a
+    /// token (`[kvbm_client]`). Default none.
+    pub credentials: Credentials,
     pub options: StreamOptions,
 }
 
@@ -40,6 +43,7 @@ impl KvbmSubscription {
         KvbmSubscription {
             worker: worker.into(),
             endpoint: endpoint.into(),
+            credentials: Credentials::default(),
             options: StreamOptions::default(),
         }
     }
@@ -253,28 +257,20 @@ fn keys(ks: &[Vec<u8>]) -> Result<Vec<EngineHash>, DecodeError> {
     ks.iter().map(|k| key(k)).collect()
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
-    if let Some(path) = endpoint.strip_prefix("unix:") {
-        let path = path.trim_start_matches("//").to_owned();
-        let ep = TonicEndpoint::try_from("http://kvbm.local")
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout);
-        ep.connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }
-        }))
-        .await
-        .map_err(|e| e.to_string())
+async fn connect(endpoint: &str, creds: &Credentials, timeout: Duration) -> Result<Rpc, String> {
+    // kvtier_client reads any address that is not a URL as a socket path;
+    // only the forms this module documents are dialled.
+    let addr = if let Some(path) = endpoint.strip_prefix("unix:") {
+        format!("unix:{}", path.trim_start_matches("//"))
+    } else if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        endpoint.to_owned()
     } else {
-        TonicEndpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())
+        return Err("only http://, https:// and unix: addresses are supported".into());
+    };
+    match tokio::time::timeout(timeout, Client::connect_with(&addr, creds)).await {
+        Ok(Ok(c)) => Ok(c.rpc()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {timeout:?}")),
     }
 }
 
@@ -294,6 +290,12 @@ async fn run(cfg: KvbmSubscription, sink: Arc<dyn EventSink>, metrics: Arc<Inges
         tiers: KVBM_TIERS.into_iter().collect(),
         logged: Mutex::new(HashSet::new()),
     };
+    if st.cfg.endpoint.starts_with("https://") && st.cfg.credentials.tls_ca.is_none() {
+        // Every attempt fails the same way; the daemon being down is
+        // otherwise the usual reason, hence debug-level connect errors.
+        tracing::warn!(worker = %st.cfg.worker, endpoint = %st.cfg.endpoint,
+            "an https:// kvbm address needs kvbm_client.tls_ca: the subscription cannot connect");
+    }
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
     let mut ever = false;
     // set when a gap asks for a resubscription without waiting
@@ -304,7 +306,7 @@ async fn run(cfg: KvbmSubscription, sink: Arc<dyn EventSink>, metrics: Arc<Inges
             tokio::time::sleep(backoff.next_delay()).await;
         }
         resume_now = false;
-        let channel = match connect(&st.cfg.endpoint, opts.connect_timeout).await {
+        let rpc = match connect(&st.cfg.endpoint, &st.cfg.credentials, opts.connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(worker = %st.cfg.worker, endpoint = %st.cfg.endpoint, error = %e, "kvbm connect failed");
@@ -319,7 +321,7 @@ async fn run(cfg: KvbmSubscription, sink: Arc<dyn EventSink>, metrics: Arc<Inges
             from_seq,
             incarnation: st.incarnation.clone().unwrap_or_default(),
         };
-        let mut client = KvbmClient::new(channel).max_decoding_message_size(opts.max_message_bytes);
+        let mut client = rpc.max_decoding_message_size(opts.max_message_bytes);
         let mut stream = match client.subscribe_events(req).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
