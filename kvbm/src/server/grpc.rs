@@ -10,7 +10,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::events::Resume;
-use crate::store::{Owner, Session, SlotGrant, Store};
+use crate::store::{Session, SlotGrant, Store};
 
 pub struct Service {
     store: Arc<Store>,
@@ -49,10 +49,7 @@ fn session<T>(req: &Request<T>, id: u64) -> Result<Session, Status> {
         })?;
     Ok(Session {
         id,
-        owner: Owner::Process {
-            pid: cred.pid().map_or(0, |p| p.max(0) as u32),
-            uid: cred.uid(),
-        },
+        owner: super::owner_of(&cred),
     })
 }
 

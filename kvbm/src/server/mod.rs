@@ -21,6 +21,15 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::Store;
 
+/// The owner a Unix-socket peer's credentials make: the pool socket records
+/// it on a new session, the gRPC socket claims it on every session call.
+fn owner_of(cred: &tokio::net::unix::UCred) -> crate::store::Owner {
+    crate::store::Owner::Process {
+        pid: cred.pid().map_or(0, |p| p.max(0) as u32),
+        uid: cred.uid(),
+    }
+}
+
 /// Where a running daemon listens (ports resolved when `:0` was asked).
 #[derive(Debug, Clone)]
 pub struct Listening {

@@ -40,10 +40,7 @@ pub async fn serve(mut incoming: Incoming<UnixListener>, store: Arc<Store>) {
                 continue;
             }
         };
-        let owner = Owner::Process {
-            pid: cred.pid().map_or(0, |p| p.max(0) as u32),
-            uid: cred.uid(),
-        };
+        let owner = super::owner_of(&cred);
         let store = store.clone();
         let spawned = std::thread::Builder::new()
             .name("kvbm-session".into())
