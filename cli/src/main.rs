@@ -46,8 +46,17 @@ enum Cmd {
     },
     /// Longest prefix of a key chain present, per tier.
     Lookup(blocks::LookupArgs),
-    /// Wait until write-behind is on disk; prints the durable block count.
-    Sync,
+    /// Wait until write-behind is on disk; prints the durable block count
+    /// and the blocks that are not durable (their write was dropped or
+    /// failed). Exits 1 when some are not.
+    Sync {
+        /// Write dropped blocks again, waiting for room in the write queue.
+        #[arg(long)]
+        retry_dropped: bool,
+        /// List the blocks that are not durable (namespace and hex key).
+        #[arg(long)]
+        list: bool,
+    },
     /// Daemon statistics.
     Stats {
         /// One JSON object instead of a table.
@@ -106,10 +115,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Ns { cmd } => blocks::ns(&connect(&cli.socket).await?, cmd).await,
         Cmd::Block { cmd } => blocks::block(&connect(&cli.socket).await?, cmd).await,
         Cmd::Lookup(args) => blocks::lookup(&connect(&cli.socket).await?, args).await,
-        Cmd::Sync => {
-            let n = connect(&cli.socket).await?.sync().await?;
-            println!("{n} blocks durable on disk");
-            Ok(ExitCode::SUCCESS)
+        Cmd::Sync {
+            retry_dropped,
+            list,
+        } => {
+            let req = kvtier_proto::v1::SyncRequest {
+                retry_dropped,
+                list_not_durable: list,
+            };
+            let r = connect(&cli.socket).await?.sync_report(req).await?;
+            println!(
+                "{} blocks durable on disk; {} not durable (write dropped or failed); \
+                 {} lost before being written",
+                r.durable_blocks, r.not_durable, r.lost
+            );
+            for b in &r.not_durable_blocks {
+                println!("not durable: {} {}", b.namespace, kvbm::store::hex(&b.key));
+            }
+            Ok(if r.not_durable > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Stats { json } => blocks::stats(&connect(&cli.socket).await?, json).await,
     }

@@ -3,15 +3,18 @@
 //!
 //! Entries live in a slab (`Vec<Entry>`, ids are `u32`) found through a hash
 //! table of ids, so the per-block cost stays near 110 bytes (see
-//! [`Index::memory_bytes`]). Parent links are ids tagged with a few bits of
-//! the parent key's hash: an id reused by another block after its parent was
-//! removed is detected and ignored, which can only affect eviction order,
-//! never data.
+//! [`Index::memory_bytes`]). Parent links are ids tagged with the number of
+//! the parent's insertion: an id reused after its parent was removed — by
+//! another block, or by the same key put again — is detected and ignored,
+//! so a child never counts toward a parent it was not linked to.
 //!
 //! Host eviction respects prefixes: a block is evictable only when no child
 //! of it is in host memory and nobody pins it; among those, least recently
-//! used first (an intrusive list). A block whose last host child goes away is
-//! queued as the next victim, so chains are trimmed from their tail.
+//! used first (an intrusive list kept in order of each block's last use).
+//! A use is a commit or a read; a block that becomes evictable again (its
+//! lease released, its write-behind done, its last host child evicted) goes
+//! back to the place its last use gives it, not to either end: a block just
+//! read is never the next victim, and a chain is trimmed from its tail.
 
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64;
@@ -126,9 +129,15 @@ pub struct Entry {
     pub loading: bool,
     /// A write-behind of this block is in flight.
     pub writing: bool,
+    /// The block's write-behind was dropped or failed: it is not durable
+    /// (what `Sync` reports, and what it can retry).
+    pub undurable: bool,
     pub ns: u32,
     parent: u32,
     parent_tag: u32,
+    /// This entry's insertion number (wrapping), what children's
+    /// `parent_tag` refers to.
+    tag: u32,
     /// Children of this block that have a host copy.
     pub host_children: u32,
     /// Leases, reservations and in-flight I/O holding the host copy.
@@ -139,6 +148,8 @@ pub struct Entry {
     /// xxh3-64 of the bytes once written to disk (0 before).
     pub checksum: u64,
     pub hits: u32,
+    /// The index clock at the block's last use (commit or read).
+    last_use: u64,
     lru_prev: u32,
     lru_next: u32,
     in_lru: bool,
@@ -177,6 +188,10 @@ pub struct Index {
     lru_head: u32,
     lru_tail: u32,
     live: usize,
+    /// Counts uses; orders the eviction list.
+    clock: u64,
+    /// Counts insertions; tags entries.
+    inserts: u32,
 }
 
 impl Index {
@@ -240,19 +255,23 @@ impl Index {
             state,
             loading: false,
             writing: false,
+            undurable: false,
             ns,
             parent,
             parent_tag,
+            tag: self.inserts,
             host_children: 0,
             pins: 0,
             host: NO_SLOT,
             disk: PackedDisk::NONE,
             checksum: 0,
             hits: 0,
+            last_use: 0,
             lru_prev: NONE,
             lru_next: NONE,
             in_lru: false,
         };
+        self.inserts = self.inserts.wrapping_add(1);
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = entry;
@@ -295,8 +314,7 @@ impl Index {
     }
 
     fn tag_of(&self, id: u32) -> u32 {
-        let e = &self.entries[id as usize];
-        hash(e.ns, &e.key) as u32
+        self.entries[id as usize].tag
     }
 
     /// The parent's id, when it is still the block this entry was linked to.
@@ -337,16 +355,26 @@ impl Index {
         if let Some(p) = self.parent_of(id) {
             let pe = &mut self.entries[p as usize];
             pe.host_children = pe.host_children.saturating_sub(1);
-            // The parent is now the natural next victim of this chain.
+            // The parent may be evictable now, in the place its last use
+            // gives it (no later than the child it outlived).
             self.refresh(p, false);
         }
         Some(slot)
     }
 
+    /// Records a use of `id` now (a commit or a read).
+    pub fn touch(&mut self, id: u32) {
+        self.clock += 1;
+        self.entries[id as usize].last_use = self.clock;
+    }
+
     /// Puts `id` in the eviction order if it is evictable (a ready, unpinned
-    /// host copy with no host children), at the MRU end when `used`, else at
-    /// the LRU end; takes it out otherwise.
+    /// host copy with no host children), at the place its last use gives it;
+    /// takes it out otherwise. `used`: it is being used now.
     pub fn refresh(&mut self, id: u32, used: bool) {
+        if used {
+            self.touch(id);
+        }
         let e = &self.entries[id as usize];
         let evictable = e.state == State::Ready
             && e.has_host()
@@ -361,11 +389,81 @@ impl Index {
             return;
         }
         self.lru_unlink(id);
-        if used {
-            self.lru_push_back(id);
-        } else {
-            self.lru_push_front(id);
+        self.lru_insert_by_use(id);
+    }
+
+    /// Inserts `id` after the last block used before it. The walk starts at
+    /// the nearer end (a block is usually just used, or long unused) and is
+    /// bounded: past `MAX_WALK` steps the order is approximate, which can
+    /// only make an eviction slightly early or late, never wrong.
+    fn lru_insert_by_use(&mut self, id: u32) {
+        const MAX_WALK: usize = 4096;
+        let mine = self.entries[id as usize].last_use;
+        let (head, tail) = (self.lru_head, self.lru_tail);
+        if tail == NONE || self.entries[tail as usize].last_use <= mine {
+            return self.lru_push_back(id);
         }
+        if self.entries[head as usize].last_use > mine {
+            return self.lru_push_front(id);
+        }
+        let from_tail = self.entries[tail as usize].last_use - mine
+            <= mine - self.entries[head as usize].last_use;
+        // `after`: the block to insert behind (used at or before `mine`).
+        let mut after;
+        if from_tail {
+            after = tail;
+            for _ in 0..MAX_WALK {
+                if self.entries[after as usize].last_use <= mine {
+                    break;
+                }
+                let prev = self.entries[after as usize].lru_prev;
+                if prev == NONE {
+                    return self.lru_push_front(id);
+                }
+                after = prev;
+            }
+        } else {
+            after = head;
+            for _ in 0..MAX_WALK {
+                let next = self.entries[after as usize].lru_next;
+                if next == NONE || self.entries[next as usize].last_use > mine {
+                    break;
+                }
+                after = next;
+            }
+        }
+        let next = self.entries[after as usize].lru_next;
+        {
+            let e = &mut self.entries[id as usize];
+            e.lru_prev = after;
+            e.lru_next = next;
+            e.in_lru = true;
+        }
+        self.entries[after as usize].lru_next = id;
+        if next == NONE {
+            self.lru_tail = id;
+        } else {
+            self.entries[next as usize].lru_prev = id;
+        }
+    }
+
+    /// Evictable blocks from the next victim on, at most `n`.
+    pub fn lru_iter(&self, n: usize) -> impl Iterator<Item = u32> + '_ {
+        let mut at = self.lru_head;
+        std::iter::from_fn(move || {
+            if at == NONE {
+                return None;
+            }
+            let id = at;
+            at = self.entries[id as usize].lru_next;
+            Some(id)
+        })
+        .take(n)
+    }
+
+    /// Whether `id` is in the eviction order (evictable now).
+    pub fn is_evictable(&self, id: u32) -> bool {
+        self.entries[id as usize].in_lru
     }
 
     /// The next host victim, if any block is evictable.

@@ -6,7 +6,9 @@
 //! path for local clients.
 //!
 //! - [`config`]: flags, environment, TOML file and their defaults.
-//! - [`store`]: the block store every API call goes through.
+//! - [`store`]: the block store every API call goes through: the block
+//!   table and the drivers (host pool, disk, journal) that carry it out.
+//! - [`table`]: the block table: blocks, tiers, sessions, leases; no I/O.
 //! - [`index`]: the in-memory block index and host eviction order.
 //! - [`pool`]: the shared-memory host pool and its slot allocator.
 //! - [`disk`]: the NVMe tier (io_uring, `O_DIRECT`, append-only regions).
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod store;
+pub mod table;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub misses: Counter,
     pub evictions: Family<TierLabels, Counter>,
     pub dropped_writes: Counter,
+    pub lost_writes: Counter,
     pub checksum_failures: Counter,
     pub degraded: Family<TierLabels, Gauge>,
     pub disk_latency: Family<OpLabels, Histogram>,
@@ -61,6 +62,7 @@ impl Metrics {
             misses: Counter::default(),
             evictions: Family::default(),
             dropped_writes: Counter::default(),
+            lost_writes: Counter::default(),
             checksum_failures: Counter::default(),
             degraded: Family::default(),
             // 50 µs .. ~1.6 s
@@ -86,8 +88,13 @@ impl Metrics {
         registry.register("evictions", "Blocks evicted", m.evictions.clone());
         registry.register(
             "dropped_writes",
-            "Write-behind blocks dropped (queue full, degraded disk)",
+            "Write-behind blocks dropped (queue full, degraded disk) or failed",
             m.dropped_writes.clone(),
+        );
+        registry.register(
+            "lost_writes",
+            "Blocks whose write-behind was dropped and that left host memory unwritten",
+            m.lost_writes.clone(),
         );
         registry.register(
             "checksum_failures",

@@ -188,6 +188,20 @@ impl Extents {
         Some(off)
     }
 
+    /// The length of the free extent starting at `off`, if one does.
+    pub fn free_at(&self, off: u64) -> Option<u64> {
+        self.free.get(&off).copied()
+    }
+
+    /// The start of the free extent ending at `end`, if one does.
+    pub fn free_ending_at(&self, end: u64) -> Option<u64> {
+        self.free
+            .range(..end)
+            .next_back()
+            .filter(|(&off, &len)| off + len == end)
+            .map(|(&off, _)| off)
+    }
+
     /// Returns `[off, off + size)` to the free space.
     pub fn release(&mut self, off: u64, size: u64) {
         let mut start = off;

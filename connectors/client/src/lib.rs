@@ -219,13 +219,19 @@ impl Client {
     }
 
     /// Waits until write-behind is on disk; returns the durable block count.
+    /// Waits for the write-behind issued so far; the blocks durable on disk.
     pub async fn sync(&self) -> Result<u64> {
         Ok(self
-            .rpc()
-            .sync(v1::SyncRequest {})
+            .sync_report(v1::SyncRequest::default())
             .await?
-            .into_inner()
             .durable_blocks)
+    }
+
+    /// [`Client::sync`] with its options and the full report: what is not
+    /// durable, and (`retry_dropped`) dropped writes retried with
+    /// back-pressure.
+    pub async fn sync_report(&self, req: v1::SyncRequest) -> Result<v1::SyncResponse> {
+        Ok(self.rpc().sync(req).await?.into_inner())
     }
 
     pub async fn stats(&self) -> Result<v1::StatsResponse> {

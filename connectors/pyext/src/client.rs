@@ -480,7 +480,7 @@ impl Client {
     /// Waits until write-behind is durable; returns the durable block count.
     fn sync(&self, py: Python<'_>) -> PyResult<u64> {
         self.call(py, |mut c| async move {
-            Ok(c.sync(v1::SyncRequest {})
+            Ok(c.sync(v1::SyncRequest::default())
                 .await?
                 .into_inner()
                 .durable_blocks)

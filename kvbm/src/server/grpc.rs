@@ -153,13 +153,25 @@ impl Kvbm for Service {
 
     async fn sync(
         &self,
-        _: Request<pb::SyncRequest>,
+        req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let store = self.store.clone();
-        let durable_blocks = tokio::task::spawn_blocking(move || store.sync())
-            .await
-            .map_err(|e| Status::internal(format!("sync task: {e}")))??;
-        Ok(Response::new(pb::SyncResponse { durable_blocks }))
+        let req = req.into_inner();
+        let report = tokio::task::spawn_blocking(move || {
+            store.sync(req.retry_dropped, req.list_not_durable)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("sync task: {e}")))??;
+        Ok(Response::new(pb::SyncResponse {
+            durable_blocks: report.durable_blocks,
+            not_durable: report.not_durable,
+            lost: report.lost,
+            not_durable_blocks: report
+                .not_durable_blocks
+                .into_iter()
+                .map(|(namespace, key)| pb::BlockName { namespace, key })
+                .collect(),
+        }))
     }
 
     type SubscribeEventsStream = EventStream;

@@ -1,0 +1,501 @@
+//! The block table against simple models, under random operations.
+//!
+//! - `lru_matches_a_model`: one namespace, no chains. Puts, reads (leases
+//!   held for a while or released at once), write-behinds finishing in any
+//!   order, loads from disk. The host tier must hold exactly what a plain
+//!   least-recently-used model holds: a read or a load makes a block
+//!   recent, a pinned block is never evicted.
+//! - `random_operations_keep_invariants`: two namespaces of different block
+//!   sizes, chains, sessions, aborts, evictions, clears, recycled regions,
+//!   corrupt and failed loads. After every step the table's own structures
+//!   agree (no slot held twice, the pool never over-committed, counts
+//!   right, leased blocks in host memory, each parent knowing its children
+//!   in host memory), and every lookup is a prefix of present blocks.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+const SLOT: u64 = 4096;
+
+fn key(i: u64) -> Key {
+    Key::new(&i.to_be_bytes()).unwrap()
+}
+
+fn new_block(i: u64, parent: Option<u64>) -> NewBlock {
+    NewBlock {
+        key: i.to_be_bytes().to_vec(),
+        parent: parent.map(|p| p.to_be_bytes().to_vec()).unwrap_or_default(),
+        tokens: vec![i as u32],
+    }
+}
+
+fn record(ns: u32, k: Key) -> BlockRecord {
+    BlockRecord {
+        ns,
+        key: k.as_bytes().to_vec(),
+        parent: vec![],
+        tokens: vec![],
+        size: SLOT,
+        checksum: 0,
+        disk: None,
+        hits: 0,
+    }
+}
+
+impl BlockTable {
+    /// Checks the table's structures against each other.
+    fn check(&self, pool: u64) {
+        let mut used = 0u64;
+        let mut end = 0u64;
+        let mut host_ready = 0u64;
+        for (&off, &id) in &self.slots {
+            let e = self.index.get(id);
+            assert_eq!(e.host, off, "slot map and entry disagree");
+            assert!(off >= end, "slots overlap at {off}");
+            let len = self.slot_len(id);
+            end = off + len;
+            used += len;
+            if e.state == State::Ready {
+                host_ready += 1;
+            }
+        }
+        assert!(end <= pool, "slot past the pool");
+        assert_eq!(used + self.extents.free_bytes(), pool / SLOT * SLOT);
+        assert_eq!(host_ready, self.host_blocks, "host block count");
+        let mut on_disk = 0;
+        let mut pins: HashMap<u32, u32> = HashMap::new();
+        let mut children: HashMap<u32, u32> = HashMap::new();
+        for id in self.index.ids() {
+            let e = self.index.get(id);
+            on_disk += e.has_disk() as u64;
+            if e.has_host() {
+                assert_eq!(self.slots.get(&e.host), Some(&id), "entry's slot unmapped");
+            }
+            *pins.entry(id).or_default() += e.writing as u32 + e.loading as u32;
+            if e.has_host() {
+                if let Some(p) = self.index.parent_of(id) {
+                    *children.entry(p).or_default() += 1;
+                }
+            }
+        }
+        // Each block counts its children in host memory right, so a parent
+        // is never a victim before its children there.
+        for id in self.index.ids() {
+            let e = self.index.get(id);
+            let n = children.get(&id).copied().unwrap_or(0);
+            assert_eq!(e.host_children, n, "host children of {id}");
+            assert!(!self.index.is_evictable(id) || n == 0);
+        }
+        assert_eq!(on_disk, self.disk_blocks, "disk block count");
+        for l in self.sessions.leases.values() {
+            for &id in &l.ids {
+                *pins.entry(id).or_default() += 1;
+                let e = self.index.get(id);
+                assert!(
+                    e.state == State::Ready && e.has_host(),
+                    "leased block lost its slot"
+                );
+            }
+        }
+        for s in self.sessions.open.values() {
+            for r in s.reservations.values() {
+                *pins.entry(r.id).or_default() += 1;
+                assert_eq!(self.index.get(r.id).state, State::Reserved);
+            }
+        }
+        for (id, n) in pins {
+            assert_eq!(self.index.get(id).pins, n, "pins of {id}");
+        }
+    }
+
+    fn host_keys(&self, ns: u32) -> HashSet<Key> {
+        self.blocks()
+            .into_iter()
+            .filter(|&(n, _, host, _)| n == ns && host)
+            .map(|(_, k, _, _)| k)
+            .collect()
+    }
+}
+
+fn put(t: &mut BlockTable, s: Session, ns: u32, blocks: Vec<NewBlock>) -> Result<Vec<Committed>> {
+    let keys: Vec<Key> = blocks.iter().map(|b| Key::new(&b.key).unwrap()).collect();
+    t.reserve(s, ns, blocks, Instant::now())?;
+    t.commit(s, ns, &keys)
+}
+
+/// Acquires `keys`, completing loads with `outcome`; returns the lease.
+fn read(
+    t: &mut BlockTable,
+    s: Session,
+    ns: u32,
+    keys: &[Key],
+    outcome: LoadOutcome,
+) -> (u64, usize) {
+    let a = t.acquire(s, ns, keys, Instant::now()).unwrap();
+    let mut good = usize::MAX;
+    for job in &a.loads {
+        if t.load_done(job, outcome) != Some(true) {
+            let pos = a.waits.iter().find(|w| w.1 == job.id).unwrap().0;
+            good = good.min(pos);
+        }
+    }
+    let (lease, grants) = t.finish_acquire(s, &a, keys.len(), good).unwrap();
+    (lease, grants.len())
+}
+
+fn disk_at(n: u64) -> WriteOutcome {
+    WriteOutcome::Written {
+        disk: DiskRef {
+            region: (n % 4) as u32,
+            generation: 1,
+            offset: n * SLOT,
+        },
+        len: SLOT as u32,
+        checksum: n,
+    }
+}
+
+#[test]
+fn lru_matches_a_model() {
+    for seed in 0..40 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let slots = 12u64;
+        let mut t = BlockTable::new(slots * SLOT, Duration::from_secs(60));
+        t.add_namespace(1, SLOT);
+        let s = t.open_session(Owner::Daemon);
+        // Model: last use of every block in host memory; pins; disk copies.
+        let mut clock = 0u64;
+        let mut host: HashMap<u64, u64> = HashMap::new();
+        let mut disk: HashSet<u64> = HashSet::new();
+        let mut pins: HashMap<u64, u32> = HashMap::new();
+        let mut leases: Vec<(u64, u64)> = Vec::new();
+        let mut writes: Vec<(WriteJob, u64)> = Vec::new();
+        let mut writes_done = 0u64;
+
+        // The model's victim: least recently used unpinned host block.
+        let evict_one = |host: &mut HashMap<u64, u64>, pins: &HashMap<u64, u32>| -> bool {
+            let victim = host
+                .iter()
+                .filter(|(k, _)| pins.get(k).copied().unwrap_or(0) == 0)
+                .min_by_key(|(_, &used)| used)
+                .map(|(&k, _)| k);
+            victim.is_some_and(|v| host.remove(&v).is_some())
+        };
+
+        for _ in 0..600 {
+            let k = rng.random_range(0..30u64);
+            match rng.random_range(0..10) {
+                0..=3 => {
+                    let present = host.contains_key(&k) || disk.contains(&k);
+                    let full = host.len() as u64 == slots;
+                    let ok = put(&mut t, s, 1, vec![new_block(k, None)]);
+                    if present {
+                        assert!(ok.unwrap().is_empty());
+                        continue;
+                    }
+                    if full && !evict_one(&mut host, &pins) {
+                        assert!(ok.is_err(), "seed {seed}: put must fail, all pinned");
+                        continue;
+                    }
+                    assert_eq!(ok.unwrap().len(), 1);
+                    clock += 1;
+                    host.insert(k, clock);
+                }
+                4..=6 => {
+                    let in_host = host.contains_key(&k);
+                    if !in_host && !disk.contains(&k) {
+                        continue;
+                    }
+                    if !in_host && host.len() as u64 == slots && !evict_one(&mut host, &pins) {
+                        let (lease, n) = read(&mut t, s, 1, &[key(k)], LoadOutcome::Loaded);
+                        assert_eq!((lease, n), (0, 0), "seed {seed}: no room to load");
+                        continue;
+                    }
+                    let (lease, n) = read(&mut t, s, 1, &[key(k)], LoadOutcome::Loaded);
+                    assert_eq!(n, 1, "seed {seed}: read of a present block");
+                    clock += 1;
+                    host.insert(k, clock);
+                    if rng.random_bool(0.3) {
+                        *pins.entry(k).or_default() += 1;
+                        leases.push((lease, k));
+                    } else {
+                        t.release(s, lease).unwrap();
+                    }
+                }
+                7 => {
+                    if !leases.is_empty() {
+                        let (lease, k) = leases.swap_remove(rng.random_range(0..leases.len()));
+                        t.release(s, lease).unwrap();
+                        *pins.get_mut(&k).unwrap() -= 1;
+                    }
+                }
+                8 => {
+                    let Some(id) = t.index.find(1, &key(k)) else {
+                        continue;
+                    };
+                    if let Some(job) = t.start_write(id, key(k)) {
+                        *pins.entry(k).or_default() += 1;
+                        writes.push((job, k));
+                    }
+                }
+                _ => {
+                    if writes.is_empty() {
+                        continue;
+                    }
+                    let (job, k) = writes.swap_remove(rng.random_range(0..writes.len()));
+                    let written = rng.random_bool(0.7);
+                    writes_done += 1;
+                    let outcome = if written {
+                        disk_at(writes_done)
+                    } else {
+                        WriteOutcome::NotWritten
+                    };
+                    t.write_done(&job, outcome, record(1, key(k)));
+                    *pins.get_mut(&k).unwrap() -= 1;
+                    if written {
+                        disk.insert(k);
+                    }
+                }
+            }
+            t.check(slots * SLOT);
+            // Blocks evicted from host without a disk copy are gone.
+            let model: HashSet<Key> = host.keys().map(|&k| key(k)).collect();
+            assert_eq!(
+                t.host_keys(1),
+                model,
+                "seed {seed}: host tier differs from LRU"
+            );
+            disk.retain(|k| t.index.find(1, &key(*k)).is_some());
+            host.retain(|k, _| t.index.find(1, &key(*k)).is_some());
+        }
+    }
+}
+
+#[test]
+fn random_operations_keep_invariants() {
+    let mut seen = Counters::default();
+    for seed in 0..60 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let pool = 24 * SLOT;
+        let mut t = BlockTable::new(pool, Duration::from_secs(60));
+        // Namespace 1: one-page blocks; namespace 2: three pages.
+        t.add_namespace(1, SLOT);
+        t.add_namespace(2, 3 * SLOT - 100);
+        let mut sessions = vec![t.open_session(Owner::Process { pid: 1, uid: 1 })];
+        let mut leases: Vec<(Session, u64)> = Vec::new();
+        let mut writes: Vec<WriteJob> = Vec::new();
+        let mut next_disk = 0u64;
+        let mut reserved: Vec<(Session, u32, Key)> = Vec::new();
+        for _ in 0..800 {
+            let s = sessions[rng.random_range(0..sessions.len())];
+            let ns = rng.random_range(1..=2u32);
+            let base = rng.random_range(0..12u64) * 4;
+            let len = rng.random_range(1..=4u64);
+            let chain: Vec<u64> = (base..base + len).collect();
+            let keys: Vec<Key> = chain.iter().map(|&k| key(k)).collect();
+            let before = t.host_keys(3 - ns);
+            match rng.random_range(0..14) {
+                0..=2 => {
+                    let blocks = chain
+                        .iter()
+                        .map(|&k| new_block(k, (k > base).then(|| k - 1)))
+                        .collect();
+                    match t.reserve(s, ns, blocks, Instant::now()) {
+                        Ok(grants) => {
+                            for (g, k) in grants.iter().zip(&keys) {
+                                if g.length > 0 {
+                                    reserved.push((s, ns, *k));
+                                }
+                            }
+                        }
+                        // A failed allocation of one block evicts nothing
+                        // (a batch may have evicted for its first blocks).
+                        Err(_) if len == 1 => {
+                            assert_eq!(t.host_keys(3 - ns), before, "seed {seed}")
+                        }
+                        Err(_) => {}
+                    }
+                }
+                3..=4 => {
+                    let mine: Vec<Key> = reserved
+                        .iter()
+                        .filter(|r| r.0 == s && r.1 == ns)
+                        .map(|r| r.2)
+                        .collect();
+                    if rng.random_bool(0.8) {
+                        t.commit(s, ns, &mine).unwrap();
+                    } else {
+                        t.abort(s, ns, &mine).unwrap();
+                    }
+                    reserved.retain(|r| !(r.0 == s && r.1 == ns));
+                }
+                5..=6 => {
+                    let outcome = match rng.random_range(0..6) {
+                        0 => LoadOutcome::Corrupt,
+                        1 => LoadOutcome::Failed,
+                        _ => LoadOutcome::Loaded,
+                    };
+                    let (lease, n) = read(&mut t, s, ns, &keys, outcome);
+                    let found = t.lookup(ns, &keys);
+                    assert!(n <= found.locations.len() || outcome != LoadOutcome::Loaded);
+                    if lease != 0 {
+                        leases.push((s, lease));
+                    }
+                }
+                7 => {
+                    if !leases.is_empty() {
+                        let (s, l) = leases.swap_remove(rng.random_range(0..leases.len()));
+                        t.release(s, l).unwrap();
+                    }
+                }
+                8 => {
+                    for k in &keys {
+                        if let Some(id) = t.index.find(ns, k) {
+                            if let Some(job) = t.start_write(id, *k) {
+                                writes.push(job);
+                            }
+                        }
+                    }
+                }
+                9 => {
+                    if !writes.is_empty() {
+                        let job = writes.swap_remove(rng.random_range(0..writes.len()));
+                        next_disk += 1;
+                        let outcome = if rng.random_bool(0.8) {
+                            disk_at(next_disk)
+                        } else {
+                            WriteOutcome::NotWritten
+                        };
+                        t.write_done(&job, outcome, record(job.ns, job.key));
+                    }
+                }
+                10 => {
+                    t.evict(ns, &keys);
+                }
+                11 => {
+                    let region = rng.random_range(0..4u32);
+                    t.regions_recycled(&[(region, 1)]);
+                }
+                12 => {
+                    if rng.random_bool(0.5) {
+                        let tier =
+                            [None, Some(Tier::Host), Some(Tier::Disk)][rng.random_range(0..3)];
+                        t.clear(tier);
+                    } else if sessions.len() < 3 {
+                        sessions.push(t.open_session(Owner::Process { pid: 2, uid: 1 }));
+                    }
+                }
+                _ => {
+                    if sessions.len() > 1 {
+                        let gone = sessions.swap_remove(rng.random_range(0..sessions.len()));
+                        t.close_session(gone);
+                        leases.retain(|l| l.0 != gone);
+                        reserved.retain(|r| r.0 != gone);
+                    }
+                }
+            }
+            t.check(pool);
+            // Lookups report a prefix, each block present where it says.
+            let found = t.lookup(ns, &keys);
+            assert!(found.host as usize <= found.locations.len());
+            for (k, tier) in keys.iter().zip(&found.locations) {
+                let id = t.index.find(ns, k).expect("matched block is indexed");
+                let e = t.index.get(id);
+                match tier {
+                    Tier::Host => assert!(e.has_host() && !e.loading),
+                    Tier::Disk => assert!(e.has_disk()),
+                }
+            }
+            t.take_notices();
+        }
+        // Everything released, the pool holds only evictable blocks: a
+        // reservation of the whole pool in small blocks succeeds.
+        for (s, l) in leases {
+            t.release(s, l).unwrap();
+        }
+        for s in sessions {
+            t.close_session(s);
+        }
+        for job in writes {
+            t.write_done(&job, WriteOutcome::NotWritten, record(job.ns, job.key));
+        }
+        let s = t.open_session(Owner::Daemon);
+        let blocks = (1000..1024).map(|k| new_block(k, None)).collect();
+        t.reserve(s, 1, blocks, Instant::now())
+            .unwrap_or_else(|e| panic!("seed {seed}: whole pool after release: {e}"));
+        t.check(pool);
+        let c = t.stats().counters;
+        seen.host_hits += c.host_hits;
+        seen.disk_hits += c.disk_hits;
+        seen.host_evictions += c.host_evictions;
+        seen.disk_evictions += c.disk_evictions;
+        seen.checksum_failures += c.checksum_failures;
+        seen.dropped_writes += c.dropped_writes;
+    }
+    // The walk reached every kind of event it is meant to test.
+    for (what, n) in [
+        ("host hits", seen.host_hits),
+        ("disk hits", seen.disk_hits),
+        ("host evictions", seen.host_evictions),
+        ("disk evictions", seen.disk_evictions),
+        ("checksum failures", seen.checksum_failures),
+        ("dropped writes", seen.dropped_writes),
+    ] {
+        assert!(n > 0, "no {what} in the random walk");
+    }
+}
+
+/// A large block needs contiguous room: small blocks of another namespace
+/// that cannot make room are not evicted for nothing.
+#[test]
+fn mixed_sizes_evict_only_what_makes_room() {
+    let mut t = BlockTable::new(8 * SLOT, Duration::from_secs(60));
+    t.add_namespace(1, SLOT);
+    t.add_namespace(2, 4 * SLOT);
+    let s = t.open_session(Owner::Daemon);
+    // Eight small blocks fill the pool; lease every other one.
+    put(&mut t, s, 1, (0..8).map(|k| new_block(k, None)).collect()).unwrap();
+    let mut leases = Vec::new();
+    for k in [0u64, 2, 4, 6] {
+        leases.push(read(&mut t, s, 1, &[key(k)], LoadOutcome::Loaded).0);
+    }
+    // No four adjacent pages can be freed: the big block fails, and no
+    // small block was evicted trying.
+    assert!(put(&mut t, s, 2, vec![new_block(100, None)]).is_err());
+    assert_eq!(t.host_keys(1).len(), 8);
+    // With the leases gone, exactly the four oldest-window blocks go.
+    for l in leases {
+        t.release(s, l).unwrap();
+    }
+    put(&mut t, s, 2, vec![new_block(100, None)]).unwrap();
+    assert_eq!(t.host_keys(1).len(), 4);
+    assert_eq!(t.stats().counters.host_evictions, 4);
+    t.check(8 * SLOT);
+}
+
+/// A block read after every put stays in host memory while unread blocks
+/// cycle through (the outside test's 8 hot blocks on a 64-slot pool).
+#[test]
+fn hot_blocks_stay() {
+    let mut t = BlockTable::new(64 * SLOT, Duration::from_secs(60));
+    t.add_namespace(1, SLOT);
+    let s = t.open_session(Owner::Daemon);
+    put(&mut t, s, 1, (0..8).map(|k| new_block(k, None)).collect()).unwrap();
+    let mut hot_hits = 0;
+    for cold in 100..1100u64 {
+        put(&mut t, s, 1, vec![new_block(cold, None)]).unwrap();
+        for k in 0..8 {
+            let (lease, n) = read(&mut t, s, 1, &[key(k)], LoadOutcome::Loaded);
+            hot_hits += n;
+            if lease != 0 {
+                t.release(s, lease).unwrap();
+            }
+        }
+    }
+    assert_eq!(hot_hits, 8000, "every hot read served from host memory");
+}
