@@ -229,6 +229,17 @@ def test_load_error_reports_block_ids(daemon):
     eng.shutdown()
 
 
+def test_failed_loads_are_recomputed_not_failed(daemon):
+    # vLLM's default fails the request whose load failed; the connector
+    # switches its engine to recomputing before the scheduler reads it.
+    from vllm.config import KVTransferConfig
+
+    assert KVTransferConfig().kv_load_failure_policy == "fail"
+    eng = Engine(daemon.socket)
+    assert eng.config.kv_transfer_config.kv_load_failure_policy == "recompute"
+    eng.shutdown()
+
+
 def test_abort_during_load_leaks_nothing(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))

@@ -859,3 +859,80 @@ fn pool_socket_lookup_fast_path() {
     assert_eq!(code(unknown), tonic::Code::NotFound);
     assert!(pool.is_alive());
 }
+
+/// `sync` tells the truth about durability. Blocks committed 64 at a time
+/// overrun a write queue of 2: `sync` reports the dropped ones (counted
+/// once), every block it does not report survives `kill -9`, and
+/// `--retry-dropped` writes them all (back-pressure instead of drops).
+#[test]
+fn sync_reports_dropped_writes_and_retries_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("kvbm.toml");
+    std::fs::write(&conf, "write_queue = 2\n").unwrap();
+    let args = [
+        "--host-bytes",
+        "64MiB",
+        "--disk-bytes",
+        "128MiB",
+        "--region-bytes",
+        "4MiB",
+        "--config",
+        conf.to_str().unwrap(),
+    ];
+    let len = 64 * KIB;
+    let n = 512u64; // 32 MiB: all of it stays in host memory
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    let rt = rt();
+    let commit_all = |pool: &Pool, range: std::ops::Range<u64>| {
+        let keys: Vec<Vec<u8>> = range.clone().map(key).collect();
+        for chunk in keys.chunks(64) {
+            let none: Vec<&[u8]> = chunk.iter().map(|_| &[][..]).collect();
+            let slots = pool
+                .reserve("m", chunk.iter().map(|k| &k[..]), none.into_iter(), &[], 0)
+                .unwrap();
+            for (k, (off, l)) in chunk.iter().zip(slots) {
+                let i = u64::from_be_bytes(k[1..].try_into().unwrap());
+                pool.slot_mut(off, l).unwrap().copy_from_slice(&data(i, len));
+            }
+            pool.commit("m", chunk.iter().map(|k| &k[..])).unwrap();
+        }
+    };
+    let first = rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        let pool = Pool::attach(&d.socket).unwrap();
+        commit_all(&pool, 0..n);
+        let list = v1::SyncRequest {
+            list_not_durable: true,
+            ..Default::default()
+        };
+        let r = c.sync_report(list.clone()).await.unwrap();
+        assert!(r.not_durable > 0, "a queue of 2 drops some of 64 at once");
+        assert_eq!(r.durable_blocks + r.not_durable, n, "{r:?}");
+        assert_eq!(r.not_durable_blocks.len() as u64, r.not_durable);
+        assert_eq!(r.lost, 0, "nothing left host memory");
+        let s = stats(&c).await;
+        assert_eq!(s[&DISK].dropped_writes, r.not_durable, "counted once");
+        let dropped: std::collections::HashSet<Vec<u8>> =
+            r.not_durable_blocks.into_iter().map(|b| b.key).collect();
+        // More blocks, then retry: everything still in host memory is
+        // written, waiting for queue room.
+        commit_all(&pool, n..2 * n);
+        let retry = v1::SyncRequest {
+            retry_dropped: true,
+            list_not_durable: true,
+        };
+        let r = c.sync_report(retry).await.unwrap();
+        assert_eq!((r.durable_blocks, r.not_durable), (2 * n, 0), "{r:?}");
+        dropped
+    });
+    assert!(!first.is_empty());
+    d.kill9();
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        for i in 0..2 * n {
+            assert_eq!(get(&c, "m", i).await.unwrap(), data(i, len), "block {i}");
+        }
+    });
+}

@@ -90,6 +90,21 @@ class KvtierMetadata(KVConnectorMetadata):
     preempted: set[str] = field(default_factory=set)
 
 
+def _recompute_failed_loads(kv_transfer_config) -> None:
+    """A cache never fails a request: a load that fails (the daemon killed,
+    a device error) must make vLLM recompute the blocks, not end the request
+    with an error, which is vLLM's default policy (`fail`). The scheduler
+    reads the policy after it created its connector, so setting it here
+    takes effect."""
+    if getattr(kv_transfer_config, "kv_load_failure_policy", "recompute") == "recompute":
+        return
+    kv_transfer_config.kv_load_failure_policy = "recompute"
+    logger.info(
+        "kvtier: kv_load_failure_policy set to 'recompute': a failed load "
+        "recomputes its blocks instead of failing the request"
+    )
+
+
 class KvtierConnector(KVConnectorBase_V1):
     """vLLM connector offloading to and onboarding from kvbm."""
 
@@ -105,6 +120,7 @@ class KvtierConnector(KVConnectorBase_V1):
         kv_cache_config: "KVCacheConfig",
     ):
         super().__init__(vllm_config, role, kv_cache_config)
+        _recompute_failed_loads(self._kv_transfer_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.settings = KvtierSettings.from_extra(extra)
         self.info = layout_info(vllm_config, kv_cache_config, self.settings)
