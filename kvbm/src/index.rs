@@ -461,6 +461,11 @@ impl Index {
         .take(n)
     }
 
+    /// The index clock at `id`'s last use.
+    pub fn last_use(&self, id: u32) -> u64 {
+        self.entries[id as usize].last_use
+    }
+
     /// Whether `id` is in the eviction order (evictable now).
     pub fn is_evictable(&self, id: u32) -> bool {
         self.entries[id as usize].in_lru

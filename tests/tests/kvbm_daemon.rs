@@ -892,7 +892,9 @@ fn sync_reports_dropped_writes_and_retries_them() {
                 .unwrap();
             for (k, (off, l)) in chunk.iter().zip(slots) {
                 let i = u64::from_be_bytes(k[1..].try_into().unwrap());
-                pool.slot_mut(off, l).unwrap().copy_from_slice(&data(i, len));
+                pool.slot_mut(off, l)
+                    .unwrap()
+                    .copy_from_slice(&data(i, len));
             }
             pool.commit("m", chunk.iter().map(|k| &k[..])).unwrap();
         }

@@ -15,7 +15,7 @@ impl Store {
         if !disk.admit(ns.id, key.as_bytes()) {
             return;
         }
-        if let Some(job) = self.with_table(|c| c.table.start_write(id, key)) {
+        if let StartWrite::Job(job) = self.with_table(|c| c.table.start_write(id, key, false)) {
             self.submit_write(job, record, None);
         }
     }

@@ -30,7 +30,8 @@ use crate::index::{DiskRef, Key};
 use crate::metrics::{tier, Metrics, OpLabel, OpLabels, TierLabel};
 use crate::pool::{slot_bytes, Pool};
 use crate::table::{
-    key_of, BlockTable, Committed, LoadJob, LoadOutcome, NewBlock, Tier, WriteJob, WriteOutcome,
+    key_of, BlockTable, Committed, LoadJob, LoadOutcome, NewBlock, StartWrite, Tier, WriteJob,
+    WriteOutcome,
 };
 pub use crate::table::{Owner, Session, SlotGrant};
 use disk::open_disk;
@@ -577,8 +578,14 @@ impl Store {
                 let Ok(Some(record)) = self.catalog.get_block(ns, key.as_bytes()) else {
                     continue;
                 };
-                if let Some(job) = self.with_table(|c| c.table.start_write(id, key)) {
-                    self.submit_write(job, record, Some(until));
+                loop {
+                    match self.with_table(|c| c.table.start_write(id, key, true)) {
+                        StartWrite::Job(job) => break self.submit_write(job, record, Some(until)),
+                        StartWrite::Busy if Instant::now() < until => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        _ => break,
+                    }
                 }
             }
         }

@@ -65,7 +65,39 @@ impl BlockTable {
                 return Some(v);
             }
         }
-        None
+        self.behind_pinned_leaf(size).map(|id| vec![id])
+    }
+
+    /// The last resort when no leaf can go: a chain whose newest blocks are
+    /// pinned (being written, leased) keeps every ancestor from eviction,
+    /// and one long chain under write-behind would fail every new write.
+    /// Rather than fail, evict an unpinned block all of whose host children
+    /// are pinned — the block just above a chain's pinned tail — least
+    /// recently used first. That leaves a hole only above those pinned
+    /// children, which lookups then stop at; the rest of the chain stays a
+    /// usable prefix. A scan of the host blocks, taken only in this state.
+    fn behind_pinned_leaf(&self, size: u64) -> Option<u32> {
+        let mut pinned_children: HashMap<u32, u32> = HashMap::new();
+        for &id in self.slots.values() {
+            if self.index.get(id).pins > 0 {
+                if let Some(p) = self.index.parent_of(id) {
+                    *pinned_children.entry(p).or_default() += 1;
+                }
+            }
+        }
+        pinned_children
+            .into_iter()
+            .filter(|&(p, n)| {
+                let e = self.index.get(p);
+                e.state == State::Ready
+                    && e.has_host()
+                    && e.pins == 0
+                    && !e.loading
+                    && e.host_children == n
+                    && self.slot_len(p) >= size
+            })
+            .min_by_key(|&(p, _)| self.index.last_use(p))
+            .map(|(p, _)| p)
     }
 
     /// Evictable blocks that, with the free space between them, give a

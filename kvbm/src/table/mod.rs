@@ -108,6 +108,16 @@ pub struct WriteJob {
     pub block_bytes: u64,
 }
 
+/// What [`BlockTable::start_write`] decided.
+#[derive(Debug)]
+pub enum StartWrite {
+    Job(WriteJob),
+    /// Gone, replaced, already on disk or being written.
+    NotNeeded,
+    /// Writes in flight already pin their share of the pool.
+    Busy,
+}
+
 /// How a write-behind ended.
 #[derive(Debug, Clone, Copy)]
 pub enum WriteOutcome {
@@ -202,6 +212,9 @@ pub struct BlockTable {
     regions: HashMap<u32, Vec<u32>>,
     notices: Vec<Notice>,
     lease_ttl: Duration,
+    /// Bytes of host slots pinned by writes in flight, and their limit.
+    writing_bytes: u64,
+    write_budget: u64,
     host_blocks: u64,
     disk_blocks: u64,
     counters: Counters,
@@ -223,6 +236,8 @@ impl BlockTable {
             regions: HashMap::new(),
             notices: Vec::new(),
             lease_ttl,
+            writing_bytes: 0,
+            write_budget: pool_bytes / 2,
             host_blocks: 0,
             disk_blocks: 0,
             counters: Counters::default(),
@@ -437,25 +452,37 @@ impl BlockTable {
     }
 
     /// Starts the write-behind of a committed host block: pins it until
-    /// [`BlockTable::write_done`]. `None` when it needs none (gone,
-    /// replaced, already on disk or being written).
-    pub fn start_write(&mut self, id: u32, key: Key) -> Option<WriteJob> {
+    /// [`BlockTable::write_done`]. Writes in flight pin at most half the
+    /// pool, so they never leave writers without room: past that, the
+    /// write is dropped (counted, and the block marked not durable) unless
+    /// the caller `wait`s for room, and then it is `Busy`.
+    pub fn start_write(&mut self, id: u32, key: Key, wait: bool) -> StartWrite {
         let e = self.index.get(id);
         if e.state != State::Ready || e.key != key || !e.has_host() || e.has_disk() || e.writing {
-            return None;
+            return StartWrite::NotNeeded;
         }
         let (ns, slot) = (e.ns, e.host);
-        let block_bytes = self.sizes.get(&ns)?.block_bytes;
+        let Some(sizes) = self.sizes.get(&ns).copied() else {
+            return StartWrite::NotNeeded;
+        };
+        if self.writing_bytes + sizes.slot_bytes > self.write_budget {
+            if !wait {
+                self.counters.dropped_writes += 1;
+                self.index.get_mut(id).undurable = true;
+            }
+            return StartWrite::Busy;
+        }
+        self.writing_bytes += sizes.slot_bytes;
         let e = self.index.get_mut(id);
         e.pins += 1;
         e.writing = true;
         self.index.refresh(id, false);
-        Some(WriteJob {
+        StartWrite::Job(WriteJob {
             id,
             ns,
             key,
             slot,
-            block_bytes,
+            block_bytes: sizes.block_bytes,
         })
     }
 
@@ -471,6 +498,7 @@ impl BlockTable {
             return;
         }
         self.index.get_mut(job.id).writing = false;
+        self.writing_bytes -= self.sizes.get(&job.ns).map_or(0, |s| s.slot_bytes);
         match outcome {
             WriteOutcome::Written {
                 disk,
