@@ -8,7 +8,8 @@
 #      the throughput bench once per copy_chunk_mb)
 #   2. carry [.vllm2]:        bash connectors/bench/gpu_run.sh vllm
 #      (contract tests on CUDA, get_num_new_matched_tokens latency, TTFT in a
-#      real vLLM engine)
+#      real vLLM engine); `gpu_run.sh vllm tiers` runs vllm_tiers.py alone
+#      (TIERS_ARGS="--modes ..." picks modes)
 set -u
 mode=${1:?stage, copy-bench or vllm}
 KV=/tmp/kvgpu        # survives between calls while the machine is warm
@@ -46,6 +47,14 @@ vllm)
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
     PYTHONHASHSEED=0 KVTIER_BIN_DIR=$KV
   python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+  if [ "${2:-}" = tiers ]; then  # the tier benchmark alone (vllm_tiers.py)
+    timeout 560 python3 connectors/bench/vllm_tiers.py --kvbm $KV/kvbm --workdir /tmp ${TIERS_ARGS:-} \
+      > ${OUT:-/tmp}/tiers.log 2>&1
+    echo "tiers exit $?"
+    grep -E '^(SUMMARY|RATIOS)' ${OUT:-/tmp}/tiers.log
+    grep -v '^{' ${OUT:-/tmp}/tiers.log | grep -iE 'error|Traceback|File ' | tail -30
+    exit 0
+  fi
   [ "${2:-}" = ttft-only ] || KVTIER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider connectors/tests 2>&1 | tail -25
   [ "${2:-}" = ttft-only ] || python3 connectors/bench/latency.py --iters 3000 2>&1 | grep "^{"
   timeout 420 python3 connectors/bench/vllm_ttft.py --kvbm $KV/kvbm ${TTFT_ARGS:-} > ${OUT:-/tmp}/ttft.log 2>&1

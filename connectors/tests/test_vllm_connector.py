@@ -240,6 +240,28 @@ def test_failed_loads_are_recomputed_not_failed(daemon):
     eng.shutdown()
 
 
+def test_stats_reach_vllm_logs_and_metrics(daemon):
+    from prometheus_client import REGISTRY
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
+
+    eng = Engine(daemon.socket)
+    run_a(eng, prompt(80))
+    saved = eng.worker.worker_side.stats["saved_blocks"]
+    assert saved > 0
+    stats = eng.worker.get_kv_connector_stats()
+    assert stats.data["saved_blocks"] == saved
+    assert eng.worker.get_kv_connector_stats() is None, "an interval's counts are taken once"
+    # vLLM's logger rebuilds stats from the worker's dict and aggregates.
+    total = KvtierConnector.build_kv_connector_stats(stats.to_dict()).aggregate(stats)
+    assert total.reduce()["saved_blocks"] == 2 * saved
+    # vLLM's Prometheus side builds the connector's metrics by class.
+    prom = KVConnectorProm(eng.config, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(stats.to_dict(), 0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert REGISTRY.get_sample_value("vllm:kvtier_saved_blocks_total", labels) == saved
+    eng.shutdown()
+
+
 def test_abort_during_load_leaks_nothing(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))

@@ -46,6 +46,11 @@ from kvtier._kvtier import Client, EventStream, KvbmError, KvbmUnavailable, Pool
 from kvtier.config import KvtierSettings, LayoutInfo, layout_info
 from kvtier.mover import Mover, Transfer, block_dim, layer_pieces, pool_tensor
 
+try:
+    from kvtier import vllm_metrics as _metrics
+except ImportError:  # a vLLM without the connector-metrics hooks
+    _metrics = None
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
@@ -205,6 +210,28 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
+
+    # ---- metrics in vLLM's own logs and /metrics ----
+
+    def get_kv_connector_stats(self):
+        if self._worker is None or _metrics is None:
+            return None
+        delta = self._worker.take_stats_delta()
+        return _metrics.KvtierConnectorStats(data=delta) if any(delta.values()) else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        if _metrics is None:
+            return None
+        return _metrics.KvtierConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        if _metrics is None:
+            return None
+        return _metrics.KvtierPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )
 
     def shutdown(self):
         if self._worker is not None:
@@ -505,10 +532,18 @@ class _WorkerSide:
             "load_failed_blocks": 0,
             "reattaches": 0,
         }
+        self.reported: dict[str, int] = {}
 
     def _count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.stats[name] += n
+
+    def take_stats_delta(self) -> dict[str, int]:
+        """What was counted since the last call (vLLM's per-interval stats)."""
+        with self.lock:
+            delta = {k: v - self.reported.get(k, 0) for k, v in self.stats.items()}
+            self.reported = dict(self.stats)
+        return delta
 
     # ---- set-up ----
 
