@@ -32,10 +32,11 @@ def kvbm_binary() -> Path:
 class Daemon:
     """One kvbm process on a Unix socket in a temporary directory."""
 
-    def __init__(self, workdir: Path, host_bytes: str = "64MiB"):
+    def __init__(self, workdir: Path, host_bytes: str = "64MiB", disk_bytes: str = "0"):
         self.workdir = workdir
         self.socket = str(workdir / "kvbm.sock")
         self.host_bytes = host_bytes
+        self.disk_bytes = disk_bytes
         self.proc: subprocess.Popen | None = None
         self.log = workdir / "kvbm.log"
 
@@ -55,7 +56,7 @@ class Daemon:
                     "--host-bytes",
                     self.host_bytes,
                     "--disk-bytes",
-                    "0",
+                    self.disk_bytes,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=log,

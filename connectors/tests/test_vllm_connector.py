@@ -262,6 +262,47 @@ def test_stats_reach_vllm_logs_and_metrics(daemon):
     eng.shutdown()
 
 
+def test_match_skips_tiers_slower_than_recompute(tmp_path):
+    from kvtier import CostModel
+
+    d = Daemon(tmp_path, disk_bytes="64MiB").start()
+    eng = Engine(d.socket)
+    a = run_a(eng, prompt(80))
+    eng.worker.worker_side.wait_idle()
+    Client(d.socket).sync()
+    eng.shutdown()
+    # A restart keeps the blocks on disk only.
+    d.stop()
+    d.start()
+    eng = Engine(d.socket)
+    side = eng.scheduler.scheduler_side
+    bb = side.block_bytes
+
+    def measured(disk_secs_per_block):
+        m = CostModel()
+        m.observe_load(100 * bb, 0, 100e-6)  # host: 1 µs per block
+        m.observe_load(0, 100 * bb, 100 * (1e-6 + disk_secs_per_block))
+        m.observe_prefill(1024, 1024 * 10e-6)  # 10 µs per token
+        return m
+
+    # A disk slower than recomputing (1 ms a block, 160 µs to recompute
+    # one): the match is not reported, the blocks are recomputed.
+    side.cost = measured(1e-3)
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
+    assert side.stats["skipped_slow_blocks"] == 5
+    # A fast one: loaded from disk, bytes identical.
+    side.cost = measured(10e-6)
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    eng.allocate(b, 79)
+    out = eng.step()
+    assert out.finished_recving == {"B"} and not out.invalid_block_ids
+    for i in range(4):
+        assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(a.block_hashes[i]))
+    eng.shutdown()
+    d.stop()
+
+
 def test_abort_during_load_leaks_nothing(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))

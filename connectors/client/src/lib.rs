@@ -7,7 +7,9 @@
 //!   moves block bytes with `Reserve`/`Commit` and `Acquire`/`Release`.
 //! - [`Session`]: a session on the pool socket without the mapping, for the
 //!   latency-critical Lookup (binary frames instead of gRPC).
+//! - [`cost`]: whether loading a cached prefix beats recomputing it.
 
+pub mod cost;
 mod pool;
 
 pub use kvtier_proto::session::LookupCounts;

@@ -146,7 +146,7 @@ impl Client {
         namespace: &str,
         keys: &[u8],
         key_len: usize,
-    ) -> Result<u32, CallError> {
+    ) -> Result<kvtier_client::LookupCounts, CallError> {
         let mut fast = self
             .fast
             .lock()
@@ -170,7 +170,7 @@ impl Client {
         // `chunks` of an empty buffer yields nothing; otherwise the buffer
         // is a whole number of `key_len` keys.
         match session.lookup(namespace, keys.chunks(key_len.max(1))) {
-            Ok(c) => Ok(c.matched),
+            Ok(c) => Ok(c),
             Err(e) => {
                 let e = CallError::from(e);
                 if let CallError::Unavailable(_) = e {
@@ -390,10 +390,23 @@ impl Client {
     /// On a Unix socket this goes over the pool socket's binary fast path
     /// (the scheduler calls it once per new request); over TCP, gRPC.
     fn lookup(&self, py: Python<'_>, namespace: String, keys: &Bound<'_, PyAny>) -> PyResult<u32> {
+        Ok(self.lookup_counts(py, namespace, keys)?.0)
+    }
+
+    /// `(matched, host, disk)`: the longest prefix present in any tier, and
+    /// the longest held in host memory and on disk. Through the pool
+    /// socket's binary Lookup when the daemon is local.
+    fn lookup_counts(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: &Bound<'_, PyAny>,
+    ) -> PyResult<(u32, u32, u32)> {
         if let Some(socket) = &self.unix {
             let (flat, key_len) = flat_keys(keys)?;
             return py
                 .detach(|| self.fast_lookup(socket, &namespace, &flat, key_len))
+                .map(|c| (c.matched, c.host, c.disk))
                 .map_err(|e| {
                     if let CallError::Unavailable(_) = e {
                         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -402,12 +415,18 @@ impl Client {
                 });
         }
         let keys = keys_of(keys)?;
-        self.call(py, |mut c| async move {
+        let r = self.call(py, |mut c| async move {
             Ok(c.lookup(v1::LookupRequest { namespace, keys })
                 .await?
-                .into_inner()
-                .matched)
-        })
+                .into_inner())
+        })?;
+        let tier = |t: v1::Tier| {
+            r.tiers
+                .iter()
+                .find(|p| p.tier == t as i32)
+                .map_or(0, |p| p.blocks)
+        };
+        Ok((r.matched, tier(v1::Tier::Host), tier(v1::Tier::Disk)))
     }
 
     /// `(matched, {tier: prefix blocks}, [fastest tier of each matched

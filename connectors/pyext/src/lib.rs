@@ -8,11 +8,14 @@
 //! - [`events`]: `EventStream`, a background subscription to the daemon's
 //!   block events that Python drains without blocking.
 //! - [`runtime`]: the process-wide runtime.
+//! - [`cost`]: `CostModel`, whether loading a cached prefix beats
+//!   recomputing it.
 //!
 //! Errors surface as `KvbmError` (the daemon answered with an error) and its
 //! subclass `KvbmUnavailable` (no connection, timeout, daemon restarting).
 
 mod client;
+mod cost;
 mod events;
 mod pool;
 mod runtime;
@@ -30,6 +33,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<pool::Pool>()?;
     m.add_class::<events::EventStream>()?;
+    m.add_class::<cost::CostModel>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

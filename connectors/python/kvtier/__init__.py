@@ -7,11 +7,12 @@ The vLLM connector is ``kvtier.vllm.KvtierConnector``; load it with::
         "kv_connector_extra_config": {"socket": "/run/kvbm/kvbm.sock"}}'
 
 ``kvtier._kvtier`` is the Rust client of the daemon (``Client``, ``Pool``,
-``EventStream``).
+``EventStream``) and kvtier's cost model (``CostModel``).
 """
 
 from kvtier._kvtier import (
     Client,
+    CostModel,
     EventStream,
     KvbmError,
     KvbmUnavailable,
@@ -21,6 +22,7 @@ from kvtier._kvtier import (
 
 __all__ = [
     "Client",
+    "CostModel",
     "EventStream",
     "KvbmError",
     "KvbmUnavailable",

@@ -42,7 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier._kvtier import Client, EventStream, KvbmError, KvbmUnavailable, Pool
+from kvtier._kvtier import Client, CostModel, EventStream, KvbmError, KvbmUnavailable, Pool
 from kvtier.config import KvtierSettings, LayoutInfo, layout_info
 from kvtier.mover import Mover, Transfer, block_dim, layer_pieces, pool_tensor
 
@@ -132,7 +132,9 @@ class KvtierConnector(KVConnectorBase_V1):
         self._scheduler: _SchedulerSide | None = None
         self._worker: _WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = _SchedulerSide(self.settings, self.info)
+            group = kv_cache_config.kv_cache_groups[0]
+            block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+            self._scheduler = _SchedulerSide(self.settings, self.info, block_bytes)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -260,10 +262,23 @@ class _ReqState:
 
 
 class _SchedulerSide:
-    def __init__(self, settings: KvtierSettings, info: LayoutInfo):
+    def __init__(self, settings: KvtierSettings, info: LayoutInfo, block_bytes: int):
         self.settings = settings
         self.info = info
         self.block_size = info.block_size
+        # Bytes of one block on one rank (ranks load theirs in parallel).
+        self.block_bytes = block_bytes
+        # Whether a match is worth loading, from loads and prefills measured
+        # here: kvtier's one cost model (kvtier_client::cost).
+        self.cost = CostModel()
+        # req_id → blocks [first, host) of its match are in host memory.
+        self.match_host: dict[str, tuple[int, int]] = {}
+        # req_id → (start, host bytes, disk bytes) of its load in flight.
+        self.load_clock: dict[str, tuple[float, int, int]] = {}
+        # Steps scheduled and not yet reported: (when, tokens scheduled),
+        # oldest first (with async scheduling one runs while the next is
+        # scheduled).
+        self.steps: list[tuple[float, int]] = []
         self.namespaces = [info.namespace(r) for r in range(info.tp_world)]
         self.client = Client(
             settings.socket,
@@ -284,11 +299,14 @@ class _SchedulerSide:
             "planned_save_blocks": 0,
             "planned_load_blocks": 0,
             "events_skipped": 0,
+            # Matched blocks not loaded because recomputing them is faster.
+            "skipped_slow_blocks": 0,
         }
 
-    def _lookup(self, hashes) -> int:
-        # With several TP ranks a block is usable when every rank has it.
-        return min(self.client.lookup(ns, hashes) for ns in self.namespaces)
+    def _lookup(self, hashes) -> tuple[int, int]:
+        """Blocks of the chain present, and in host memory, on every rank."""
+        counts = [self.client.lookup_counts(ns, hashes) for ns in self.namespaces]
+        return min(c[0] for c in counts), min(c[1] for c in counts)
 
     def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         if not (self.settings.load or self.settings.save):
@@ -304,11 +322,13 @@ class _SchedulerSide:
             # that hit kvbm already holds need not be offloaded again (a
             # growing conversation would re-offer its whole history on every
             # turn).
-            present = matched = self._lookup(hashes)
+            present, host = self._lookup(hashes)
+            matched = present
             if present < first < len(hashes):
                 # kvbm lacks part of what the GPU holds; it may still hold
                 # blocks past it.
-                matched = first + self._lookup(hashes[first:])
+                rest, rest_host = self._lookup(hashes[first:])
+                matched, host = first + rest, first + rest_host
         except KvbmError as e:
             self.stats["lookup_failures"] += 1
             logger.debug("kvtier: lookup failed: %s", e)
@@ -316,6 +336,11 @@ class _SchedulerSide:
         self.present[request.request_id] = present
         if not self.settings.load:
             return 0, False
+        if matched > first:
+            # Only what loads faster than it recomputes.
+            end = self.cost.plan(first, min(host, matched), matched, self.block_bytes, bs)
+            self.stats["skipped_slow_blocks"] += matched - end
+            matched = end
         hit_tokens = matched * bs
         # A step needs one token to compute: never claim the whole prompt.
         hit_tokens = min(hit_tokens, request.num_tokens - 1)
@@ -327,6 +352,7 @@ class _SchedulerSide:
         if ext < max(self.settings.min_match_blocks, 1) * bs:
             return 0, False
         self.local_hit[request.request_id] = num_computed_tokens
+        self.match_host[request.request_id] = (first, host)
         return ext, True
 
     def after_alloc(self, request, blocks, num_external_tokens: int) -> None:
@@ -352,11 +378,23 @@ class _SchedulerSide:
         self.pending_loads.append(
             LoadSpec(req_id, list(request.block_hashes[first:last]), block_ids[first:last])
         )
+        _, host = self.match_host.pop(req_id, (first, last))
+        in_host = max(0, min(host, last) - first)
+        self.load_clock[req_id] = (
+            0.0,
+            in_host * self.block_bytes,
+            (last - first - in_host) * self.block_bytes,
+        )
         self.stats["planned_load_blocks"] += last - first
         # Loaded blocks are in kvbm already: saving starts past them.
         st.saved = max(st.saved, last)
 
     def build_meta(self, so) -> KvtierMetadata:
+        now = time.monotonic()
+        for spec in self.pending_loads:
+            _, host_bytes, disk_bytes = self.load_clock.get(spec.req_id, (0.0, 0, 0))
+            self.load_clock[spec.req_id] = (now, host_bytes, disk_bytes)
+        self.steps = self.steps[-3:] + [(now, so.total_num_scheduled_tokens)]
         meta = KvtierMetadata(loads=self.pending_loads)
         self.pending_loads = []
         meta.preempted = set(so.preempted_req_ids or ())
@@ -403,6 +441,8 @@ class _SchedulerSide:
 
     def finished(self, request) -> bool:
         req_id = request.request_id
+        self.match_host.pop(req_id, None)
+        self.load_clock.pop(req_id, None)
         self.local_hit.pop(req_id, None)
         self.present.pop(req_id, None)
         st = self.reqs.pop(req_id, None)
@@ -411,7 +451,18 @@ class _SchedulerSide:
         return st is not None and st.had_saves
 
     def on_output(self, output) -> None:
-        return
+        """A step's results: measures the step (prefill speed) and the
+        loads it finished (load rates), for the cost model."""
+        now = time.monotonic()
+        if self.steps:
+            started, tokens = self.steps.pop(0)
+            self.cost.observe_prefill(tokens, now - started)
+        failed = set(getattr(output, "invalid_block_ids", None) or ())
+        for req_id in getattr(output, "finished_recving", None) or ():
+            started, host_bytes, disk_bytes = self.load_clock.pop(req_id, (0.0, 0, 0))
+            # A load with failed blocks measured a failure, not a rate.
+            if started and not failed:
+                self.cost.observe_load(host_bytes, disk_bytes, now - started)
 
     def take_events(self) -> list:
         if not self.settings.events:

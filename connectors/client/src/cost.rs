@@ -1,0 +1,262 @@
+//! Whether loading a cached prefix beats recomputing it.
+//!
+//! One model for whoever decides with it: the engine connectors (how much of
+//! a match to load) and the router (how much a worker's cached prefix is
+//! worth). Both sides of the comparison are measured where the engine runs:
+//!
+//! - loading: seconds per byte from each tier to the engine, end to end
+//!   (daemon, copies, the engine step that waits), observed on real loads;
+//!   a block from disk pays the disk's rate and then the host's;
+//! - recomputing: the engine's seconds per prefill token, by prompt length
+//!   (attention makes long prefills dearer per token), observed on real
+//!   prefill steps.
+//!
+//! Until a rate is measured the model assumes loading wins: a cache that is
+//! never tried is never measured. A disk rate not refreshed for
+//! [`STALE_AFTER`] counts as unmeasured again, so a disk that got faster (or
+//! a load that was slow once) is tried again.
+
+use std::time::{Duration, Instant};
+
+/// Weight of a new observation in the moving averages.
+const ALPHA: f64 = 0.3;
+/// After this long without a disk load, the disk rate is tried again.
+pub const STALE_AFTER: Duration = Duration::from_secs(300);
+/// Prefill lengths are bucketed by powers of two up to 2^BUCKETS tokens.
+const BUCKETS: usize = 24;
+/// Prefill steps shorter than this say little about prefill speed.
+pub const MIN_PREFILL_TOKENS: u64 = 256;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Rate {
+    /// Seconds per unit (byte or token), averaged.
+    secs_per_unit: f64,
+    last: Option<Instant>,
+}
+
+impl Rate {
+    fn observe(&mut self, secs_per_unit: f64, now: Instant) {
+        if !secs_per_unit.is_finite() || secs_per_unit < 0.0 {
+            return;
+        }
+        self.secs_per_unit = match self.last {
+            None => secs_per_unit,
+            Some(_) => (1.0 - ALPHA) * self.secs_per_unit + ALPHA * secs_per_unit,
+        };
+        self.last = Some(now);
+    }
+
+    fn get(&self) -> Option<f64> {
+        self.last.map(|_| self.secs_per_unit)
+    }
+}
+
+/// Where a prefix is loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Host,
+    Disk,
+}
+
+/// The measured costs of loading and of recomputing.
+#[derive(Debug, Clone, Default)]
+pub struct CostModel {
+    host: Rate,
+    disk: Rate,
+    prefill: [Rate; BUCKETS],
+}
+
+fn bucket(tokens: u64) -> usize {
+    (64 - tokens.max(1).leading_zeros() as usize - 1).min(BUCKETS - 1)
+}
+
+impl CostModel {
+    pub fn new() -> CostModel {
+        CostModel::default()
+    }
+
+    /// A load of `host_bytes` from host memory and `disk_bytes` from disk
+    /// took `secs`, end to end.
+    pub fn observe_load(&mut self, host_bytes: u64, disk_bytes: u64, secs: f64) {
+        self.observe_load_at(host_bytes, disk_bytes, secs, Instant::now())
+    }
+
+    fn observe_load_at(&mut self, host_bytes: u64, disk_bytes: u64, secs: f64, now: Instant) {
+        let total = host_bytes + disk_bytes;
+        if total == 0 {
+            return;
+        }
+        if disk_bytes == 0 {
+            return self.host.observe(secs / total as f64, now);
+        }
+        // Every byte crosses host memory; what is left is the disk's share.
+        // With no host rate yet, the disk takes the blame for all of it.
+        let via_host = self.host.get().unwrap_or(0.0) * total as f64;
+        self.disk
+            .observe((secs - via_host).max(0.0) / disk_bytes as f64, now);
+    }
+
+    /// A prefill step of `tokens` tokens took `secs`.
+    pub fn observe_prefill(&mut self, tokens: u64, secs: f64) {
+        if tokens >= MIN_PREFILL_TOKENS {
+            self.prefill[bucket(tokens)].observe(secs / tokens as f64, Instant::now());
+        }
+    }
+
+    /// Seconds to prefill `tokens` from scratch, from the nearest measured
+    /// length; `None` before any prefill was measured.
+    pub fn recompute_secs(&self, tokens: u64) -> Option<f64> {
+        let b = bucket(tokens);
+        let nearest = (0..BUCKETS)
+            .filter(|&i| self.prefill[i].last.is_some())
+            .min_by_key(|&i| i.abs_diff(b))?;
+        Some(self.prefill[nearest].secs_per_unit * tokens as f64)
+    }
+
+    /// Seconds to bring `bytes` from `source`, `None` when not measured (or,
+    /// for the disk, measured too long ago).
+    pub fn load_secs(&self, source: Source, bytes: u64) -> Option<f64> {
+        self.load_secs_at(source, bytes, Instant::now())
+    }
+
+    fn load_secs_at(&self, source: Source, bytes: u64, now: Instant) -> Option<f64> {
+        let host = self.host.get()?;
+        match source {
+            Source::Host => Some(host * bytes as f64),
+            Source::Disk => {
+                let at = self.disk.last?;
+                (now.duration_since(at) < STALE_AFTER)
+                    .then(|| (self.disk.secs_per_unit + host) * bytes as f64)
+            }
+        }
+    }
+
+    /// How far to load a match: blocks `[first, host)` are in host memory,
+    /// `[host, matched)` need the disk; `first` are already on the GPU.
+    /// Returns the end of the prefix worth loading — `first` when none is —
+    /// choosing among "nothing", "the host part" and "all of it" the one
+    /// that saves the most time. Unmeasured costs count as loading winning.
+    pub fn plan(
+        &self,
+        first: usize,
+        host: usize,
+        matched: usize,
+        block_bytes: u64,
+        tokens_per_block: u64,
+    ) -> usize {
+        self.plan_at(
+            first,
+            host,
+            matched,
+            block_bytes,
+            tokens_per_block,
+            Instant::now(),
+        )
+    }
+
+    fn plan_at(
+        &self,
+        first: usize,
+        host: usize,
+        matched: usize,
+        block_bytes: u64,
+        tokens_per_block: u64,
+        now: Instant,
+    ) -> usize {
+        let host = host.clamp(first, matched);
+        let prefill = |blocks: usize| self.recompute_secs(blocks as u64 * tokens_per_block);
+        let mut best = (first, 0.0);
+        for end in [host, matched] {
+            if end <= first {
+                continue;
+            }
+            let from_host = (host.min(end) - first) as u64 * block_bytes;
+            let from_disk = (end - host.min(end)) as u64 * block_bytes;
+            let load = [(Source::Host, from_host), (Source::Disk, from_disk)]
+                .into_iter()
+                .filter(|&(_, b)| b > 0)
+                .map(|(s, b)| self.load_secs_at(s, b, now))
+                .sum::<Option<f64>>();
+            let saved = match (prefill(end), prefill(first)) {
+                (Some(e), Some(f)) => Some(e - f.min(e)),
+                _ => None,
+            };
+            let gain = match (saved, load) {
+                (Some(s), Some(l)) => s - l,
+                // Unmeasured: assume loading wins, the longer the better.
+                _ => 1e12 + end as f64,
+            };
+            if gain > best.1 {
+                best = (end, gain);
+            }
+        }
+        best.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// An 8B model's shape on an H200, roughly: 2 MiB blocks of 16 tokens,
+    /// host copies at 40 GB/s, prefill at 30 µs per token.
+    fn measured(disk_gbps: f64) -> CostModel {
+        let mut m = CostModel::new();
+        let now = Instant::now();
+        m.observe_load_at(1024 * MIB, 0, 1024.0 * MIB as f64 / 40e9, now);
+        let disk_bytes = 1024 * MIB;
+        let secs = disk_bytes as f64 / 40e9 + disk_bytes as f64 / (disk_gbps * 1e9);
+        m.observe_load_at(0, disk_bytes, secs, now);
+        for tokens in [1024u64, 4096, 16384] {
+            m.observe_prefill(tokens, tokens as f64 * 30e-6);
+        }
+        m
+    }
+
+    #[test]
+    fn unmeasured_loads_everything() {
+        assert_eq!(CostModel::new().plan(0, 10, 100, 2 * MIB, 16), 100);
+    }
+
+    #[test]
+    fn host_pays_slow_disk_does_not() {
+        let now = Instant::now();
+        // 2 MiB per 16 tokens at 2.8 GB/s: 47 µs per token, prefill 30.
+        let slow = measured(2.8);
+        assert_eq!(slow.plan_at(0, 400, 1000, 2 * MIB, 16, now), 400);
+        // Nothing in host: recompute everything.
+        assert_eq!(slow.plan_at(0, 0, 1000, 2 * MIB, 16, now), 0);
+        // A fast disk (20 GB/s: 6.5 µs per token) pays for itself.
+        let fast = measured(20.0);
+        assert_eq!(fast.plan_at(0, 400, 1000, 2 * MIB, 16, now), 1000);
+        // Blocks the GPU holds already cost and save nothing.
+        assert_eq!(fast.plan_at(900, 400, 1000, 2 * MIB, 16, now), 1000);
+        assert_eq!(slow.plan_at(900, 950, 1000, 2 * MIB, 16, now), 950);
+    }
+
+    #[test]
+    fn a_stale_disk_rate_is_tried_again() {
+        let m = measured(2.8);
+        let later = Instant::now() + STALE_AFTER + Duration::from_secs(1);
+        assert_eq!(m.plan_at(0, 0, 1000, 2 * MIB, 16, later), 1000);
+    }
+
+    #[test]
+    fn recompute_uses_the_nearest_length() {
+        let mut m = CostModel::new();
+        assert_eq!(m.recompute_secs(1000), None);
+        m.observe_prefill(100, 1.0); // too short to count
+        assert_eq!(m.recompute_secs(1000), None);
+        m.observe_prefill(1024, 0.03);
+        m.observe_prefill(16384, 0.9);
+        let short = m.recompute_secs(2000).unwrap();
+        let long = m.recompute_secs(20000).unwrap();
+        assert!((short - 2000.0 * 0.03 / 1024.0).abs() < 1e-9);
+        assert!((long - 20000.0 * 0.9 / 16384.0).abs() < 1e-9);
+        m.observe_load(0, 0, 1.0); // nothing loaded: ignored
+        m.observe_load(MIB, 0, f64::NAN);
+        assert_eq!(m.load_secs(Source::Host, MIB), None);
+    }
+}
