@@ -126,7 +126,7 @@ impl CostModel {
             Source::Disk => {
                 let at = self.disk.last?;
                 (now.duration_since(at) < STALE_AFTER)
-                    .then(|| (self.disk.secs_per_unit + host) * bytes as f64)
+                    .then_some((self.disk.secs_per_unit + host) * bytes as f64)
             }
         }
     }
