@@ -358,6 +358,7 @@ async fn disk(a: BenchArgs) -> anyhow::Result<()> {
         .rpc()
         .clear(v1::ClearRequest {
             tier: v1::Tier::Host as i32,
+            namespace: String::new(),
         })
         .await?;
     let t = Instant::now();

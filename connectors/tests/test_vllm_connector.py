@@ -303,6 +303,22 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
     d.stop()
 
 
+def test_reset_cache_drops_this_engines_blocks_only(daemon):
+    c = Client(daemon.socket)
+    c.register_namespace("other", 4096, {})
+    c.put("other", b"k", b"", b"\0" * 4096)
+    eng = Engine(daemon.socket)
+    a = run_a(eng, prompt(80))
+    eng.worker.worker_side.wait_idle()
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    assert eng.scheduler.reset_cache() is True
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
+    assert c.lookup("other", [b"k"]) == 1, "another namespace keeps its blocks"
+    assert a.block_hashes
+    eng.shutdown()
+
+
 def test_abort_during_load_leaks_nothing(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))

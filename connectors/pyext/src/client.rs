@@ -496,6 +496,29 @@ impl Client {
         })
     }
 
+    /// Drops the unpinned blocks of `namespace` (every namespace when
+    /// empty) from `tier` (`host`, `disk`, or all tiers when `None`);
+    /// returns how many copies went.
+    #[pyo3(signature = (namespace = String::new(), tier = None))]
+    fn clear(&self, py: Python<'_>, namespace: String, tier: Option<&str>) -> PyResult<u64> {
+        let tier = match tier {
+            None => v1::Tier::Unspecified,
+            Some("host") => v1::Tier::Host,
+            Some("disk") => v1::Tier::Disk,
+            Some(t) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "tier must be 'host', 'disk' or None, not {t:?}"
+                )))
+            }
+        } as i32;
+        self.call(py, |mut c| async move {
+            Ok(c.clear(v1::ClearRequest { tier, namespace })
+                .await?
+                .into_inner()
+                .removed)
+        })
+    }
+
     /// Waits until write-behind is durable; returns the durable block count.
     fn sync(&self, py: Python<'_>) -> PyResult<u64> {
         self.call(py, |mut c| async move {

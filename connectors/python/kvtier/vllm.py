@@ -170,6 +170,14 @@ class KvtierConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.finished(request), None
 
+    def reset_cache(self) -> bool | None:
+        """`reset_prefix_cache(reset_connector=True)`: drops this engine's
+        blocks (its namespaces, every tier) from kvbm. Blocks being read or
+        written stay."""
+        if self._scheduler is None:
+            return None
+        return self._scheduler.reset()
+
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
         self._scheduler.on_output(connector_output)
 
@@ -449,6 +457,16 @@ class _SchedulerSide:
         # The worker reports a request with saves in finished_sending once
         # they are done; until then vLLM keeps its blocks.
         return st is not None and st.had_saves
+
+    def reset(self) -> bool:
+        try:
+            for ns in self.namespaces:
+                self.client.clear(ns)
+        except KvbmError as e:
+            logger.warning("kvtier: cannot reset kvbm's cache: %s", e)
+            return False
+        self.present.clear()
+        return True
 
     def on_output(self, output) -> None:
         """A step's results: measures the step (prefill speed) and the

@@ -139,8 +139,10 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::ClearRequest>,
     ) -> Result<Response<pb::ClearResponse>, Status> {
-        let t = tier(req.into_inner().tier)?;
-        let removed = self.store.clear(t)?;
+        let req = req.into_inner();
+        let t = tier(req.tier)?;
+        let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+        let removed = self.store.clear(t, ns)?;
         Ok(Response::new(pb::ClearResponse { removed }))
     }
 

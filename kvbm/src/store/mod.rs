@@ -553,14 +553,16 @@ impl Store {
         Ok(self.with_table(|c| c.table.evict(ns.id, &keys)))
     }
 
-    /// Empties a tier (or all tiers): pinned blocks stay.
-    pub fn clear(&self, t: pb::Tier) -> Result<u64> {
+    /// Empties a tier (or all tiers), of one namespace or all: pinned
+    /// blocks stay.
+    pub fn clear(&self, t: pb::Tier, namespace: Option<&str>) -> Result<u64> {
+        let ns = namespace.map(|n| self.namespace(n)).transpose()?;
         let tier = match t {
             pb::Tier::Host => Some(Tier::Host),
             pb::Tier::Disk => Some(Tier::Disk),
             _ => None,
         };
-        Ok(self.with_table(|c| c.table.clear(tier)))
+        Ok(self.with_table(|c| c.table.clear(tier, ns.map(|n| n.id))))
     }
 
     // --- durability --------------------------------------------------------

@@ -621,9 +621,10 @@ impl BlockTable {
         true
     }
 
-    /// Empties a tier (all tiers when `None`): pinned blocks stay.
-    pub fn clear(&mut self, tier: Option<Tier>) -> u64 {
-        let mut removed = 0u64;
+    /// Empties a tier (all tiers when `None`) of namespace `only` (all when
+    /// `None`): pinned blocks stay.
+    pub fn clear(&mut self, tier: Option<Tier>, only: Option<u32>) -> u64 {
+        let mut gone = Vec::new();
         let mut forget = Vec::new();
         for id in self.index.ids() {
             let e = self.index.get(id);
@@ -631,10 +632,13 @@ impl BlockTable {
                 continue;
             }
             let (ns, key, has_host, has_disk) = (e.ns, e.key, e.has_host(), e.has_disk());
+            if only.is_some_and(|o| o != ns) {
+                continue;
+            }
             match tier {
                 Some(Tier::Host) if has_host => {
                     self.drop_host_copy(id);
-                    removed += 1;
+                    gone.push(key);
                     if !has_disk {
                         self.index.remove(id);
                         forget.push((ns, key));
@@ -643,23 +647,33 @@ impl BlockTable {
                 Some(Tier::Disk) if has_disk => {
                     self.index.get_mut(id).set_disk(None);
                     self.disk_blocks -= 1;
-                    removed += 1;
+                    gone.push(key);
                     if !has_host {
                         self.index.remove(id);
                     }
                     forget.push((ns, key));
                 }
                 None if self.drop_block(id) => {
-                    removed += 1;
+                    gone.push(key);
                     forget.push((ns, key));
                 }
                 _ => {}
             }
         }
+        let removed = gone.len() as u64;
+        match only {
+            // Subscribers learn of one namespace's clear block by block.
+            Some(ns) if !gone.is_empty() => self.notices.push(Notice::Removed {
+                ns,
+                tier,
+                keys: gone,
+            }),
+            Some(_) => {}
+            None => self.notices.push(Notice::Cleared(tier)),
+        }
         if !forget.is_empty() {
             self.notices.push(Notice::Forget(forget));
         }
-        self.notices.push(Notice::Cleared(tier));
         removed
     }
 

@@ -394,7 +394,12 @@ fn random_operations_keep_invariants() {
                     if rng.random_bool(0.5) {
                         let tier =
                             [None, Some(Tier::Host), Some(Tier::Disk)][rng.random_range(0..3)];
-                        t.clear(tier);
+                        let only = [None, Some(ns)][rng.random_range(0..2)];
+                        t.clear(tier, only);
+                        if only.is_some() {
+                            // The other namespace is untouched.
+                            assert_eq!(t.host_keys(3 - ns), before, "seed {seed}");
+                        }
                     } else if sessions.len() < 3 {
                         sessions.push(t.open_session(Owner::Process { pid: 2, uid: 1 }));
                     }
