@@ -319,6 +319,25 @@ def test_reset_cache_drops_this_engines_blocks_only(daemon):
     eng.shutdown()
 
 
+def test_long_load_in_chunks_stops_at_a_missing_block(daemon):
+    # 50 blocks: Acquires of 16 and 32 blocks; block 30 is gone by then.
+    eng = Engine(daemon.socket, num_blocks=128)
+    a = run_a(eng, prompt(800))
+    eng.worker.worker_side.wait_idle()
+    b = eng.request("B", prompt(800))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (799, True)
+    eng.allocate(b, 799)
+    ns = eng.worker.worker_side.namespace
+    assert Client(daemon.socket).evict(ns, [a.block_hashes[30]]) == 1
+    out = eng.step()
+    assert out.finished_recving == {"B"}
+    assert out.invalid_block_ids == set(eng.blocks["B"][30:50])
+    for i in range(30):
+        assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(a.block_hashes[i]))
+    assert eng.worker.worker_side.stats["loaded_blocks"] == 30
+    eng.shutdown()
+
+
 def test_abort_during_load_leaks_nothing(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))

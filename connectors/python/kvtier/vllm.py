@@ -536,11 +536,15 @@ class _Save:
     transfer: Transfer | None = None
 
 
+# Blocks in the first Acquire of a load; each next one takes twice as many.
+LOAD_FIRST_CHUNK = 16
+
+
 @dataclass
 class _Load:
     req_id: str
     block_ids: list[int]
-    lease: int = 0
+    leases: list[int] = field(default_factory=list)
     session: int = 0
     failed: list[int] = field(default_factory=list)
     transfer: Transfer | None = None
@@ -749,34 +753,58 @@ class _WorkerSide:
             self.pool = None
 
     def _io_load(self, spec: LoadSpec, ld: _Load, ready) -> None:
+        """Acquires the blocks in chunks that double in size and queues each
+        chunk's copies to the GPU as soon as it is leased: blocks kvbm reads
+        from disk for one chunk arrive while the previous chunk is copied,
+        so a chain from disk takes about the slower of the two, not their
+        sum; the first copies start after a few blocks, and a chain held in
+        host memory costs a handful of Acquires."""
         failed = list(spec.block_ids)
         transfer = Transfer()
+        parts: list[Transfer] = []
         try:
             if not self._ensure_ready():
                 return
-            session = self.pool.session
-            try:
-                lease, slots = self.client.acquire(session, self.namespace, spec.keys)
-            except KvbmError as e:
-                if isinstance(e, KvbmUnavailable):
-                    self._detach(str(e))
-                return
-            ld.session, ld.lease = session, lease
-            good = 0
-            for _off, length in slots:
-                if length != self.block_bytes:
+            ld.session = self.pool.session
+            keys, ids = spec.keys, spec.block_ids
+            pos, chunk = 0, LOAD_FIRST_CHUNK
+            while pos < len(keys):
+                part = keys[pos : pos + chunk]
+                try:
+                    lease, slots = self.client.acquire(ld.session, self.namespace, part)
+                except KvbmError as e:
+                    if isinstance(e, KvbmUnavailable):
+                        self._detach(str(e))
                     break
-                good += 1
-            try:
-                transfer = self.mover.load(
-                    spec.block_ids[:good], [off for off, _ in slots[:good]], ready
-                )
-                failed = list(spec.block_ids[good:])
-            except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory
-                logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
-                # Copies issued before the failure must end before the lease
-                # does (the slots may be reused) and before vLLM recomputes.
-                self.mover.sync()
+                if lease:
+                    ld.leases.append(lease)
+                good = 0
+                for _off, length in slots:
+                    if length != self.block_bytes:
+                        break
+                    good += 1
+                if good:
+                    try:
+                        parts.append(
+                            self.mover.load(
+                                ids[pos : pos + good], [off for off, _ in slots[:good]], ready
+                            )
+                        )
+                    except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory
+                        logger.error("kvtier: load of %s failed: %s", spec.req_id, e)
+                        # Copies issued before the failure must end before the
+                        # leases do (the slots may be reused) and before vLLM
+                        # recomputes.
+                        self.mover.sync()
+                        break
+                    pos += good
+                if good < len(part):
+                    break
+                chunk *= 2
+            failed = list(ids[pos:])
+            if parts:
+                # One stream: the last chunk's copies end after the others.
+                transfer = Transfer(parts[-1].event, [k for p in parts for k in p.keep])
         finally:
             ld.failed = failed
             ld.loaded = len(spec.block_ids) - len(failed)
@@ -938,8 +966,8 @@ class _WorkerSide:
             if ld.transfer is None or not ld.transfer.done():
                 still.append(ld)
                 continue
-            if ld.lease:
-                self.jobs.put((self._io_release, ld.session, ld.lease))
+            for lease in ld.leases:
+                self.jobs.put((self._io_release, ld.session, lease))
             self.load_errors.update(ld.failed)
             self._count("load_failed_blocks", len(ld.failed))
             self._count("loaded_blocks", ld.loaded)
