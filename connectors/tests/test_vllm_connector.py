@@ -282,23 +282,36 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
         m = CostModel()
         m.observe_load(100 * bb, 0, 100e-6)  # host: 1 µs per block
         m.observe_load(0, 100 * bb, 100 * (1e-6 + disk_secs_per_block))
-        m.observe_prefill(1024, 1024 * 10e-6)  # 10 µs per token
+        # 10 ms a token (a slow engine): a promotion may take up to 0.8 s
+        # before recomputing the 80 tokens would have been faster.
+        m.observe_prefill(1024, 1024 * 10e-3)
         return m
 
-    # A disk slower than recomputing (1 ms a block, 160 µs to recompute
+    # A disk slower than recomputing (1 s a block, 160 ms to recompute
     # one): the match is not reported, the blocks are recomputed.
-    side.cost = measured(1e-3)
+    side.cost = measured(1.0)
     b = eng.request("B", prompt(80))
     assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
     assert side.stats["skipped_slow_blocks"] == 5
-    # A fast one: loaded from disk, bytes identical.
+    # A fast one: promoted into host memory and leased first (vLLM is told
+    # to ask again meanwhile), then loaded, bytes identical.
     side.cost = measured(10e-6)
-    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (79, True)
+    answers = []
+    for _ in range(200):
+        answers.append(eng.scheduler.get_num_new_matched_tokens(b, 0))
+        if answers[-1][0] is not None:
+            break
+        time.sleep(0.01)
+    assert answers[0] == (None, False) and answers[-1] == (79, True), answers
+    assert side.stats["promotions"] == 1
+    assert Client(d.socket).lookup_counts(eng.worker.worker_side.namespace, b.block_hashes)[1] == 5
     eng.allocate(b, 79)
     out = eng.step()
     assert out.finished_recving == {"B"} and not out.invalid_block_ids
     for i in range(4):
         assert torch.equal(eng.block_bytes(eng.blocks["B"][i]), eng.expected(a.block_hashes[i]))
+    # The load reported done, the scheduler's leases went.
+    assert not side.held
     eng.shutdown()
     d.stop()
 

@@ -157,6 +157,11 @@ class KvtierConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         return self._scheduler.matched_tokens(request, num_computed_tokens)
 
+    def on_new_request(self, request: "Request") -> None:
+        # Disk promotions start when the request arrives, not when the
+        # scheduler first gets to it.
+        self._scheduler.matched_tokens(request, 0)
+
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
     ):
@@ -269,6 +274,24 @@ class _ReqState:
     had_saves: bool = False
 
 
+@dataclass
+class _Promotion:
+    """A match's blocks `[first, first + len(keys))` being brought into
+    host memory (from disk) and leased by the scheduler before the match is
+    reported, so the load cannot miss them."""
+
+    first: int
+    keys: list[bytes]
+    started: float
+    # Longer than this and recomputing would have been faster.
+    budget: float
+    done: bool = False
+    abandoned: bool = False
+    # Blocks leased on every rank (a prefix of `keys`), and the leases.
+    leased: int = 0
+    leases: list[tuple[int, int]] = field(default_factory=list)
+
+
 class _SchedulerSide:
     def __init__(self, settings: KvtierSettings, info: LayoutInfo, block_bytes: int):
         self.settings = settings
@@ -283,6 +306,18 @@ class _SchedulerSide:
         self.match_host: dict[str, tuple[int, int]] = {}
         # req_id → (start, host bytes, disk bytes) of its load in flight.
         self.load_clock: dict[str, tuple[float, int, int]] = {}
+        # Promotions in flight, and the leases of reported matches, kept
+        # until their load is done (req_id → (session, lease) pairs). The
+        # promotions' kvbm calls run on `promoter` with their own client
+        # (Acquire waits for disk reads) and pool session.
+        self.promotions: dict[str, _Promotion] = {}
+        self.held: dict[str, list[tuple[int, int]]] = {}
+        self.promote_lock = threading.Lock()
+        self.promoter = None
+        self.promote_client = Client(
+            settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
+        )
+        self.promote_pool: Pool | None = None
         # Steps scheduled and not yet reported: (when, tokens scheduled),
         # oldest first (with async scheduling one runs while the next is
         # scheduled).
@@ -309,6 +344,10 @@ class _SchedulerSide:
             "events_skipped": 0,
             # Matched blocks not loaded because recomputing them is faster.
             "skipped_slow_blocks": 0,
+            # Matches whose disk blocks were promoted (and leased) before
+            # being reported, and those given up as slower than recompute.
+            "promotions": 0,
+            "promotions_given_up": 0,
         }
 
     def _lookup(self, hashes) -> tuple[int, int]:
@@ -349,6 +388,12 @@ class _SchedulerSide:
             end = self.cost.plan(first, min(host, matched), matched, self.block_bytes, bs)
             self.stats["skipped_slow_blocks"] += matched - end
             matched = end
+        if matched > max(host, first):
+            # Blocks from disk: bring them into host memory and lease them
+            # first; vLLM asks again meanwhile (None) and schedules others.
+            matched = self._promoted(request, first, matched)
+            if matched is None:
+                return None, False
         hit_tokens = matched * bs
         # A step needs one token to compute: never claim the whole prompt.
         hit_tokens = min(hit_tokens, request.num_tokens - 1)
@@ -362,6 +407,84 @@ class _SchedulerSide:
         self.local_hit[request.request_id] = num_computed_tokens
         self.match_host[request.request_id] = (first, host)
         return ext, True
+
+    def _promoted(self, request, first: int, end: int) -> int | None:
+        """The end of the match once `[first, end)` is leased in host
+        memory; None while the promotion runs. One that takes longer than
+        recomputing those blocks is given up: the match ends where host
+        memory's prefix did."""
+        req_id = request.request_id
+        now = time.monotonic()
+        with self.promote_lock:
+            p = self.promotions.get(req_id)
+            if p is not None and (p.first > first or p.first + len(p.keys) < end):
+                self._abandon(self.promotions.pop(req_id))
+                p = None
+            if p is None:
+                bs = self.block_size
+                full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(first * bs)
+                budget = full - done if full is not None else self.settings.timeout_ms / 1000
+                p = _Promotion(first, list(request.block_hashes[first:end]), now, budget)
+                self.promotions[req_id] = p
+                self.stats["promotions"] += 1
+                if self.promoter is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
+                self.promoter.submit(self._promote, p)
+                return None
+            if not p.done:
+                if now - p.started < p.budget:
+                    return None
+                self.stats["promotions_given_up"] += 1
+                self._abandon(self.promotions.pop(req_id))
+                return first
+            del self.promotions[req_id]
+            self._release(self.held.pop(req_id, []))
+            self.held[req_id] = p.leases
+            return p.first + min(p.leased, end - p.first)
+
+    def _promote(self, p: _Promotion) -> None:
+        """Leases `p.keys` on every rank (Acquire reads what is on disk
+        into host memory). On the promoter thread."""
+        leased, leases = 0, []
+        try:
+            if self.promote_pool is None or self.promote_pool.closed:
+                self.promote_pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
+            session = self.promote_pool.session
+            counts = []
+            for ns in self.namespaces:
+                lease, slots = self.promote_client.acquire(session, ns, p.keys)
+                if lease:
+                    leases.append((session, lease))
+                counts.append(len(slots))
+            leased = min(counts)
+        except KvbmError as e:
+            logger.debug("kvtier: promotion failed: %s", e)
+            if isinstance(e, KvbmUnavailable) and self.promote_pool is not None:
+                self.promote_pool.close()
+                self.promote_pool = None
+        with self.promote_lock:
+            p.leased, p.leases, p.done = leased, leases, True
+            if p.abandoned:
+                self._release(p.leases)
+
+    def _abandon(self, p: _Promotion) -> None:
+        """Under promote_lock."""
+        p.abandoned = True
+        if p.done:
+            self._release(p.leases)
+
+    def _release(self, leases: list[tuple[int, int]]) -> None:
+        if leases and self.promoter is not None:
+            self.promoter.submit(self._release_now, list(leases))
+
+    def _release_now(self, leases: list[tuple[int, int]]) -> None:
+        for session, lease in leases:
+            try:
+                self.promote_client.release(session, lease)
+            except KvbmError as e:
+                logger.debug("kvtier: release failed: %s", e)
 
     def after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         req_id = request.request_id
@@ -452,6 +575,11 @@ class _SchedulerSide:
         self.match_host.pop(req_id, None)
         self.load_clock.pop(req_id, None)
         self.local_hit.pop(req_id, None)
+        with self.promote_lock:
+            p = self.promotions.pop(req_id, None)
+            if p is not None:
+                self._abandon(p)
+            self._release(self.held.pop(req_id, []))
         self.present.pop(req_id, None)
         st = self.reqs.pop(req_id, None)
         # The worker reports a request with saves in finished_sending once
@@ -477,6 +605,8 @@ class _SchedulerSide:
             self.cost.observe_prefill(tokens, now - started)
         failed = set(getattr(output, "invalid_block_ids", None) or ())
         for req_id in getattr(output, "finished_recving", None) or ():
+            with self.promote_lock:
+                self._release(self.held.pop(req_id, []))
             started, host_bytes, disk_bytes = self.load_clock.pop(req_id, (0.0, 0, 0))
             # A load with failed blocks measured a failure, not a rate.
             if started and not failed:
@@ -523,6 +653,19 @@ class _SchedulerSide:
         if self.events is not None:
             self.events.close()
             self.events = None
+        if self.promoter is not None:
+            with self.promote_lock:
+                for p in self.promotions.values():
+                    self._abandon(p)
+                for leases in self.held.values():
+                    self._release(leases)
+                self.promotions.clear()
+                self.held.clear()
+            self.promoter.shutdown(wait=True)
+            self.promoter = None
+        if self.promote_pool is not None:
+            self.promote_pool.close()
+            self.promote_pool = None
 
 
 @dataclass
