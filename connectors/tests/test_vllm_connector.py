@@ -429,7 +429,7 @@ def test_unsupported_layout_disables_the_worker_side(daemon):
 
 
 def test_failed_attach_closes_the_pool_and_retries(daemon, monkeypatch):
-    import kvtier.vllm as kv
+    import kvtier.vllm_worker as kv
 
     real, calls = kv.Mover, []
 

@@ -1,0 +1,455 @@
+"""The vLLM connector's scheduler side: how much of a request kvbm can
+serve (and whether loading it beats recomputing), which loads and saves each
+step carries to the workers, and kvbm's tier events as vLLM's KV events."""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_events import (
+    BlockRemoved,
+    BlockStored,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from kvtier._kvtier import Client, CostModel, EventStream, KvbmError, KvbmUnavailable, Pool
+from kvtier.config import KvtierSettings, LayoutInfo
+
+logger = logging.getLogger("kvtier.vllm")
+
+# kvtier.v1.Tier numbers → vLLM event medium.
+_MEDIUM = {2: "CPU", 3: "DISK", 4: "REMOTE"}
+
+
+@dataclass
+class LoadSpec:
+    """Onboard ``keys`` into the engine's blocks ``block_ids``."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    """Offload the engine's blocks ``block_ids`` as ``keys``."""
+
+    req_id: str
+    keys: list[bytes]
+    parents: list[bytes]
+    block_ids: list[int]
+    tokens: list[int]
+
+
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    """One step's work for the workers. Plain data: it is pickled."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    block_ids: list[int]
+    # Blocks [0, saved) are planned for saving (or known present in kvbm).
+    saved: int = 0
+    had_saves: bool = False
+
+
+@dataclass
+class _Promotion:
+    """A match's blocks `[first, first + len(keys))` being brought into
+    host memory (from disk) and leased by the scheduler before the match is
+    reported, so the load cannot miss them."""
+
+    first: int
+    keys: list[bytes]
+    started: float
+    # Longer than this and recomputing would have been faster.
+    budget: float
+    done: bool = False
+    abandoned: bool = False
+    # Blocks leased on every rank (a prefix of `keys`), and the leases.
+    leased: int = 0
+    leases: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _SchedulerSide:
+    def __init__(self, settings: KvtierSettings, info: LayoutInfo, block_bytes: int):
+        self.settings = settings
+        self.info = info
+        self.block_size = info.block_size
+        # Bytes of one block on one rank (ranks load theirs in parallel).
+        self.block_bytes = block_bytes
+        # Whether a match is worth loading, from loads and prefills measured
+        # here: kvtier's one cost model (kvtier_client::cost).
+        self.cost = CostModel()
+        # req_id → blocks [first, host) of its match are in host memory.
+        self.match_host: dict[str, tuple[int, int]] = {}
+        # req_id → (start, host bytes, disk bytes) of its load in flight.
+        self.load_clock: dict[str, tuple[float, int, int]] = {}
+        # Promotions in flight, and the leases of reported matches, kept
+        # until their load is done (req_id → (session, lease) pairs). The
+        # promotions' kvbm calls run on `promoter` with their own client
+        # (Acquire waits for disk reads) and pool session.
+        self.promotions: dict[str, _Promotion] = {}
+        self.held: dict[str, list[tuple[int, int]]] = {}
+        self.promote_lock = threading.Lock()
+        self.promoter = None
+        self.promote_client = Client(
+            settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
+        )
+        self.promote_pool: Pool | None = None
+        # Steps scheduled and not yet reported: (when, tokens scheduled),
+        # oldest first (with async scheduling one runs while the next is
+        # scheduled).
+        self.steps: list[tuple[float, int]] = []
+        self.namespaces = [info.namespace(r) for r in range(info.tp_world)]
+        self.client = Client(
+            settings.socket,
+            timeout_ms=settings.lookup_timeout_ms,
+            retry_ms=settings.retry_ms,
+        )
+        self.reqs: dict[str, _ReqState] = {}
+        # req_id → the block-aligned local hit passed with the last match.
+        self.local_hit: dict[str, int] = {}
+        # req_id → blocks of its chain kvbm held at the last lookup.
+        self.present: dict[str, int] = {}
+        self.pending_loads: list[LoadSpec] = []
+        self.events: EventStream | None = None
+        self.stats = {
+            "lookups": 0,
+            "lookup_failures": 0,
+            "matched_blocks": 0,
+            "planned_save_blocks": 0,
+            "planned_load_blocks": 0,
+            "events_skipped": 0,
+            # Matched blocks not loaded because recomputing them is faster.
+            "skipped_slow_blocks": 0,
+            # Matches whose disk blocks were promoted (and leased) before
+            # being reported, and those given up as slower than recompute.
+            "promotions": 0,
+            "promotions_given_up": 0,
+        }
+
+    def _lookup(self, hashes) -> tuple[int, int]:
+        """Blocks of the chain present, and in host memory, on every rank."""
+        counts = [self.client.lookup_counts(ns, hashes) for ns in self.namespaces]
+        return min(c[0] for c in counts), min(c[1] for c in counts)
+
+    def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not (self.settings.load or self.settings.save):
+            return 0, False
+        bs = self.block_size
+        hashes = request.block_hashes
+        first = num_computed_tokens // bs
+        if not hashes:
+            return 0, False
+        self.stats["lookups"] += 1
+        try:
+            # The whole chain, not only past the GPU's own hit: the part of
+            # that hit kvbm already holds need not be offloaded again (a
+            # growing conversation would re-offer its whole history on every
+            # turn).
+            present, host = self._lookup(hashes)
+            matched = present
+            if present < first < len(hashes):
+                # kvbm lacks part of what the GPU holds; it may still hold
+                # blocks past it.
+                rest, rest_host = self._lookup(hashes[first:])
+                matched, host = first + rest, first + rest_host
+        except KvbmError as e:
+            self.stats["lookup_failures"] += 1
+            logger.debug("kvtier: lookup failed: %s", e)
+            return 0, False
+        self.present[request.request_id] = present
+        if not self.settings.load:
+            return 0, False
+        if matched > first:
+            # Only what loads faster than it recomputes.
+            end = self.cost.plan(first, min(host, matched), matched, self.block_bytes, bs)
+            self.stats["skipped_slow_blocks"] += matched - end
+            matched = end
+        if matched > max(host, first):
+            # Blocks from disk: bring them into host memory and lease them
+            # first; vLLM asks again meanwhile (None) and schedules others.
+            matched = self._promoted(request, first, matched)
+            if matched is None:
+                return None, False
+        hit_tokens = matched * bs
+        # A step needs one token to compute: never claim the whole prompt.
+        hit_tokens = min(hit_tokens, request.num_tokens - 1)
+        ext = hit_tokens - num_computed_tokens
+        # An asynchronous load costs the request at least one more engine
+        # step; a few tokens are cheaper to recompute. (Without this, every
+        # whole-prompt GPU hit, which vLLM stops one block short of the end,
+        # would load that last block.)
+        if ext < max(self.settings.min_match_blocks, 1) * bs:
+            return 0, False
+        self.local_hit[request.request_id] = num_computed_tokens
+        self.match_host[request.request_id] = (first, host)
+        return ext, True
+
+    def _promoted(self, request, first: int, end: int) -> int | None:
+        """The end of the match once `[first, end)` is leased in host
+        memory; None while the promotion runs. One that takes longer than
+        recomputing those blocks is given up: the match ends where host
+        memory's prefix did."""
+        req_id = request.request_id
+        now = time.monotonic()
+        with self.promote_lock:
+            p = self.promotions.get(req_id)
+            if p is not None and (p.first > first or p.first + len(p.keys) < end):
+                self._abandon(self.promotions.pop(req_id))
+                p = None
+            if p is None:
+                bs = self.block_size
+                full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(first * bs)
+                budget = full - done if full is not None else self.settings.timeout_ms / 1000
+                p = _Promotion(first, list(request.block_hashes[first:end]), now, budget)
+                self.promotions[req_id] = p
+                self.stats["promotions"] += 1
+                if self.promoter is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
+                self.promoter.submit(self._promote, p)
+                return None
+            if not p.done:
+                if now - p.started < p.budget:
+                    return None
+                self.stats["promotions_given_up"] += 1
+                self._abandon(self.promotions.pop(req_id))
+                return first
+            del self.promotions[req_id]
+            self._release(self.held.pop(req_id, []))
+            self.held[req_id] = p.leases
+            return p.first + min(p.leased, end - p.first)
+
+    def _promote(self, p: _Promotion) -> None:
+        """Leases `p.keys` on every rank (Acquire reads what is on disk
+        into host memory). On the promoter thread."""
+        leased, leases = 0, []
+        try:
+            if self.promote_pool is None or self.promote_pool.closed:
+                self.promote_pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
+            session = self.promote_pool.session
+            counts = []
+            for ns in self.namespaces:
+                lease, slots = self.promote_client.acquire(session, ns, p.keys)
+                if lease:
+                    leases.append((session, lease))
+                counts.append(len(slots))
+            leased = min(counts)
+        except KvbmError as e:
+            logger.debug("kvtier: promotion failed: %s", e)
+            if isinstance(e, KvbmUnavailable) and self.promote_pool is not None:
+                self.promote_pool.close()
+                self.promote_pool = None
+        with self.promote_lock:
+            p.leased, p.leases, p.done = leased, leases, True
+            if p.abandoned:
+                self._release(p.leases)
+
+    def _abandon(self, p: _Promotion) -> None:
+        """Under promote_lock."""
+        p.abandoned = True
+        if p.done:
+            self._release(p.leases)
+
+    def _release(self, leases: list[tuple[int, int]]) -> None:
+        if leases and self.promoter is not None:
+            self.promoter.submit(self._release_now, list(leases))
+
+    def _release_now(self, leases: list[tuple[int, int]]) -> None:
+        for session, lease in leases:
+            try:
+                self.promote_client.release(session, lease)
+            except KvbmError as e:
+                logger.debug("kvtier: release failed: %s", e)
+
+    def after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        req_id = request.request_id
+        block_ids = list(blocks.get_block_ids()[0])
+        st = self.reqs.get(req_id)
+        if st is None:
+            st = self.reqs[req_id] = _ReqState(request, block_ids)
+        else:
+            st.request = request
+            if len(block_ids) >= len(st.block_ids):
+                st.block_ids = block_ids
+        # What kvbm holds already is not offloaded again.
+        st.saved = max(st.saved, min(self.present.pop(req_id, 0), len(block_ids)))
+        if num_external_tokens <= 0:
+            return
+        bs = self.block_size
+        local = self.local_hit.pop(req_id, request.num_computed_tokens)
+        first = local // bs
+        last = min(-(-(local + num_external_tokens) // bs), len(request.block_hashes))
+        if last <= first or last > len(block_ids):
+            return
+        self.pending_loads.append(
+            LoadSpec(req_id, list(request.block_hashes[first:last]), block_ids[first:last])
+        )
+        _, host = self.match_host.pop(req_id, (first, last))
+        in_host = max(0, min(host, last) - first)
+        self.load_clock[req_id] = (
+            0.0,
+            in_host * self.block_bytes,
+            (last - first - in_host) * self.block_bytes,
+        )
+        self.stats["planned_load_blocks"] += last - first
+        # Loaded blocks are in kvbm already: saving starts past them.
+        st.saved = max(st.saved, last)
+
+    def build_meta(self, so) -> KvtierMetadata:
+        now = time.monotonic()
+        for spec in self.pending_loads:
+            _, host_bytes, disk_bytes = self.load_clock.get(spec.req_id, (0.0, 0, 0))
+            self.load_clock[spec.req_id] = (now, host_bytes, disk_bytes)
+        self.steps = self.steps[-3:] + [(now, so.total_num_scheduled_tokens)]
+        meta = KvtierMetadata(loads=self.pending_loads)
+        self.pending_loads = []
+        meta.preempted = set(so.preempted_req_ids or ())
+        for req_id in meta.preempted:
+            st = self.reqs.get(req_id)
+            if st is not None:
+                st.block_ids = []
+        for new in so.scheduled_new_reqs:
+            st = self.reqs.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                self._plan_save(meta, new.req_id, st, new.num_computed_tokens, so)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            self._plan_save(meta, req_id, st, cached.num_computed_tokens[i], so)
+        return meta
+
+    def _plan_save(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
+        if not self.settings.save:
+            return
+        request = st.request
+        bs = self.block_size
+        done_tokens = computed + so.num_scheduled_tokens.get(req_id, 0)
+        full = min(done_tokens // bs, len(request.block_hashes), len(st.block_ids))
+        start = st.saved
+        if full <= start:
+            return
+        hashes = request.block_hashes
+        keys = list(hashes[start:full])
+        parents = [hashes[start - 1] if start > 0 else b""] + keys[:-1]
+        tokens = list(request.all_token_ids[start * bs : full * bs])
+        meta.saves.append(SaveSpec(req_id, keys, parents, st.block_ids[start:full], tokens))
+        st.saved = full
+        st.had_saves = True
+        self.stats["planned_save_blocks"] += full - start
+
+    def finished(self, request) -> bool:
+        req_id = request.request_id
+        self.match_host.pop(req_id, None)
+        self.load_clock.pop(req_id, None)
+        self.local_hit.pop(req_id, None)
+        with self.promote_lock:
+            p = self.promotions.pop(req_id, None)
+            if p is not None:
+                self._abandon(p)
+            self._release(self.held.pop(req_id, []))
+        self.present.pop(req_id, None)
+        st = self.reqs.pop(req_id, None)
+        # The worker reports a request with saves in finished_sending once
+        # they are done; until then vLLM keeps its blocks.
+        return st is not None and st.had_saves
+
+    def reset(self) -> bool:
+        try:
+            for ns in self.namespaces:
+                self.client.clear(ns)
+        except KvbmError as e:
+            logger.warning("kvtier: cannot reset kvbm's cache: %s", e)
+            return False
+        self.present.clear()
+        return True
+
+    def on_output(self, output) -> None:
+        """A step's results: measures the step (prefill speed) and the
+        loads it finished (load rates), for the cost model."""
+        now = time.monotonic()
+        if self.steps:
+            started, tokens = self.steps.pop(0)
+            self.cost.observe_prefill(tokens, now - started)
+        failed = set(getattr(output, "invalid_block_ids", None) or ())
+        for req_id in getattr(output, "finished_recving", None) or ():
+            with self.promote_lock:
+                self._release(self.held.pop(req_id, []))
+            started, host_bytes, disk_bytes = self.load_clock.pop(req_id, (0.0, 0, 0))
+            # A load with failed blocks measured a failure, not a rate.
+            if started and not failed:
+                self.cost.observe_load(host_bytes, disk_bytes, now - started)
+
+    def take_events(self) -> list:
+        if not self.settings.events:
+            return []
+        if self.events is None:
+            self.events = EventStream(self.settings.socket, retry_ms=self.settings.retry_ms)
+            return []
+        ns = self.namespaces[0]
+        out = []
+        for _incarnation, _seq, _snapshot, events in self.events.drain():
+            for ev in events:
+                kind = ev[0]
+                if kind == "stored":
+                    _, tier, namespace, keys, parent, tokens, tpb = ev
+                    if namespace != ns or tier not in _MEDIUM:
+                        continue
+                    out.append(
+                        BlockStored(
+                            block_hashes=list(keys),
+                            parent_block_hash=parent or None,
+                            token_ids=list(tokens),
+                            block_size=int(tpb) or self.block_size,
+                            lora_id=None,
+                            medium=_MEDIUM[tier],
+                            lora_name=None,
+                        )
+                    )
+                elif kind == "removed":
+                    _, tier, namespace, keys = ev
+                    if namespace != ns or tier not in _MEDIUM:
+                        continue
+                    out.append(BlockRemoved(block_hashes=list(keys), medium=_MEDIUM[tier]))
+                else:
+                    # A cleared tier has no vLLM form that spares the GPU's
+                    # own blocks (AllBlocksCleared would drop them too).
+                    self.stats["events_skipped"] += 1
+        return out
+
+    def shutdown(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+        if self.promoter is not None:
+            with self.promote_lock:
+                for p in self.promotions.values():
+                    self._abandon(p)
+                for leases in self.held.values():
+                    self._release(leases)
+                self.promotions.clear()
+                self.held.clear()
+            self.promoter.shutdown(wait=True)
+            self.promoter = None
+        if self.promote_pool is not None:
+            self.promote_pool.close()
+            self.promote_pool = None
