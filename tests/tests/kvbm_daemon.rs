@@ -938,3 +938,35 @@ fn sync_reports_dropped_writes_and_retries_them() {
         }
     });
 }
+
+/// Host eviction is least recently used for real: 8 blocks read after every
+/// put of a new one stay in a 64-slot pool while 300 others cycle through
+/// (reading a block used to put it at the victim end).
+#[test]
+fn blocks_read_stay_in_host_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 64 * KIB;
+    let d = Kvbm::start(dir.path(), &["--host-bytes", "4MiB", "--disk-bytes", "0"]).unwrap();
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        let hot = 1_000_000u64;
+        for h in hot..hot + 8 {
+            put(&c, "m", h, len).await.unwrap();
+        }
+        for cold in 0..300 {
+            put(&c, "m", cold, len).await.unwrap();
+            for h in hot..hot + 8 {
+                let got = get(&c, "m", h).await;
+                assert_eq!(
+                    got.ok(),
+                    Some(data(h, len)),
+                    "hot block {h} after cold {cold}"
+                );
+            }
+        }
+        let s = stats(&c).await;
+        assert_eq!(s[&HOST].hits, 300 * 8);
+        assert!(s[&HOST].evictions >= 300 + 8 - 64, "the cold blocks cycled");
+    });
+}
