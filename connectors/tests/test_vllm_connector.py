@@ -287,10 +287,22 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
         m.observe_prefill(1024, 1024 * 10e-3)
         return m
 
+    b = eng.request("B", prompt(80))
+    # Nothing known about the disk: the request recomputes while its blocks
+    # are read in the background to measure it.
+    side.cost = CostModel()
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
+    for _ in range(200):
+        if side.stats["disk_probes"]:
+            break
+        time.sleep(0.01)
+    assert side.stats["disk_probes"] == 1 and side.cost.knows_disk()
+    assert not side.promotions
+    # The probe left the blocks in host memory: back to disk only.
+    Client(d.socket).clear(tier="host")
     # A disk slower than recomputing (1 s a block, 160 ms to recompute
     # one): the match is not reported, the blocks are recomputed.
     side.cost = measured(1.0)
-    b = eng.request("B", prompt(80))
     assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
     assert side.stats["skipped_slow_blocks"] == 5
     # A fast one: promoted into host memory and leased first (vLLM is told

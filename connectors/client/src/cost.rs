@@ -96,6 +96,23 @@ impl CostModel {
             .observe((secs - via_host).max(0.0) / disk_bytes as f64, now);
     }
 
+    /// Reading `bytes` from disk into host memory took `secs` (a promotion
+    /// measured on its own, without the copy to the engine).
+    pub fn observe_disk_read(&mut self, bytes: u64, secs: f64) {
+        if bytes > 0 {
+            self.disk.observe(secs / bytes as f64, Instant::now());
+        }
+    }
+
+    /// Whether loads from `source` have a current measurement; without one
+    /// [`CostModel::plan`] assumes loading wins.
+    pub fn knows(&self, source: Source) -> bool {
+        match source {
+            Source::Host => self.host.last.is_some(),
+            Source::Disk => self.disk.last.is_some_and(|at| at.elapsed() < STALE_AFTER),
+        }
+    }
+
     /// A prefill step of `tokens` tokens took `secs`.
     pub fn observe_prefill(&mut self, tokens: u64, secs: f64) {
         if tokens >= MIN_PREFILL_TOKENS {
@@ -213,6 +230,17 @@ mod tests {
             m.observe_prefill(tokens, tokens as f64 * 30e-6);
         }
         m
+    }
+
+    #[test]
+    fn a_promotion_measures_the_disk_alone() {
+        let mut m = CostModel::new();
+        assert!(!m.knows(Source::Disk));
+        m.observe_load(MIB, 0, MIB as f64 / 40e9);
+        m.observe_disk_read(MIB, MIB as f64 / 2e9);
+        assert!(m.knows(Source::Disk));
+        let secs = m.load_secs(Source::Disk, MIB).unwrap();
+        assert!((secs - (MIB as f64 / 2e9 + MIB as f64 / 40e9)).abs() < 1e-9);
     }
 
     #[test]

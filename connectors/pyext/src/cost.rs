@@ -25,6 +25,16 @@ impl CostModel {
         self.inner.observe_load(host_bytes, disk_bytes, secs)
     }
 
+    /// Reading `bytes` from disk into host memory took `secs`.
+    fn observe_disk_read(&mut self, bytes: u64, secs: f64) {
+        self.inner.observe_disk_read(bytes, secs)
+    }
+
+    /// Whether loads from disk have a current measurement.
+    fn knows_disk(&self) -> bool {
+        self.inner.knows(cost::Source::Disk)
+    }
+
     /// A prefill step of `tokens` tokens took `secs`.
     fn observe_prefill(&mut self, tokens: u64, secs: f64) {
         self.inner.observe_prefill(tokens, secs)

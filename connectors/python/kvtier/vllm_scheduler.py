@@ -72,6 +72,10 @@ class _Promotion:
     started: float
     # Longer than this and recomputing would have been faster.
     budget: float
+    # Bytes it reads from disk (all ranks), to measure the disk by.
+    disk_bytes: int = 0
+    # Only a measurement: nobody waits for it, its leases go at once.
+    probe: bool = False
     done: bool = False
     abandoned: bool = False
     # Blocks leased on every rank (a prefix of `keys`), and the leases.
@@ -135,6 +139,8 @@ class _SchedulerSide:
             # being reported, and those given up as slower than recompute.
             "promotions": 0,
             "promotions_given_up": 0,
+            # Promotions made only to measure the disk.
+            "disk_probes": 0,
         }
 
     def _lookup(self, hashes) -> tuple[int, int]:
@@ -176,11 +182,19 @@ class _SchedulerSide:
             self.stats["skipped_slow_blocks"] += matched - end
             matched = end
         if matched > max(host, first):
-            # Blocks from disk: bring them into host memory and lease them
-            # first; vLLM asks again meanwhile (None) and schedules others.
-            matched = self._promoted(request, first, matched)
-            if matched is None:
-                return None, False
+            if self.cost.knows_disk():
+                # Blocks from disk: bring them into host memory and lease
+                # them first; vLLM asks again meanwhile (None).
+                matched = self._promoted(request, first, host, matched)
+                if matched is None:
+                    return None, False
+            else:
+                # The disk's speed is unknown (or old): measure it with this
+                # request's blocks in the background, and recompute them
+                # this time rather than bet the request on it.
+                self._probe(request, first, host, matched)
+                host = max(host, first)
+                matched = self.cost.plan(first, host, host, self.block_bytes, bs)
         hit_tokens = matched * bs
         # A step needs one token to compute: never claim the whole prompt.
         hit_tokens = min(hit_tokens, request.num_tokens - 1)
@@ -195,7 +209,32 @@ class _SchedulerSide:
         self.match_host[request.request_id] = (first, host)
         return ext, True
 
-    def _promoted(self, request, first: int, end: int) -> int | None:
+    def _probe(self, request, first: int, host: int, end: int) -> None:
+        with self.promote_lock:
+            if any(p.probe for p in self.promotions.values()):
+                return  # one measurement at a time
+            p = self._start_promotion(request, first, host, end, budget=0.0)
+            p.probe = True
+            self.promotions["probe:" + request.request_id] = p
+
+    def _start_promotion(self, request, first, host, end, budget) -> _Promotion:
+        """Under promote_lock."""
+        disk_blocks = end - max(host, first)
+        p = _Promotion(
+            first,
+            list(request.block_hashes[first:end]),
+            time.monotonic(),
+            budget,
+            disk_bytes=disk_blocks * self.block_bytes * len(self.namespaces),
+        )
+        if self.promoter is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
+        self.promoter.submit(self._promote, p)
+        return p
+
+    def _promoted(self, request, first: int, host: int, end: int) -> int | None:
         """The end of the match once `[first, end)` is leased in host
         memory; None while the promotion runs. One that takes longer than
         recomputing those blocks is given up: the match ends where host
@@ -211,14 +250,8 @@ class _SchedulerSide:
                 bs = self.block_size
                 full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(first * bs)
                 budget = full - done if full is not None else self.settings.timeout_ms / 1000
-                p = _Promotion(first, list(request.block_hashes[first:end]), now, budget)
-                self.promotions[req_id] = p
+                self.promotions[req_id] = self._start_promotion(request, first, host, end, budget)
                 self.stats["promotions"] += 1
-                if self.promoter is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
-                self.promoter.submit(self._promote, p)
                 return None
             if not p.done:
                 if now - p.started < p.budget:
@@ -251,8 +284,15 @@ class _SchedulerSide:
             if isinstance(e, KvbmUnavailable) and self.promote_pool is not None:
                 self.promote_pool.close()
                 self.promote_pool = None
+        secs = time.monotonic() - p.started
         with self.promote_lock:
             p.leased, p.leases, p.done = leased, leases, True
+            if leased == len(p.keys):
+                self.cost.observe_disk_read(p.disk_bytes, secs)
+            if p.probe:
+                self.stats["disk_probes"] += 1
+                self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
+                p.abandoned = True
             if p.abandoned:
                 self._release(p.leases)
 
