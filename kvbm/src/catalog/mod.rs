@@ -4,7 +4,10 @@
 //! one implementation, [`rocks::RocksCatalog`]). Block bytes never go here:
 //! only what is needed to find, verify and describe them after a restart.
 
+mod damage;
 pub mod rocks;
+
+pub use damage::Damage;
 
 use crate::error::{Error, Result};
 

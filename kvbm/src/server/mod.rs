@@ -94,7 +94,7 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
         None => None,
     };
 
-    let catalog = Arc::new(RocksCatalog::open(&cfg.data_dir.join("catalog"))?);
+    let catalog = Arc::new(RocksCatalog::open_or_start_cold(&cfg.data_dir.join("catalog"))?.0);
     let store = Store::open(cfg.clone(), catalog)?;
 
     let uds = bind_unix(&cfg.socket, socket_gid)?;
