@@ -970,3 +970,50 @@ fn blocks_read_stay_in_host_memory() {
         assert!(s[&HOST].evictions >= 300 + 8 - 64, "the cold blocks cycled");
     });
 }
+
+/// A damaged catalog never stops the daemon: it starts cold, and the
+/// damaged files stay for inspection (no crash loop under systemd).
+#[test]
+fn damaged_catalog_starts_cold_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--host-bytes",
+        "4MiB",
+        "--disk-bytes",
+        "16MiB",
+        "--region-bytes",
+        "1MiB",
+    ];
+    let len = 64 * KIB;
+    let d = Kvbm::start(dir.path(), &args).unwrap();
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..8 {
+            put(&c, "m", i, len).await.unwrap();
+        }
+        assert_eq!(c.sync().await.unwrap(), 8);
+    });
+    assert!(d.stop().unwrap().success());
+    std::fs::write(dir.path().join("catalog/CURRENT"), b"\xffgarbage\n").unwrap();
+    let d = Kvbm::start(dir.path(), &args).expect("starts despite the damage");
+    rt().block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        assert!(get(&c, "m", 0).await.is_err(), "cold: nothing recovered");
+        // Usable: a namespace and blocks again.
+        c.register_namespace("m", len as u64).await.unwrap();
+        put(&c, "m", 0, len).await.unwrap();
+        assert_eq!(get(&c, "m", 0).await.unwrap(), data(0, len));
+    });
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("catalog.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged catalog is kept");
+    assert!(kept[0].path().join("CURRENT").exists());
+}
