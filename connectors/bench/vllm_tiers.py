@@ -58,7 +58,11 @@ def child(args) -> None:
     proc = socket = None
     kw = {}
     if args.child.startswith("kvtier"):
-        host, disk = ("24GiB", "0") if args.child == "kvtier_host" else ("4GiB", "24GiB")
+        host, disk = (
+            (f"{args.host_gib}GiB", "0")
+            if args.child == "kvtier_host"
+            else (f"{args.small_host_gib}GiB", f"{args.disk_gib}GiB")
+        )
         proc, socket = start_kvbm(args.kvbm, work, host, disk_bytes=disk)
         kw["kv_transfer_config"] = {
             "kv_connector": "KvtierConnector",
@@ -67,7 +71,7 @@ def child(args) -> None:
             "kv_connector_extra_config": {"socket": socket, "model": "llama3-8b-shape"},
         }
     elif args.child == "native":
-        kw["kv_offloading_size"] = 24.0
+        kw["kv_offloading_size"] = float(args.host_gib)
         kw["kv_offloading_backend"] = "native"
 
     from vllm import LLM, SamplingParams
@@ -184,6 +188,10 @@ def main() -> None:
     ap.add_argument("--question-tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where kvbm's data and disk tier live")
+    ap.add_argument("--host-gib", type=int, default=24,
+                    help="host memory of native offloading and kvtier_host")
+    ap.add_argument("--small-host-gib", type=int, default=4, help="kvtier_disk's host tier")
+    ap.add_argument("--disk-gib", type=int, default=24, help="kvtier_disk's disk tier")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -192,7 +200,9 @@ def main() -> None:
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--child", mode, "--kvbm", args.kvbm,
                "--docs", str(args.docs), "--doc-tokens", str(args.doc_tokens),
-               "--question-tokens", str(args.question_tokens), "--rounds", str(args.rounds)]
+               "--question-tokens", str(args.question_tokens), "--rounds", str(args.rounds),
+               "--host-gib", str(args.host_gib), "--small-host-gib", str(args.small_host_gib),
+               "--disk-gib", str(args.disk_gib)]
         if args.workdir:
             cmd += ["--workdir", args.workdir]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
