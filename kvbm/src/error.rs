@@ -67,6 +67,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+#[cfg(feature = "rocksdb")]
 impl From<rocksdb::Error> for Error {
     fn from(e: rocksdb::Error) -> Error {
         Error::new(ErrorKind::Catalog, e.to_string())

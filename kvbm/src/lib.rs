@@ -14,7 +14,8 @@
 //! - [`disk`]: the NVMe tier (io_uring, `O_DIRECT`, append-only regions).
 //! - [`catalog`]: durable metadata (RocksDB behind a trait).
 //! - [`events`]: numbered block-event batches and their replay ring.
-//! - [`server`]: gRPC, the pool socket, HTTP metrics and health.
+//! - [`server`]: gRPC, the pool socket, HTTP metrics and health (with the
+//!   default `rocksdb` feature: the daemon needs its catalog).
 //! - [`bench_disk`]: the plain io_uring loop `kvtier bench disk` compares with.
 
 pub mod bench_disk;
@@ -26,6 +27,7 @@ pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod pool;
+#[cfg(feature = "rocksdb")]
 pub mod server;
 pub mod store;
 pub mod table;

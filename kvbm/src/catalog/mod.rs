@@ -4,9 +4,12 @@
 //! one implementation, [`rocks::RocksCatalog`]). Block bytes never go here:
 //! only what is needed to find, verify and describe them after a restart.
 
+#[cfg(feature = "rocksdb")]
 mod damage;
+#[cfg(feature = "rocksdb")]
 pub mod rocks;
 
+#[cfg(feature = "rocksdb")]
 pub use damage::Damage;
 
 use crate::error::{Error, Result};
@@ -88,14 +91,18 @@ pub trait Catalog: Send + Sync {
 
 const BLOCK_V1: u8 = 1;
 
-pub(crate) fn block_db_key(ns: u32, key: &[u8]) -> Vec<u8> {
+/// The catalog key of block `key` of namespace `ns`: `ns` big-endian, then
+/// the key bytes (so one namespace's blocks are contiguous).
+pub fn block_db_key(ns: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len());
     k.extend_from_slice(&ns.to_be_bytes());
     k.extend_from_slice(key);
     k
 }
 
-pub(crate) fn encode_block(b: &BlockRecord) -> Vec<u8> {
+/// The catalog value of a block record (version 1 of the format above; the
+/// namespace and key travel in the catalog key, see [`block_db_key`]).
+pub fn encode_block(b: &BlockRecord) -> Vec<u8> {
     let mut v = Vec::with_capacity(64 + b.parent.len() + 4 * b.tokens.len());
     v.push(BLOCK_V1);
     v.extend_from_slice(&b.size.to_le_bytes());
@@ -149,7 +156,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub(crate) fn decode_block(db_key: &[u8], value: &[u8]) -> Result<BlockRecord> {
+/// Decodes a block record from its catalog key and value, as read back from
+/// disk: anything malformed is a [`Catalog`](crate::error::ErrorKind::Catalog)
+/// error, never a panic.
+pub fn decode_block(db_key: &[u8], value: &[u8]) -> Result<BlockRecord> {
     let bad = |what: &str| Error::new(crate::error::ErrorKind::Catalog, what.to_string());
     if db_key.len() < 5 || db_key.len() > 4 + 32 {
         return Err(bad("catalog block key of invalid length"));

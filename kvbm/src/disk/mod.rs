@@ -53,7 +53,7 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 
 pub use admission::Admission;
-pub use entry::{entry_bytes, AlignedBuf, MAX_KEY, PAGE};
+pub use entry::{entry_bytes, AlignedBuf, Header, HeaderFault, MAX_KEY, PAGE};
 pub use region::RegionState;
 pub use uring::{ReadDone, WriteDone};
 

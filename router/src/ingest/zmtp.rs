@@ -233,6 +233,16 @@ impl Conn {
         Self::handshake(io, role, limits).await
     }
 
+    /// Completes the ZMTP handshake as `role` over a stream that is already
+    /// connected: in-process peers, and the fuzz targets (`fuzz/`), which
+    /// feed a peer's bytes from memory.
+    pub async fn over<S>(io: S, role: Role, limits: Limits) -> io::Result<Conn>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::handshake(Box::new(io), role, limits).await
+    }
+
     async fn handshake(io: Box<dyn Io>, role: Role, limits: Limits) -> io::Result<Conn> {
         let mut conn = Conn {
             io: BufReader::with_capacity(64 << 10, io),

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs under fuzz/corpus/<target>/: valid encodings of
+each format, built from the layouts the decoders document (docs/wire.md,
+kvbm/src/disk/entry.rs, kvbm/src/catalog/mod.rs) and the recorded vLLM
+batches in router/tests/fixtures. The seeds are committed; run this again
+only when a format changes."""
+
+import pathlib
+import struct
+
+root = pathlib.Path(__file__).resolve().parent
+fixtures = root.parent / "router" / "tests" / "fixtures"
+batches = {p.stem: p.read_bytes() for p in sorted(fixtures.glob("*.msgpack"))}
+
+
+def write(target, name, data):
+    d = root / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+# --- pool_frame: [len u32 LE][kind u8][body] ---------------------------------
+def frame(kind, body):
+    return struct.pack("<IB", len(body) + 1, kind) + body
+
+
+def keys_body(ns, keys):
+    klen = len(keys[0]) if keys else 0
+    return struct.pack("<H", len(ns)) + ns + struct.pack("<BI", klen, len(keys)) + b"".join(keys)
+
+
+keys = [bytes([i]) * 16 for i in range(1, 4)]
+write("pool_frame", "lookup", frame(1, keys_body(b"ns", keys)))
+write("pool_frame", "commit_empty", frame(3, keys_body(b"default", [])))
+parents = [b"", keys[0], keys[1]]
+reserve = keys_body(b"ns", keys) + b"".join(bytes([len(p)]) + p for p in parents)
+reserve += struct.pack("<I", 2) + b"".join(struct.pack("<I", t) for t in range(6))
+write("pool_frame", "reserve", frame(2, reserve))
+write("pool_frame", "lookup_reply", frame(0, struct.pack("<III", 3, 2, 1)))
+write("pool_frame", "slots_reply", frame(0, struct.pack("<IQQQQ", 2, 4096, 8192, 0, 0)))
+write("pool_frame", "count_reply", frame(0, struct.pack("<I", 7)))
+write("pool_frame", "error_reply", frame(5, b'unknown namespace "x"'))
+
+# --- disk_header: [mode][4 KiB page]; mode 1: the target fixes the checksum --
+def header(key, ns=7, generation=42, offset=64 << 20, length=2 << 20, checksum=0xDEADBEEF):
+    h = b"KVTG3ENT" + struct.pack("<IIQQIB3xQ", 1, ns, generation, offset, length, len(key), checksum)
+    h += key.ljust(32, b"\0")
+    return h.ljust(4096, b"\0")
+
+
+write("disk_header", "key32", b"\x01" + header(bytes(range(32))))
+write("disk_header", "key0", b"\x01" + header(b"", length=0))
+
+# --- catalog_record: [key len][ns BE + key][value v1] -------------------------
+def record(disk, parent, tokens):
+    v = struct.pack("<BQQI", 1, 2 << 20, 0xDEADBEEF, 5)
+    v += struct.pack("<BIQQI", 1, 3, 9, 4096, 2 << 20) if disk else b"\0"
+    v += bytes([len(parent)]) + parent + struct.pack("<I", len(tokens))
+    return v + b"".join(struct.pack("<I", t) for t in tokens)
+
+
+key = struct.pack(">I", 7) + b"\x01" * 32
+write("catalog_record", "on_disk", bytes([len(key)]) + key + record(True, b"\x02" * 32, range(16)))
+key = struct.pack(">I", 1) + b"\x09" * 16
+write("catalog_record", "in_memory", bytes([len(key)]) + key + record(False, b"", []))
+
+# --- msgpack and engine_batch: recorded vLLM batches -------------------------
+for name, b in batches.items():
+    write("msgpack", name, b)
+    write("engine_batch", name, b"\x40" + b)
+write("engine_batch", "limit1_" + next(iter(batches)), b"\x01" + next(iter(batches.values())))
+
+# --- zmtp: [mode][bytes]; mode bit 0: the target sends the handshake first ---
+def zframe(body, flags=0):
+    if len(body) > 255:
+        return bytes([flags | 2]) + struct.pack(">Q", len(body)) + body
+    return bytes([flags, len(body)]) + body
+
+
+def command(name, data=b""):
+    return zframe(bytes([len(name)]) + name + data, 4)
+
+
+def message(*frames):
+    return b"".join(zframe(f, 1 if i + 1 < len(frames) else 0) for i, f in enumerate(frames))
+
+
+greeting = b"\xff" + b"\0" * 8 + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+ready = command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 3) + b"PUB")
+live = b"".join(
+    message(b"kv@0", struct.pack(">Q", seq), b) for seq, b in enumerate(batches.values())
+)
+write("zmtp", "after_handshake", b"\x01" + live + command(b"PING", b"\x00\x64ctx"))
+write("zmtp", "with_handshake", b"\x00" + greeting + ready + live)
+write("zmtp", "dealer_replay", b"\x03" + message(b"", struct.pack(">Q", 0), next(iter(batches.values()))))
+write("zmtp", "oversized", b"\x01" + message(*[b"x" * 300] * 5) + command(b"ERROR", b"\x03bye"))
