@@ -908,7 +908,7 @@ fn sync_reports_dropped_writes_and_retries_them() {
             list_not_durable: true,
             ..Default::default()
         };
-        let r = c.sync_report(list.clone()).await.unwrap();
+        let r = c.sync_report(list).await.unwrap();
         assert!(r.not_durable > 0, "a queue of 2 drops some of 64 at once");
         assert_eq!(r.durable_blocks + r.not_durable, n, "{r:?}");
         assert_eq!(r.not_durable_blocks.len() as u64, r.not_durable);
