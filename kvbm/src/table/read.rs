@@ -3,18 +3,21 @@
 use super::*;
 
 impl BlockTable {
+    /// The committed block `key` of `ns`, if there is one.
+    fn readable(&self, ns: u32, key: &Key) -> Option<u32> {
+        let id = self.index.find(ns, key)?;
+        (self.index.get(id).state == State::Ready).then_some(id)
+    }
+
     /// Longest present prefix of `keys`, and where each block is.
     pub fn lookup(&self, ns: u32, keys: &[Key]) -> Lookup {
         let mut out = Lookup::default();
         let (mut host_run, mut disk_run) = (true, true);
         for key in keys {
-            let Some(id) = self.index.find(ns, key) else {
+            let Some(id) = self.readable(ns, key) else {
                 break;
             };
             let e = self.index.get(id);
-            if e.state != State::Ready {
-                break;
-            }
             let in_host = e.has_host() && !e.loading;
             let on_disk = e.has_disk();
             if !in_host && !on_disk {
@@ -49,13 +52,10 @@ impl BlockTable {
         let mut out = Acquire::default();
         let mut pinned = Vec::new();
         for key in keys {
-            let Some(id) = self.index.find(ns, key) else {
+            let Some(id) = self.readable(ns, key) else {
                 break;
             };
             let e = self.index.get(id);
-            if e.state != State::Ready {
-                break;
-            }
             let from_disk = e.loading || !e.has_host();
             if e.loading {
                 out.waits.push((pinned.len(), id));
