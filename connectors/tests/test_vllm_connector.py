@@ -282,9 +282,10 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
         m = CostModel()
         m.observe_load(100 * bb, 0, 100e-6)  # host: 1 µs per block
         m.observe_load(0, 100 * bb, 100 * (1e-6 + disk_secs_per_block))
-        # 10 ms a token (a slow engine): a promotion may take up to 0.8 s
-        # before recomputing the 80 tokens would have been faster.
-        m.observe_prefill(1024, 1024 * 10e-3)
+        # 100 ms a token (a very slow engine): a promotion may take up to
+        # 8 s before recomputing the 80 tokens would have been faster, so a
+        # loaded test machine does not give it up.
+        m.observe_prefill(1024, 1024 * 0.1)
         return m
 
     b = eng.request("B", prompt(80))
@@ -292,24 +293,30 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
     # are read in the background to measure it.
     side.cost = CostModel()
     assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
-    for _ in range(200):
+    for _ in range(1000):
         if side.stats["disk_probes"]:
             break
         time.sleep(0.01)
     assert side.stats["disk_probes"] == 1 and side.cost.knows_disk()
     assert not side.promotions
-    # The probe left the blocks in host memory: back to disk only.
-    Client(d.socket).clear(tier="host")
-    # A disk slower than recomputing (1 s a block, 160 ms to recompute
+    # The probe left the blocks in host memory: back to disk only, once its
+    # leases (released in the background) are gone.
+    ns = eng.worker.worker_side.namespace
+    for _ in range(1000):
+        Client(d.socket).clear(tier="host")
+        if Client(d.socket).lookup_counts(ns, b.block_hashes)[1] == 0:
+            break
+        time.sleep(0.01)
+    # A disk slower than recomputing (10 s a block, 1.6 s to recompute
     # one): the match is not reported, the blocks are recomputed.
-    side.cost = measured(1.0)
+    side.cost = measured(10.0)
     assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
     assert side.stats["skipped_slow_blocks"] == 5
     # A fast one: promoted into host memory and leased first (vLLM is told
     # to ask again meanwhile), then loaded, bytes identical.
     side.cost = measured(10e-6)
     answers = []
-    for _ in range(200):
+    for _ in range(1000):
         answers.append(eng.scheduler.get_num_new_matched_tokens(b, 0))
         if answers[-1][0] is not None:
             break
