@@ -639,7 +639,10 @@ impl Store {
     // --- introspection -----------------------------------------------------
 
     pub fn stats(&self) -> pb::StatsResponse {
-        let s = self.core.lock().table.stats();
+        self.stats_of(self.core.lock().table.stats())
+    }
+
+    fn stats_of(&self, s: crate::table::TableStats) -> pb::StatsResponse {
         let c = s.counters;
         let host = pb::TierStats {
             tier: pb::Tier::Host as i32,
@@ -681,7 +684,8 @@ impl Store {
     /// Brings the metrics up to date (before a scrape): gauges and the
     /// table's counters.
     pub fn refresh_metrics(&self) {
-        let s = self.stats();
+        let table = self.core.lock().table.stats();
+        let s = self.stats_of(table);
         let m = &self.metrics;
         for t in &s.tiers {
             let label = if t.tier == pb::Tier::Host as i32 {
@@ -696,7 +700,7 @@ impl Store {
                 .set(t.degraded as i64);
         }
         m.index_bytes.set(s.index_bytes as i64);
-        let c = self.core.lock().table.stats().counters;
+        let c = table.counters;
         let set = |counter: &prometheus_client::metrics::counter::Counter, v: u64| {
             counter
                 .inner()
