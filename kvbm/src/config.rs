@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::tenant::TenantConfig;
 
 /// How the disk tier decides which blocks are worth writing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -71,6 +72,9 @@ pub struct Config {
     /// must carry (`authorization: Bearer T`), `/healthz` excepted.
     /// Default none.
     pub auth_token_file: Option<PathBuf>,
+    /// Tenants (`[[tenants]]` in the file only; see [`crate::tenant`]).
+    /// Default none: every client is the operator.
+    pub tenants: Vec<TenantConfig>,
 }
 
 impl Default for Config {
@@ -95,6 +99,7 @@ impl Default for Config {
             max_clients: 256,
             tls: None,
             auth_token_file: None,
+            tenants: Vec::new(),
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub auth_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
 }
 
 /// Command-line flags; each also read from the environment variable named.
@@ -246,6 +253,7 @@ impl Config {
             }
         };
         c.auth_token_file = flags.auth_token_file.or(file.auth_token_file);
+        c.tenants = file.tenants;
         c.validate()?;
         Ok(c)
     }
@@ -276,6 +284,18 @@ impl Config {
             return Err(Error::invalid(
                 "max_block_bytes must be between 4KiB and 1GiB",
             ));
+        }
+        crate::tenant::Tenants::validate(&self.tenants)?;
+        let quotas: u64 = self
+            .tenants
+            .iter()
+            .filter_map(|t| t.disk_bytes.map(|s| s.0))
+            .sum();
+        if self.disk_bytes != 0 && quotas > self.disk_bytes {
+            return Err(Error::invalid(format!(
+                "tenants' disk_bytes ({quotas}) add up to more than disk-bytes ({})",
+                self.disk_bytes
+            )));
         }
         Ok(())
     }

@@ -153,6 +153,9 @@ pub struct Entry {
     lru_prev: u32,
     lru_next: u32,
     in_lru: bool,
+    /// The host pool holding the host copy (0: the shared pool); each pool
+    /// has its own eviction order.
+    pool: u8,
 }
 
 impl Entry {
@@ -185,8 +188,8 @@ pub struct Index {
     entries: Vec<Entry>,
     free: Vec<u32>,
     table: HashTable<u32>,
-    lru_head: u32,
-    lru_tail: u32,
+    /// The eviction order of each host pool.
+    lrus: Vec<Lru>,
     live: usize,
     /// Counts uses; orders the eviction list.
     clock: u64,
@@ -194,13 +197,34 @@ pub struct Index {
     inserts: u32,
 }
 
+/// One pool's eviction order: a list from the next victim (`head`) to the
+/// most recently used block (`tail`).
+#[derive(Debug, Clone, Copy)]
+struct Lru {
+    head: u32,
+    tail: u32,
+}
+
+const EMPTY: Lru = Lru {
+    head: NONE,
+    tail: NONE,
+};
+
 impl Index {
     pub fn new() -> Index {
-        Index {
-            lru_head: NONE,
-            lru_tail: NONE,
-            ..Index::default()
+        Index::default()
+    }
+
+    fn lru(&self, pool: u8) -> Lru {
+        self.lrus.get(pool as usize).copied().unwrap_or(EMPTY)
+    }
+
+    fn lru_mut(&mut self, pool: u8) -> &mut Lru {
+        let i = pool as usize;
+        if self.lrus.len() <= i {
+            self.lrus.resize(i + 1, EMPTY);
         }
+        &mut self.lrus[i]
     }
 
     pub fn len(&self) -> usize {
@@ -270,6 +294,7 @@ impl Index {
             lru_prev: NONE,
             lru_next: NONE,
             in_lru: false,
+            pool: 0,
         };
         self.inserts = self.inserts.wrapping_add(1);
         let id = match self.free.pop() {
@@ -336,9 +361,11 @@ impl Index {
         e.parent_tag = tag;
     }
 
-    /// Records that `id` got a host copy at `slot`.
-    pub fn set_host(&mut self, id: u32, slot: u64) {
-        self.entries[id as usize].host = slot;
+    /// Records that `id` got a host copy at `slot` of host pool `pool`.
+    pub fn set_host(&mut self, id: u32, slot: u64, pool: u8) {
+        let e = &mut self.entries[id as usize];
+        e.host = slot;
+        e.pool = pool;
         if let Some(p) = self.parent_of(id) {
             self.entries[p as usize].host_children += 1;
             self.lru_unlink(p);
@@ -398,8 +425,11 @@ impl Index {
     /// only make an eviction slightly early or late, never wrong.
     fn lru_insert_by_use(&mut self, id: u32) {
         const MAX_WALK: usize = 4096;
-        let mine = self.entries[id as usize].last_use;
-        let (head, tail) = (self.lru_head, self.lru_tail);
+        let (mine, pool) = {
+            let e = &self.entries[id as usize];
+            (e.last_use, e.pool)
+        };
+        let Lru { head, tail } = self.lru(pool);
         if tail == NONE || self.entries[tail as usize].last_use <= mine {
             return self.lru_push_back(id);
         }
@@ -441,15 +471,16 @@ impl Index {
         }
         self.entries[after as usize].lru_next = id;
         if next == NONE {
-            self.lru_tail = id;
+            self.lru_mut(pool).tail = id;
         } else {
             self.entries[next as usize].lru_prev = id;
         }
     }
 
-    /// Evictable blocks from the next victim on, at most `n`.
-    pub fn lru_iter(&self, n: usize) -> impl Iterator<Item = u32> + '_ {
-        let mut at = self.lru_head;
+    /// Evictable blocks of host pool `pool` from the next victim on, at
+    /// most `n`.
+    pub fn lru_iter(&self, pool: u8, n: usize) -> impl Iterator<Item = u32> + '_ {
+        let mut at = self.lru(pool).head;
         std::iter::from_fn(move || {
             if at == NONE {
                 return None;
@@ -471,26 +502,33 @@ impl Index {
         self.entries[id as usize].in_lru
     }
 
-    /// The next host victim, if any block is evictable.
-    pub fn lru_victim(&self) -> Option<u32> {
-        (self.lru_head != NONE).then_some(self.lru_head)
+    /// The host pool holding `id`'s host copy (meaningful while it has one).
+    pub fn pool_of(&self, id: u32) -> u8 {
+        self.entries[id as usize].pool
+    }
+
+    /// The next victim of host pool `pool`, if any block there is evictable.
+    #[cfg(test)]
+    pub fn lru_victim(&self, pool: u8) -> Option<u32> {
+        let head = self.lru(pool).head;
+        (head != NONE).then_some(head)
     }
 
     fn lru_unlink(&mut self, id: u32) {
-        let (prev, next, in_lru) = {
+        let (prev, next, in_lru, pool) = {
             let e = &self.entries[id as usize];
-            (e.lru_prev, e.lru_next, e.in_lru)
+            (e.lru_prev, e.lru_next, e.in_lru, e.pool)
         };
         if !in_lru {
             return;
         }
         if prev == NONE {
-            self.lru_head = next;
+            self.lru_mut(pool).head = next;
         } else {
             self.entries[prev as usize].lru_next = next;
         }
         if next == NONE {
-            self.lru_tail = prev;
+            self.lru_mut(pool).tail = prev;
         } else {
             self.entries[next as usize].lru_prev = prev;
         }
@@ -501,7 +539,8 @@ impl Index {
     }
 
     fn lru_push_back(&mut self, id: u32) {
-        let tail = self.lru_tail;
+        let pool = self.entries[id as usize].pool;
+        let tail = self.lru(pool).tail;
         {
             let e = &mut self.entries[id as usize];
             e.lru_prev = tail;
@@ -509,15 +548,16 @@ impl Index {
             e.in_lru = true;
         }
         if tail == NONE {
-            self.lru_head = id;
+            self.lru_mut(pool).head = id;
         } else {
             self.entries[tail as usize].lru_next = id;
         }
-        self.lru_tail = id;
+        self.lru_mut(pool).tail = id;
     }
 
     fn lru_push_front(&mut self, id: u32) {
-        let head = self.lru_head;
+        let pool = self.entries[id as usize].pool;
+        let head = self.lru(pool).head;
         {
             let e = &mut self.entries[id as usize];
             e.lru_prev = NONE;
@@ -525,11 +565,11 @@ impl Index {
             e.in_lru = true;
         }
         if head == NONE {
-            self.lru_tail = id;
+            self.lru_mut(pool).tail = id;
         } else {
             self.entries[head as usize].lru_prev = id;
         }
-        self.lru_head = id;
+        self.lru_mut(pool).head = id;
     }
 }
 
@@ -544,7 +584,7 @@ mod tests {
     /// Inserts a ready host block with the given parent.
     fn put(ix: &mut Index, i: u32, parent: Option<u32>) -> u32 {
         let id = ix.insert(1, key(i), State::Ready, parent);
-        ix.set_host(id, i as u64 * 4096);
+        ix.set_host(id, i as u64 * 4096, 0);
         ix.refresh(id, true);
         id
     }
@@ -570,14 +610,14 @@ mod tests {
         let c = put(&mut ix, 3, Some(b));
         let x = put(&mut ix, 9, None);
         // Only leaves are victims, oldest first: c (older than x).
-        assert_eq!(ix.lru_victim(), Some(c));
+        assert_eq!(ix.lru_victim(0), Some(c));
         ix.clear_host(c);
         // b lost its last host child: it goes next, before x.
-        assert_eq!(ix.lru_victim(), Some(b));
+        assert_eq!(ix.lru_victim(0), Some(b));
         ix.clear_host(b);
-        assert_eq!(ix.lru_victim(), Some(a));
+        assert_eq!(ix.lru_victim(0), Some(a));
         ix.clear_host(a);
-        assert_eq!(ix.lru_victim(), Some(x));
+        assert_eq!(ix.lru_victim(0), Some(x));
     }
 
     #[test]
@@ -587,12 +627,12 @@ mod tests {
         let b = put(&mut ix, 2, None);
         ix.get_mut(a).pins += 1;
         ix.refresh(a, false);
-        assert_eq!(ix.lru_victim(), Some(b));
+        assert_eq!(ix.lru_victim(0), Some(b));
         ix.get_mut(a).pins -= 1;
         ix.refresh(a, true);
-        assert_eq!(ix.lru_victim(), Some(b));
+        assert_eq!(ix.lru_victim(0), Some(b));
         ix.refresh(b, true);
-        assert_eq!(ix.lru_victim(), Some(a));
+        assert_eq!(ix.lru_victim(0), Some(a));
     }
 
     #[test]

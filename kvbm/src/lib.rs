@@ -9,6 +9,7 @@
 //! - [`store`]: the block store every API call goes through: the block
 //!   table and the drivers (host pool, disk, journal) that carry it out.
 //! - [`table`]: the block table: blocks, tiers, sessions, leases; no I/O.
+//! - [`tenant`]: tenants, their namespaces, pools and quotas.
 //! - [`index`]: the in-memory block index and host eviction order.
 //! - [`pool`]: the shared-memory host pool and its slot allocator.
 //! - [`disk`]: the NVMe tier (io_uring, `O_DIRECT`, append-only regions).
@@ -31,6 +32,7 @@ pub mod pool;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod tenant;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

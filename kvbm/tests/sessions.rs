@@ -109,7 +109,7 @@ fn run(seed: u64) {
         .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut sessions: Vec<Session> = (1..=3)
-        .map(|pid| store.open_session(Owner::Process { pid, uid: 1000 }))
+        .map(|pid| store.open_session(Owner::Process { pid, uid: 1000 }, 0))
         .collect();
     // Reserved and not yet committed: key -> (session, slot offset).
     let mut pending: HashMap<u64, (Session, u64)> = HashMap::new();
@@ -231,7 +231,7 @@ fn run(seed: u64) {
                     pending.retain(|_, (o, _)| *o != gone);
                     leases.retain(|(o, _, _)| *o != gone);
                     let pid = 10 + step as u32;
-                    sessions.push(store.open_session(Owner::Process { pid, uid: 1000 }));
+                    sessions.push(store.open_session(Owner::Process { pid, uid: 1000 }, 0));
                 }
             }
         }

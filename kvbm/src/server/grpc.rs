@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::events::Resume;
 use crate::store::{Session, SlotGrant, Store};
+use crate::tenant::Principal;
 
 pub struct Service {
     store: Arc<Store>,
@@ -20,6 +21,49 @@ impl Service {
     pub fn new(store: Arc<Store>) -> Service {
         Service { store }
     }
+
+    /// Who sent `req`: on TCP, what its credentials made it (set by the
+    /// listener's authentication, see `server::serve`); on the Unix socket,
+    /// the tenant of the peer's user or group, else the operator.
+    fn principal<T>(&self, req: &Request<T>) -> Principal {
+        if let Some(p) = req.extensions().get::<Principal>() {
+            return p.clone();
+        }
+        match req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+        {
+            Some(cred) => self.store.tenants().of_peer(cred.uid(), cred.gid()),
+            // TCP without credentials configured: the operator (a warning
+            // at start-up says so when the port is beyond loopback).
+            None => Principal::Operator,
+        }
+    }
+}
+
+/// The events of `batch` that `who` may see, under the names it knows.
+pub fn visible(who: &Principal, mut batch: pb::EventBatch) -> pb::EventBatch {
+    if who.is_operator() {
+        return batch;
+    }
+    batch.events.retain_mut(|e| {
+        let name = match &mut e.kind {
+            Some(pb::event::Kind::Stored(s)) => &mut s.namespace,
+            Some(pb::event::Kind::Removed(r)) => &mut r.namespace,
+            // A tier cleared for everyone was cleared for this tenant too.
+            Some(pb::event::Kind::Cleared(_)) => return true,
+            None => return false,
+        };
+        match who.sees(name).map(str::to_string) {
+            Some(mine) => {
+                *name = mine;
+                true
+            }
+            None => false,
+        }
+    });
+    batch
 }
 
 fn slots(grants: Vec<SlotGrant>) -> Vec<pb::Slot> {
@@ -68,41 +112,55 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::RegisterNamespaceRequest>,
     ) -> Result<Response<pb::RegisterNamespaceResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
         let ns = self
             .store
-            .register_namespace(&r.name, r.block_bytes, r.layout)?;
+            .register_namespace(&who.namespace(&r.name), r.block_bytes, r.layout)?;
+        let mut ns = ns.to_proto();
+        ns.name = r.name;
         Ok(Response::new(pb::RegisterNamespaceResponse {
-            namespace: Some(ns.to_proto()),
+            namespace: Some(ns),
         }))
     }
 
     async fn list_namespaces(
         &self,
-        _: Request<pb::ListNamespacesRequest>,
+        req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let who = self.principal(&req);
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces: self
                 .store
                 .namespaces()
                 .iter()
-                .map(|n| n.to_proto())
+                .filter_map(|n| {
+                    let name = who.sees(&n.name)?.to_string();
+                    Some(pb::Namespace {
+                        name,
+                        ..n.to_proto()
+                    })
+                })
                 .collect(),
         }))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
         let meta = r
             .block
             .ok_or_else(|| Status::invalid_argument("put without a block"))?;
-        let stored = self.store.put(&r.namespace, meta, &r.data)?;
+        let stored = self
+            .store
+            .put(&who.namespace(&r.namespace), meta, &r.data)?;
         Ok(Response::new(pb::PutResponse { stored }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let (data, t) = self.store.get(&r.namespace, &r.key).await?;
+        let (data, t) = self.store.get(&who.namespace(&r.namespace), &r.key).await?;
         Ok(Response::new(pb::GetResponse {
             data,
             served_from: t as i32,
@@ -113,16 +171,23 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
-        Ok(Response::new(self.store.lookup(&r.namespace, &r.keys)?))
+        Ok(Response::new(
+            self.store.lookup(&who.namespace(&r.namespace), &r.keys)?,
+        ))
     }
 
     async fn prefetch(
         &self,
         req: Request<pb::PrefetchRequest>,
     ) -> Result<Response<pb::PrefetchResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let in_host = self.store.prefetch(&r.namespace, &r.keys).await?;
+        let in_host = self
+            .store
+            .prefetch(&who.namespace(&r.namespace), &r.keys)
+            .await?;
         Ok(Response::new(pb::PrefetchResponse { in_host }))
     }
 
@@ -130,8 +195,9 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::EvictRequest>,
     ) -> Result<Response<pb::EvictResponse>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let evicted = self.store.evict(&r.namespace, &r.keys)?;
+        let evicted = self.store.evict(&who.namespace(&r.namespace), &r.keys)?;
         Ok(Response::new(pb::EvictResponse { evicted }))
     }
 
@@ -139,10 +205,23 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::ClearRequest>,
     ) -> Result<Response<pb::ClearResponse>, Status> {
+        let who = self.principal(&req);
         let req = req.into_inner();
         let t = tier(req.tier)?;
-        let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
-        let removed = self.store.clear(t, ns)?;
+        let removed = if !req.namespace.is_empty() {
+            self.store.clear(t, Some(&who.namespace(&req.namespace)))?
+        } else if who.is_operator() {
+            self.store.clear(t, None)?
+        } else {
+            // A tenant's "everything" is every namespace of its own.
+            let mut removed = 0;
+            for ns in self.store.namespaces() {
+                if who.sees(&ns.name).is_some() {
+                    removed += self.store.clear(t, Some(&ns.name))?;
+                }
+            }
+            removed
+        };
         Ok(Response::new(pb::ClearResponse { removed }))
     }
 
@@ -157,6 +236,7 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
+        let who = self.principal(&req);
         let store = self.store.clone();
         let req = req.into_inner();
         let report = tokio::task::spawn_blocking(move || {
@@ -171,7 +251,10 @@ impl Kvbm for Service {
             not_durable_blocks: report
                 .not_durable_blocks
                 .into_iter()
-                .map(|(namespace, key)| pb::BlockName { namespace, key })
+                .filter_map(|(namespace, key)| {
+                    let namespace = who.sees(&namespace)?.to_string();
+                    Some(pb::BlockName { namespace, key })
+                })
                 .collect(),
         }))
     }
@@ -182,6 +265,7 @@ impl Kvbm for Service {
         &self,
         req: Request<pb::SubscribeEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let who = self.principal(&req);
         let r = req.into_inner();
         let (mut rx, resume) = self.store.events().subscribe(r.from_seq, &r.incarnation);
         let store = self.store.clone();
@@ -192,7 +276,7 @@ impl Kvbm for Service {
                     let mut last = r.from_seq.saturating_sub(1);
                     for b in batches {
                         last = b.seq;
-                        if tx.send(Ok((*b).clone())).await.is_err() {
+                        if tx.send(Ok(visible(&who, (*b).clone()))).await.is_err() {
                             return;
                         }
                     }
@@ -207,16 +291,19 @@ impl Kvbm for Service {
                         }
                     };
                     for chunk in events.chunks(SNAPSHOT_BATCH) {
-                        let batch = pb::EventBatch {
-                            incarnation: incarnation.clone(),
-                            seq,
-                            events: chunk
-                                .iter()
-                                .cloned()
-                                .map(|k| pb::Event { kind: Some(k) })
-                                .collect(),
-                            snapshot: true,
-                        };
+                        let batch = visible(
+                            &who,
+                            pb::EventBatch {
+                                incarnation: incarnation.clone(),
+                                seq,
+                                events: chunk
+                                    .iter()
+                                    .cloned()
+                                    .map(|k| pb::Event { kind: Some(k) })
+                                    .collect(),
+                                snapshot: true,
+                            },
+                        );
                         if tx.send(Ok(batch)).await.is_err() {
                             return;
                         }
@@ -229,7 +316,7 @@ impl Kvbm for Service {
                     Ok(b) if b.seq <= last => continue,
                     Ok(b) => {
                         last = b.seq;
-                        if tx.send(Ok((*b).clone())).await.is_err() {
+                        if tx.send(Ok(visible(&who, (*b).clone()))).await.is_err() {
                             return;
                         }
                     }
@@ -256,8 +343,11 @@ impl Kvbm for Service {
         req: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
         let s = session(&req, req.get_ref().session)?;
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let grants = self.store.reserve(s, &r.namespace, r.blocks)?;
+        let grants = self
+            .store
+            .reserve(s, &who.namespace(&r.namespace), r.blocks)?;
         Ok(Response::new(pb::ReserveResponse {
             slots: slots(grants),
         }))
@@ -268,8 +358,11 @@ impl Kvbm for Service {
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let s = session(&req, req.get_ref().session)?;
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let committed = self.store.commit(s, &r.namespace, &r.keys)?;
+        let committed = self
+            .store
+            .commit(s, &who.namespace(&r.namespace), &r.keys)?;
         Ok(Response::new(pb::CommitResponse { committed }))
     }
 
@@ -278,8 +371,9 @@ impl Kvbm for Service {
         req: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
         let s = session(&req, req.get_ref().session)?;
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let aborted = self.store.abort(s, &r.namespace, &r.keys)?;
+        let aborted = self.store.abort(s, &who.namespace(&r.namespace), &r.keys)?;
         Ok(Response::new(pb::AbortResponse { aborted }))
     }
 
@@ -288,8 +382,12 @@ impl Kvbm for Service {
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let s = session(&req, req.get_ref().session)?;
+        let who = self.principal(&req);
         let r = req.into_inner();
-        let (lease, grants) = self.store.acquire(s, &r.namespace, &r.keys).await?;
+        let (lease, grants) = self
+            .store
+            .acquire(s, &who.namespace(&r.namespace), &r.keys)
+            .await?;
         Ok(Response::new(pb::AcquireResponse {
             lease,
             slots: slots(grants),

@@ -20,6 +20,7 @@ use crate::catalog::rocks::RocksCatalog;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::Store;
+use crate::tenant::Principal;
 
 /// The owner a Unix-socket peer's credentials make: the pool socket records
 /// it on a new session, the gRPC socket claims it on every session call.
@@ -77,6 +78,10 @@ pub async fn start(cfg: Config) -> Result<(Arc<Store>, Listening, Listeners)> {
                 .recursive(true)
                 .mode(mode)
                 .create(parent)
+                // The umask (077, set at start) would take the group's bits.
+                .and_then(|_| {
+                    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode))
+                })
                 .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
             if let Some(gid) = socket_gid {
                 chown_group(parent, gid)?;
@@ -287,12 +292,30 @@ pub async fn serve(
                 .tls_config(cfg)
                 .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
         }
+        // The operator's token makes the operator, a tenant's token the
+        // tenant; with any token configured, a request without one is
+        // refused. With none, TCP callers are the operator.
         let token = listeners.token.clone();
-        let authenticate = move |req: tonic::Request<()>| match &token {
-            Some(t) if !t.accepts(req.metadata().get("authorization").map(|v| v.as_bytes())) => {
-                Err(tonic::Status::unauthenticated("a bearer token is required"))
+        let tokens_required = token.is_some() || store.tenants().have_tokens();
+        let auth_store = store.clone();
+        let authenticate = move |mut req: tonic::Request<()>| {
+            let presented = req.metadata().get("authorization").map(|v| v.as_bytes());
+            let who = if token.as_ref().is_some_and(|t| t.accepts(presented)) {
+                Some(Principal::Operator)
+            } else if let Some(tenant) = auth_store.tenants().of_token(presented) {
+                Some(tenant)
+            } else if tokens_required {
+                None
+            } else {
+                Some(Principal::Operator)
+            };
+            match who {
+                Some(who) => {
+                    req.extensions_mut().insert(who);
+                    Ok(req)
+                }
+                None => Err(tonic::Status::unauthenticated("a bearer token is required")),
             }
-            _ => Ok(req),
         };
         let srv = builder
             .layer(tonic::service::InterceptorLayer::new(authenticate))

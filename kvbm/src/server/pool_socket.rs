@@ -4,7 +4,10 @@
 //!
 //! On accept the daemon opens a session and sends one 16-byte message
 //! `[session u64 LE][pool_len u64 LE]` with the memfd attached
-//! (`SCM_RIGHTS`). The connection then carries request/reply frames
+//! (`SCM_RIGHTS`): the shared pool's, or for a tenant's process (by its user
+//! or group) the tenant's own pool, which holds no one else's blocks. Slot
+//! offsets are relative to that memfd; namespace names are the tenant's
+//! (see [`crate::tenant`]). The connection then carries request/reply frames
 //! (`kvtier_proto::session`), and signals liveness: when the client closes it
 //! or dies, the session ends and its leases and reservations are released.
 //!
@@ -23,6 +26,7 @@ use kvtier_proto::session::{self as wire, LookupCounts};
 use tokio::net::UnixListener;
 
 use crate::store::{Owner, Session, Store};
+use crate::tenant::Principal;
 
 /// Accepts pool clients, one thread each. `incoming` caps how many are
 /// served at once (`max_clients`): past the cap new clients wait in the
@@ -41,11 +45,12 @@ pub async fn serve(mut incoming: Incoming<UnixListener>, store: Arc<Store>) {
             }
         };
         let owner = super::owner_of(&cred);
+        let who = store.tenants().of_peer(cred.uid(), cred.gid());
         let store = store.clone();
         let spawned = std::thread::Builder::new()
             .name("kvbm-session".into())
             .spawn(move || {
-                run_session(conn, owner, &store);
+                run_session(conn, owner, &who, &store);
                 drop(slot);
             });
         if let Err(e) = spawned {
@@ -54,19 +59,19 @@ pub async fn serve(mut incoming: Incoming<UnixListener>, store: Arc<Store>) {
     }
 }
 
-fn run_session(conn: UnixStream, owner: Owner, store: &Store) {
-    let session = store.open_session(owner);
+fn run_session(conn: UnixStream, owner: Owner, who: &Principal, store: &Store) {
+    let session = store.open_session(owner, who.pool());
     let id = session.id;
     let res = conn
         .set_nonblocking(false)
-        .and_then(|_| handshake(&conn, id, store));
+        .and_then(|_| handshake(&conn, id, who.pool(), store));
     if let Err(e) = res {
         tracing::warn!(error = %e, session = id, "pool handshake failed");
         store.close_session(session);
         return;
     }
     tracing::debug!(session = id, ?owner, "pool session opened");
-    match serve_frames(conn, store, session) {
+    match serve_frames(conn, store, who, session) {
         Ok(()) => tracing::debug!(session = id, "pool session closed"),
         Err(e) => tracing::warn!(error = %e, session = id, "pool session ended"),
     }
@@ -77,7 +82,12 @@ fn run_session(conn: UnixStream, owner: Owner, store: &Store) {
 /// whose body is malformed gets an error reply and the session goes on; a
 /// header over the limit, or an unknown op, cannot be skipped safely and
 /// ends the session after an error reply.
-fn serve_frames(mut conn: UnixStream, store: &Store, session: Session) -> std::io::Result<()> {
+fn serve_frames(
+    mut conn: UnixStream,
+    store: &Store,
+    who: &Principal,
+    session: Session,
+) -> std::io::Result<()> {
     let mut body = Vec::new();
     let mut reply = Vec::with_capacity(64);
     loop {
@@ -106,7 +116,7 @@ fn serve_frames(mut conn: UnixStream, store: &Store, session: Session) -> std::i
             return Err(std::io::Error::other(msg));
         }
         read_body(&mut conn, len, &mut body)?;
-        if let Err(s) = answer(store, session, op, &body, &mut reply) {
+        if let Err(s) = answer(store, who, session, op, &body, &mut reply) {
             reply.clear();
             wire::encode_error(&mut reply, s.code() as u8, s.message());
         }
@@ -136,6 +146,7 @@ fn read_body(conn: &mut UnixStream, len: usize, body: &mut Vec<u8>) -> std::io::
 /// Runs one request of session `session` and appends its success reply.
 fn answer(
     store: &Store,
+    who: &Principal,
     session: Session,
     op: u8,
     body: &[u8],
@@ -143,7 +154,7 @@ fn answer(
 ) -> std::result::Result<(), tonic::Status> {
     let invalid = tonic::Status::invalid_argument;
     match op {
-        wire::OP_LOOKUP => wire::encode_lookup_reply(reply, lookup(store, body)?),
+        wire::OP_LOOKUP => wire::encode_lookup_reply(reply, lookup(store, who, body)?),
         wire::OP_RESERVE => {
             let r = wire::decode_reserve(body).map_err(invalid)?;
             let tpb = r.tokens_per_block;
@@ -158,16 +169,18 @@ fn answer(
                     token_ids: r.tokens[i * tpb..(i + 1) * tpb].to_vec(),
                 })
                 .collect();
-            let grants = store.reserve(session, r.namespace, blocks)?;
+            let grants = store.reserve(session, &who.namespace(r.namespace), blocks)?;
             wire::encode_slots_reply(reply, grants.iter().map(|g| (g.offset, g.length)));
         }
         wire::OP_COMMIT => {
             let r = wire::decode_keys(body).map_err(invalid)?;
-            wire::encode_count_reply(reply, store.commit(session, r.namespace, &r.keys)?);
+            let ns = who.namespace(r.namespace);
+            wire::encode_count_reply(reply, store.commit(session, &ns, &r.keys)?);
         }
         wire::OP_ABORT => {
             let r = wire::decode_keys(body).map_err(invalid)?;
-            wire::encode_count_reply(reply, store.abort(session, r.namespace, &r.keys)?);
+            let ns = who.namespace(r.namespace);
+            wire::encode_count_reply(reply, store.abort(session, &ns, &r.keys)?);
         }
         // serve_frames refuses other ops before reading their body.
         _ => return Err(invalid(format!("unknown op {op}"))),
@@ -175,9 +188,13 @@ fn answer(
     Ok(())
 }
 
-fn lookup(store: &Store, body: &[u8]) -> std::result::Result<LookupCounts, tonic::Status> {
+fn lookup(
+    store: &Store,
+    who: &Principal,
+    body: &[u8],
+) -> std::result::Result<LookupCounts, tonic::Status> {
     let req = wire::decode_keys(body).map_err(tonic::Status::invalid_argument)?;
-    let r = store.lookup(req.namespace, &req.keys)?;
+    let r = store.lookup(&who.namespace(req.namespace), &req.keys)?;
     let prefix = |tier: kvtier_proto::v1::Tier| {
         r.tiers
             .iter()
@@ -191,11 +208,15 @@ fn lookup(store: &Store, body: &[u8]) -> std::result::Result<LookupCounts, tonic
     })
 }
 
-fn handshake(conn: &UnixStream, session: u64, store: &Store) -> std::io::Result<()> {
+fn handshake(conn: &UnixStream, session: u64, pool: u8, store: &Store) -> std::io::Result<()> {
+    let (fd, len) = store
+        .pool()
+        .segment_fd(pool as usize)
+        .ok_or_else(|| std::io::Error::other(format!("no host pool {pool}")))?;
+    let fd = fd.as_raw_fd();
     let mut header = [0u8; 16];
     header[..8].copy_from_slice(&session.to_le_bytes());
-    header[8..].copy_from_slice(&store.pool().len().to_le_bytes());
-    let fd = store.pool().fd().as_raw_fd();
+    header[8..].copy_from_slice(&len.to_le_bytes());
     let mut iov = libc::iovec {
         iov_base: header.as_mut_ptr() as *mut libc::c_void,
         iov_len: header.len(),

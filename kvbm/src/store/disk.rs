@@ -203,9 +203,18 @@ pub(super) fn open_disk(
         .map_err(|e| Error::new(ErrorKind::Io, format!("disk tier: {e}")))?;
     // SAFETY: the pool mapping lives as long as the store, which owns both;
     // registered buffers let the rings skip page pinning.
-    if let Err(e) =
-        unsafe { tier.register_buffers(&[(pool.base() as *const u8, pool.len() as usize)]) }
-    {
+    // One buffer per segment: each is its own memfd mapping.
+    let ranges: Vec<(*const u8, usize)> = pool
+        .segments()
+        .into_iter()
+        .map(|(start, len)| {
+            (
+                unsafe { pool.base().add(start as usize) } as *const u8,
+                len as usize,
+            )
+        })
+        .collect();
+    if let Err(e) = unsafe { tier.register_buffers(&ranges) } {
         tracing::warn!(error = %e, "cannot register the host pool with io_uring");
     }
     Ok(Some(tier))

@@ -30,10 +30,11 @@ use crate::index::{DiskRef, Key};
 use crate::metrics::{tier, Metrics, OpLabel, OpLabels, TierLabel};
 use crate::pool::{slot_bytes, Pool};
 use crate::table::{
-    key_of, BlockTable, Committed, LoadJob, LoadOutcome, NewBlock, StartWrite, Tier, WriteJob,
-    WriteOutcome,
+    key_of, BlockTable, Committed, LoadJob, LoadOutcome, NewBlock, PoolSpec, StartWrite, Tier,
+    WriteJob, WriteOutcome,
 };
 pub use crate::table::{Owner, Session, SlotGrant};
+use crate::tenant::Tenants;
 use disk::open_disk;
 use journal::Journal;
 
@@ -109,6 +110,7 @@ pub struct Store {
     me: std::sync::Weak<Store>,
     cfg: Config,
     pool: Pool,
+    tenants: Tenants,
     core: Mutex<Core>,
     namespaces: RwLock<Namespaces>,
     catalog: Arc<dyn Catalog>,
@@ -124,8 +126,24 @@ impl Store {
     /// Opens the store: creates the host pool, recovers the catalog and the
     /// disk tier (warm restart), and starts the journal thread.
     pub fn open(cfg: Config, catalog: Arc<dyn Catalog>) -> Result<Arc<Store>> {
-        let pool = Pool::create(cfg.host_bytes)?;
-        let mut table = BlockTable::new(pool.len(), cfg.lease_ttl);
+        let tenants = Tenants::load(&cfg.tenants)?;
+        // The shared pool, then one per tenant, each its own memfd.
+        let lens: Vec<u64> = std::iter::once(cfg.host_bytes)
+            .chain(tenants.iter().map(|t| t.host_bytes))
+            .collect();
+        let pool = Pool::with_segments(&lens)?;
+        let quotas = std::iter::once(0).chain(tenants.iter().map(|t| t.disk_bytes));
+        let specs: Vec<PoolSpec> = pool
+            .segments()
+            .into_iter()
+            .zip(quotas)
+            .map(|((start, len), disk_quota)| PoolSpec {
+                start,
+                len,
+                disk_quota,
+            })
+            .collect();
+        let mut table = BlockTable::with_pools(&specs, cfg.lease_ttl);
 
         let mut namespaces = Namespaces::default();
         for rec in catalog.namespaces()? {
@@ -137,7 +155,7 @@ impl Store {
                 name: rec.name,
                 layout,
             });
-            table.add_namespace(ns.id, ns.block_bytes);
+            table.add_namespace(ns.id, ns.block_bytes, tenants.pool_of_namespace(&ns.name));
             namespaces.by_id.insert(ns.id, ns.clone());
             namespaces.by_name.insert(ns.name.clone(), ns);
         }
@@ -214,6 +232,7 @@ impl Store {
             inflight: Mutex::new(Inflight::default()),
             inflight_done: Condvar::new(),
             pool,
+            tenants,
             cfg,
         });
         let m = &store.metrics;
@@ -243,6 +262,10 @@ impl Store {
         &self.cfg
     }
 
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+
     /// Runs `f` on the table; its notices go to the journal before the lock
     /// is released, so they keep the order of the changes.
     fn with_table<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
@@ -266,7 +289,9 @@ impl Store {
         if name.is_empty() || name.len() > 256 {
             return Err(Error::invalid("namespace name must be 1 to 256 bytes"));
         }
-        let most = (self.pool.len() / 2).min(self.cfg.max_block_bytes);
+        let pool = self.tenants.pool_of_namespace(name);
+        let pool_len = self.pool.segments()[pool as usize].1;
+        let most = (pool_len / 2).min(self.cfg.max_block_bytes);
         if block_bytes == 0 || block_bytes > most {
             return Err(Error::invalid(format!(
                 "block_bytes must be between 1 and {most} (max_block_bytes, at most half \
@@ -301,7 +326,7 @@ impl Store {
             slot_bytes: slot_bytes(block_bytes),
             layout,
         });
-        self.core.lock().table.add_namespace(id, block_bytes);
+        self.core.lock().table.add_namespace(id, block_bytes, pool);
         nss.by_id.insert(id, ns.clone());
         nss.by_name.insert(name.to_string(), ns.clone());
         Ok(ns)
@@ -328,9 +353,10 @@ impl Store {
 
     // --- sessions ----------------------------------------------------------
 
-    /// Opens a session for `owner` (see [`crate::table::session`]).
-    pub fn open_session(&self, owner: Owner) -> Session {
-        self.with_table(|c| c.table.open_session(owner))
+    /// Opens a session for `owner`, who mapped host pool `pool` (see
+    /// [`crate::table::session`]).
+    pub fn open_session(&self, owner: Owner, pool: u8) -> Session {
+        self.with_table(|c| c.table.open_session(owner, Some(pool)))
     }
 
     /// Ends a session: its reservations are aborted, its leases released.
@@ -344,7 +370,7 @@ impl Store {
     fn daemon_session(&self) -> DaemonSession<'_> {
         DaemonSession {
             store: self,
-            session: self.open_session(Owner::Daemon),
+            session: self.with_table(|c| c.table.open_session(Owner::Daemon, None)),
         }
     }
 

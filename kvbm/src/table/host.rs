@@ -4,22 +4,22 @@
 use super::*;
 
 impl BlockTable {
-    pub(super) fn give_host(&mut self, id: u32, slot: u64) {
-        self.index.set_host(id, slot);
+    pub(super) fn give_host(&mut self, id: u32, slot: u64, pool: u8) {
+        self.index.set_host(id, slot, pool);
         self.slots.insert(slot, id);
     }
 
     /// Frees `id`'s host slot, if it has one. Ready blocks are counted in
     /// `host_blocks`; reserved ones are not counted yet.
     pub(super) fn drop_host_copy(&mut self, id: u32) {
-        let (ns, counted) = {
+        let (ns, counted, pool) = {
             let e = self.index.get(id);
-            (e.ns, e.state == State::Ready)
+            (e.ns, e.state == State::Ready, self.index.pool_of(id))
         };
         if let Some(slot) = self.index.clear_host(id) {
             self.slots.remove(&slot);
             let size = self.sizes.get(&ns).map_or(0, |s| s.slot_bytes);
-            self.extents.release(slot, size);
+            self.pools[pool as usize].extents.release(slot, size);
             if counted {
                 self.host_blocks -= 1;
             }
@@ -31,16 +31,16 @@ impl BlockTable {
         self.sizes.get(&ns).map_or(0, |s| s.slot_bytes)
     }
 
-    /// Takes a slot of `size` bytes, evicting least recently used host
-    /// blocks as needed. Evicts nothing when the room it would free could
-    /// not hold the request (the rest of the pool is pinned, or the
-    /// evictable blocks are too small and not adjacent).
-    pub(super) fn alloc_slot(&mut self, size: u64) -> Option<u64> {
+    /// Takes a slot of `size` bytes in host pool `pool`, evicting least
+    /// recently used blocks of that pool as needed. Evicts nothing when the
+    /// room it would free could not hold the request (the rest of the pool
+    /// is pinned, or the evictable blocks are too small and not adjacent).
+    pub(super) fn alloc_slot(&mut self, size: u64, pool: u8) -> Option<u64> {
         loop {
-            if let Some(off) = self.extents.alloc(size) {
+            if let Some(off) = self.pools[pool as usize].extents.alloc(size) {
                 return Some(off);
             }
-            let victims = self.victims_for(size)?;
+            let victims = self.victims_for(size, pool)?;
             for v in victims {
                 self.evict_host(v);
             }
@@ -51,21 +51,21 @@ impl BlockTable {
     /// The common case — the next victim's slot is large enough — costs one
     /// step; mixed block sizes look for a run of free and evictable space
     /// around one of the oldest victims.
-    pub(super) fn victims_for(&self, size: u64) -> Option<Vec<u32>> {
+    pub(super) fn victims_for(&self, size: u64, pool: u8) -> Option<Vec<u32>> {
         const CANDIDATES: usize = 256;
         let mut run_anchors = Vec::new();
-        for id in self.index.lru_iter(CANDIDATES) {
+        for id in self.index.lru_iter(pool, CANDIDATES) {
             if self.slot_len(id) >= size {
                 return Some(vec![id]);
             }
             run_anchors.push(id);
         }
         for id in run_anchors {
-            if let Some(v) = self.window_around(id, size) {
+            if let Some(v) = self.window_around(id, size, pool) {
                 return Some(v);
             }
         }
-        self.behind_pinned_leaf(size).map(|id| vec![id])
+        self.behind_pinned_leaf(size, pool).map(|id| vec![id])
     }
 
     /// The last resort when no leaf can go: a chain whose newest blocks are
@@ -76,7 +76,7 @@ impl BlockTable {
     /// recently used first. That leaves a hole only above those pinned
     /// children, which lookups then stop at; the rest of the chain stays a
     /// usable prefix. A scan of the host blocks, taken only in this state.
-    fn behind_pinned_leaf(&self, size: u64) -> Option<u32> {
+    fn behind_pinned_leaf(&self, size: u64, pool: u8) -> Option<u32> {
         let mut pinned_children: HashMap<u32, u32> = HashMap::new();
         for &id in self.slots.values() {
             if self.index.get(id).pins > 0 {
@@ -91,6 +91,7 @@ impl BlockTable {
                 let e = self.index.get(p);
                 e.state == State::Ready
                     && e.has_host()
+                    && self.index.pool_of(p) == pool
                     && e.pins == 0
                     && !e.loading
                     && e.host_children == n
@@ -100,22 +101,22 @@ impl BlockTable {
             .map(|(p, _)| p)
     }
 
-    /// Evictable blocks that, with the free space between them, give a
-    /// window of `size` contiguous bytes containing `anchor`'s slot.
-    pub(super) fn window_around(&self, anchor: u32, size: u64) -> Option<Vec<u32>> {
+    /// Evictable blocks of host pool `pool` that, with the free space
+    /// between them, give a window of `size` contiguous bytes containing
+    /// `anchor`'s slot.
+    pub(super) fn window_around(&self, anchor: u32, size: u64, pool: u8) -> Option<Vec<u32>> {
+        let extents = &self.pools[pool as usize].extents;
+        // Pools sit side by side: a slot of the next pool is never ours.
+        let ours = |id: u32| self.index.pool_of(id) == pool && self.index.is_evictable(id);
         let start = self.index.get(anchor).host;
         let mut lo = start;
         let mut hi = start + self.slot_len(anchor);
         let mut blocks = vec![anchor];
         // Grow right, then left, over free extents and evictable slots.
         while hi - lo < size {
-            if let Some(len) = self.extents.free_at(hi) {
+            if let Some(len) = extents.free_at(hi) {
                 hi += len;
-            } else if let Some(&id) = self
-                .slots
-                .get(&hi)
-                .filter(|&&id| self.index.is_evictable(id))
-            {
+            } else if let Some(&id) = self.slots.get(&hi).filter(|&&id| ours(id)) {
                 hi += self.slot_len(id);
                 blocks.push(id);
             } else {
@@ -123,10 +124,10 @@ impl BlockTable {
             }
         }
         while hi - lo < size {
-            if let Some(off) = self.extents.free_ending_at(lo) {
+            if let Some(off) = extents.free_ending_at(lo) {
                 lo = off;
             } else if let Some((&off, &id)) = self.slots.range(..lo).next_back() {
-                if off + self.slot_len(id) != lo || !self.index.is_evictable(id) {
+                if off + self.slot_len(id) != lo || !ours(id) {
                     return None;
                 }
                 lo = off;

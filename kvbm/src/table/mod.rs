@@ -12,15 +12,19 @@
 //!   by two blocks;
 //! - a reserved block is invisible to readers until its owner commits it;
 //! - host eviction is least recently used, parents after their children;
-//!   an allocation evicts only blocks whose room it can actually use.
+//!   an allocation evicts only blocks whose room it can actually use;
+//! - host pools (the shared one, one per tenant) are separate: a block
+//!   lives in its namespace's pool and evicts only blocks of that pool; a
+//!   pool over its disk quota drops its own oldest disk copies.
 
+mod disk;
 mod host;
 mod read;
 pub mod session;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::catalog::{BlockRecord, DiskLoc};
@@ -192,16 +196,43 @@ pub struct TableStats {
     pub counters: Counters,
 }
 
-/// A namespace's sizes, as the table needs them.
+/// A namespace's sizes and host pool, as the table needs them.
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
     block_bytes: u64,
     slot_bytes: u64,
+    pool: u8,
+}
+
+/// One host pool as the table is given it: the shared pool (0) or a
+/// tenant's, with the tenant's disk quota.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSpec {
+    /// Where the pool's segment starts within the host pool mapping.
+    pub start: u64,
+    pub len: u64,
+    /// Bytes of this pool's blocks the disk tier may hold; 0: no limit.
+    pub disk_quota: u64,
+}
+
+/// A host pool's free space and what pins or fills it. Blocks of one pool
+/// evict only blocks of the same pool.
+struct HostPool {
+    spec: PoolSpec,
+    extents: Extents,
+    /// Bytes of host slots pinned by writes in flight, and their limit.
+    writing_bytes: u64,
+    write_budget: u64,
+    /// Bytes of this pool's blocks on disk, and the blocks in the order
+    /// they reached it (stale entries are skipped): what a disk quota
+    /// drops first.
+    disk_bytes: u64,
+    disk_order: VecDeque<(u32, Key)>,
 }
 
 pub struct BlockTable {
     index: Index,
-    extents: Extents,
+    pools: Vec<HostPool>,
     /// Offset → block of every host slot in use (reserved, loading, ready),
     /// to find neighbours when blocks of different sizes share the pool.
     slots: BTreeMap<u64, u32>,
@@ -212,9 +243,6 @@ pub struct BlockTable {
     regions: HashMap<u32, Vec<u32>>,
     notices: Vec<Notice>,
     lease_ttl: Duration,
-    /// Bytes of host slots pinned by writes in flight, and their limit.
-    writing_bytes: u64,
-    write_budget: u64,
     host_blocks: u64,
     disk_blocks: u64,
     counters: Counters,
@@ -226,18 +254,41 @@ pub fn key_of(b: &[u8]) -> Result<Key> {
 }
 
 impl BlockTable {
+    /// A table over one shared host pool of `pool_bytes`.
     pub fn new(pool_bytes: u64, lease_ttl: Duration) -> BlockTable {
+        BlockTable::with_pools(
+            &[PoolSpec {
+                start: 0,
+                len: pool_bytes,
+                disk_quota: 0,
+            }],
+            lease_ttl,
+        )
+    }
+
+    /// A table over the host pools `pools` (the shared one first; at most
+    /// 256).
+    pub fn with_pools(pools: &[PoolSpec], lease_ttl: Duration) -> BlockTable {
         BlockTable {
             index: Index::new(),
-            extents: Extents::new(pool_bytes),
+            pools: pools
+                .iter()
+                .take(256)
+                .map(|&spec| HostPool {
+                    spec,
+                    extents: Extents::span(spec.start, spec.len),
+                    writing_bytes: 0,
+                    write_budget: spec.len / 2,
+                    disk_bytes: 0,
+                    disk_order: VecDeque::new(),
+                })
+                .collect(),
             slots: BTreeMap::new(),
             sizes: HashMap::new(),
             sessions: Sessions::default(),
             regions: HashMap::new(),
             notices: Vec::new(),
             lease_ttl,
-            writing_bytes: 0,
-            write_budget: pool_bytes / 2,
             host_blocks: 0,
             disk_blocks: 0,
             counters: Counters::default(),
@@ -249,14 +300,37 @@ impl BlockTable {
         std::mem::take(&mut self.notices)
     }
 
-    pub fn add_namespace(&mut self, ns: u32, block_bytes: u64) {
+    /// Registers namespace `ns`, whose blocks live in host pool `pool` (a
+    /// pool the table does not have means the shared one).
+    pub fn add_namespace(&mut self, ns: u32, block_bytes: u64, pool: u8) {
+        let pool = if (pool as usize) < self.pools.len() {
+            pool
+        } else {
+            0
+        };
         self.sizes.insert(
             ns,
             Sizes {
                 block_bytes,
                 slot_bytes: slot_bytes(block_bytes),
+                pool,
             },
         );
+    }
+
+    /// The host pool of a session's mapping its namespace must live in, and
+    /// where that pool starts (what its offsets are relative to); `None`
+    /// for the daemon's own sessions (absolute offsets, every pool).
+    fn session_pool(&self, session: Session, sizes: Sizes) -> Result<u64> {
+        match self.sessions.pool(session.id) {
+            None => Ok(0),
+            Some(p) if p == sizes.pool => Ok(self.pools[p as usize].spec.start),
+            Some(_) => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                "this namespace's blocks live in another host pool than the one \
+                 this session mapped (a tenant's pool, or the shared one)",
+            )),
+        }
     }
 
     fn sizes(&self, ns: u32) -> Result<Sizes> {
@@ -285,7 +359,7 @@ impl BlockTable {
         e.checksum = checksum;
         e.hits = hits;
         self.regions.entry(disk.region).or_default().push(id);
-        self.disk_blocks += 1;
+        self.disk_added(id);
         Some(id)
     }
 
@@ -299,8 +373,10 @@ impl BlockTable {
 
     // --- sessions ----------------------------------------------------------
 
-    pub fn open_session(&mut self, owner: Owner) -> Session {
-        self.sessions.open(owner)
+    /// Opens a session for `owner`, who mapped host pool `pool` (`None`:
+    /// the daemon's own, which sees every pool).
+    pub fn open_session(&mut self, owner: Owner, pool: Option<u8>) -> Session {
+        self.sessions.open(owner, pool)
     }
 
     /// Ends a session: its reservations are aborted, its leases released.
@@ -357,6 +433,7 @@ impl BlockTable {
             }
         }
         self.sessions.check(session)?;
+        let base = self.session_pool(session, sizes)?;
         let deadline = now + self.lease_ttl;
         let mut grants = Vec::with_capacity(blocks.len());
         let mut made: Vec<(Key, Reservation)> = Vec::new();
@@ -370,7 +447,7 @@ impl BlockTable {
                 });
                 continue;
             }
-            let Some(slot) = self.alloc_slot(sizes.slot_bytes) else {
+            let Some(slot) = self.alloc_slot(sizes.slot_bytes, sizes.pool) else {
                 for (_, r) in made {
                     self.drop_reserved(r.id);
                 }
@@ -381,11 +458,11 @@ impl BlockTable {
             };
             let parent = Key::new(&b.parent).and_then(|p| self.index.find(ns, &p));
             let id = self.index.insert(ns, key, State::Reserved, parent);
-            self.give_host(id, slot);
+            self.give_host(id, slot, sizes.pool);
             self.index.get_mut(id).pins = 1;
             grants.push(SlotGrant {
                 key: b.key,
-                offset: slot,
+                offset: slot - base,
                 length: sizes.block_bytes,
             });
             made.push((
@@ -465,14 +542,15 @@ impl BlockTable {
         let Some(sizes) = self.sizes.get(&ns).copied() else {
             return StartWrite::NotNeeded;
         };
-        if self.writing_bytes + sizes.slot_bytes > self.write_budget {
+        let pool = &mut self.pools[sizes.pool as usize];
+        if pool.writing_bytes + sizes.slot_bytes > pool.write_budget {
             if !wait {
                 self.counters.dropped_writes += 1;
                 self.index.get_mut(id).undurable = true;
             }
             return StartWrite::Busy;
         }
-        self.writing_bytes += sizes.slot_bytes;
+        pool.writing_bytes += sizes.slot_bytes;
         let e = self.index.get_mut(id);
         e.pins += 1;
         e.writing = true;
@@ -498,7 +576,9 @@ impl BlockTable {
             return;
         }
         self.index.get_mut(job.id).writing = false;
-        self.writing_bytes -= self.sizes.get(&job.ns).map_or(0, |s| s.slot_bytes);
+        if let Some(s) = self.sizes.get(&job.ns) {
+            self.pools[s.pool as usize].writing_bytes -= s.slot_bytes;
+        }
         match outcome {
             WriteOutcome::Written {
                 disk,
@@ -518,7 +598,7 @@ impl BlockTable {
                     len,
                 });
                 self.regions.entry(disk.region).or_default().push(job.id);
-                self.disk_blocks += 1;
+                self.disk_added(job.id);
                 self.notices.push(Notice::Durable(record));
             }
             WriteOutcome::NotWritten => {
@@ -527,6 +607,7 @@ impl BlockTable {
             }
         }
         self.unpin(job.id);
+        self.enforce_disk_quota(job.ns);
     }
 
     /// Committed blocks in host memory whose write-behind was dropped.
@@ -538,48 +619,6 @@ impl BlockTable {
             .filter(|(_, e)| e.state == State::Ready && e.undurable && !e.has_disk())
             .map(|(id, e)| (id, e.ns, e.key))
             .collect()
-    }
-
-    // --- disk regions ------------------------------------------------------
-
-    /// Drops disk copies in regions the disk tier recycled.
-    pub fn regions_recycled(&mut self, recycled: &[(u32, u64)]) {
-        let mut forget = Vec::new();
-        let mut removed: HashMap<u32, Vec<Key>> = HashMap::new();
-        for &(region, generation) in recycled {
-            for id in self.regions.remove(&region).unwrap_or_default() {
-                let e = self.index.get_mut(id);
-                if e.state == State::Free
-                    || e.disk().is_none_or(|d| {
-                        d.region != region || !same_generation(d.generation, generation)
-                    })
-                {
-                    continue;
-                }
-                e.set_disk(None);
-                let (ns, key) = (e.ns, e.key);
-                self.disk_blocks -= 1;
-                self.counters.disk_evictions += 1;
-                removed.entry(ns).or_default().push(key);
-                // Blocks still in host memory keep a (now memory-only)
-                // record; its disk location is stale and recovery ignores it
-                // (the region's generation no longer matches).
-                if !self.index.get(id).has_host() && self.index.get(id).pins == 0 {
-                    self.index.remove(id);
-                    forget.push((ns, key));
-                }
-            }
-        }
-        if !forget.is_empty() {
-            self.notices.push(Notice::Forget(forget));
-        }
-        for (ns, keys) in removed {
-            self.notices.push(Notice::Removed {
-                ns,
-                tier: Some(Tier::Disk),
-                keys,
-            });
-        }
     }
 
     // --- removal -----------------------------------------------------------
@@ -614,7 +653,7 @@ impl BlockTable {
             return false;
         }
         if e.has_disk() {
-            self.disk_blocks -= 1;
+            self.disk_removed(id);
         }
         self.drop_host_copy(id);
         self.index.remove(id);
@@ -645,8 +684,8 @@ impl BlockTable {
                     }
                 }
                 Some(Tier::Disk) if has_disk => {
+                    self.disk_removed(id);
                     self.index.get_mut(id).set_disk(None);
-                    self.disk_blocks -= 1;
                     gone.push(key);
                     if !has_host {
                         self.index.remove(id);
@@ -685,7 +724,7 @@ impl BlockTable {
             disk_blocks: self.disk_blocks,
             index_blocks: self.index.len() as u64,
             index_bytes: self.index.memory_bytes() as u64,
-            host_free_bytes: self.extents.free_bytes(),
+            host_free_bytes: self.pools.iter().map(|p| p.extents.free_bytes()).sum(),
             counters: self.counters,
         }
     }

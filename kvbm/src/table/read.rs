@@ -49,6 +49,7 @@ impl BlockTable {
     ) -> Result<Acquire> {
         let sizes = self.sizes(ns)?;
         self.sessions.check(session)?;
+        self.session_pool(session, sizes)?;
         let mut out = Acquire::default();
         let mut pinned = Vec::new();
         for key in keys {
@@ -61,12 +62,12 @@ impl BlockTable {
                 out.waits.push((pinned.len(), id));
             } else if !e.has_host() {
                 let Some(disk) = e.disk() else { break };
-                let Some(slot) = self.alloc_slot(sizes.slot_bytes) else {
+                let Some(slot) = self.alloc_slot(sizes.slot_bytes, sizes.pool) else {
                     break;
                 };
                 // The eviction above never takes `id` (it has no host copy)
                 // nor a pinned block of this prefix.
-                self.give_host(id, slot);
+                self.give_host(id, slot, sizes.pool);
                 let e = self.index.get_mut(id);
                 e.loading = true;
                 e.pins += 1;
@@ -126,6 +127,11 @@ impl BlockTable {
         }
         let dropped = lease.ids.split_off(good);
         self.unpin_all(&dropped);
+        // Offsets are relative to the pool the session mapped.
+        let base = self
+            .sessions
+            .pool(session.id)
+            .map_or(0, |p| self.pools[p as usize].spec.start);
         let mut grants = Vec::with_capacity(good);
         for (&id, &from_disk) in lease.ids.iter().zip(&acquire.from_disk) {
             let e = self.index.get(id);
@@ -136,7 +142,7 @@ impl BlockTable {
             }
             grants.push(SlotGrant {
                 key: e.key.as_bytes().to_vec(),
-                offset: e.host,
+                offset: e.host - base,
                 length: self.sizes.get(&e.ns).map_or(0, |s| s.block_bytes),
             });
         }
@@ -186,8 +192,8 @@ impl BlockTable {
         self.drop_host_copy(job.id);
         if outcome == LoadOutcome::Corrupt {
             self.counters.checksum_failures += 1;
+            self.disk_removed(job.id);
             self.index.get_mut(job.id).set_disk(None);
-            self.disk_blocks = self.disk_blocks.saturating_sub(1);
             if self.index.get(job.id).pins == 0 {
                 self.index.remove(job.id);
             }

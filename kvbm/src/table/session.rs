@@ -46,6 +46,9 @@ pub(crate) struct Lease {
 
 pub(crate) struct SessionState {
     pub owner: Owner,
+    /// The host pool the owner mapped (its slots' offsets are relative to
+    /// it); `None` for the daemon's own sessions, which see every pool.
+    pub pool: Option<u8>,
     pub reservations: HashMap<(u32, Key), Reservation>,
     pub leases: BTreeSet<u64>,
 }
@@ -61,7 +64,7 @@ impl Sessions {
     /// Opens a session for `owner` under a random id: never 0, never one in
     /// use, so one id cannot be guessed from another and a restarted daemon
     /// never hands out an id an old client still holds.
-    pub fn open(&mut self, owner: Owner) -> Session {
+    pub fn open(&mut self, owner: Owner, pool: Option<u8>) -> Session {
         let id = loop {
             let id = rand::random::<u64>();
             if id != 0 && !self.open.contains_key(&id) {
@@ -72,6 +75,7 @@ impl Sessions {
             id,
             SessionState {
                 owner,
+                pool,
                 reservations: HashMap::new(),
                 leases: BTreeSet::new(),
             },
@@ -90,6 +94,11 @@ impl Sessions {
                 session.id
             ))),
         }
+    }
+
+    /// The host pool of a checked session (`None`: every pool).
+    pub fn pool(&self, session: u64) -> Option<u8> {
+        self.open.get(&session).and_then(|s| s.pool)
     }
 
     /// Takes the reservation of `(ns, key)` out of a checked session.

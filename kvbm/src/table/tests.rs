@@ -49,8 +49,8 @@ fn record(ns: u32, k: Key) -> BlockRecord {
 
 impl BlockTable {
     /// Checks the table's structures against each other.
-    fn check(&self, pool: u64) {
-        let mut used = 0u64;
+    fn check(&self) {
+        let mut used = vec![0u64; self.pools.len()];
         let mut end = 0u64;
         let mut host_ready = 0u64;
         for (&off, &id) in &self.slots {
@@ -59,13 +59,22 @@ impl BlockTable {
             assert!(off >= end, "slots overlap at {off}");
             let len = self.slot_len(id);
             end = off + len;
-            used += len;
+            let p = self.index.pool_of(id) as usize;
+            let spec = self.pools[p].spec;
+            assert_eq!(self.sizes[&e.ns].pool as usize, p, "block outside its pool");
+            assert!(
+                off >= spec.start && end <= spec.start + spec.len,
+                "slot past its pool"
+            );
+            used[p] += len;
             if e.state == State::Ready {
                 host_ready += 1;
             }
         }
-        assert!(end <= pool, "slot past the pool");
-        assert_eq!(used + self.extents.free_bytes(), pool / SLOT * SLOT);
+        for (p, pool) in self.pools.iter().enumerate() {
+            let len = pool.spec.len / SLOT * SLOT;
+            assert_eq!(used[p] + pool.extents.free_bytes(), len, "pool {p} bytes");
+        }
         assert_eq!(host_ready, self.host_blocks, "host block count");
         let mut on_disk = 0;
         let mut pins: HashMap<u32, u32> = HashMap::new();
@@ -92,15 +101,26 @@ impl BlockTable {
             assert!(!self.index.is_evictable(id) || n == 0);
         }
         assert_eq!(on_disk, self.disk_blocks, "disk block count");
-        let writing: u64 = self
-            .index
-            .ids()
-            .into_iter()
-            .filter(|&id| self.index.get(id).writing)
-            .map(|id| self.slot_len(id))
-            .sum();
-        assert_eq!(writing, self.writing_bytes, "bytes pinned by writes");
-        assert!(writing <= self.write_budget);
+        for (p, pool) in self.pools.iter().enumerate() {
+            let of_pool = |id: &u32| self.sizes[&self.index.get(*id).ns].pool as usize == p;
+            let writing: u64 = self
+                .index
+                .ids()
+                .into_iter()
+                .filter(|id| of_pool(id) && self.index.get(*id).writing)
+                .map(|id| self.slot_len(id))
+                .sum();
+            assert_eq!(writing, pool.writing_bytes, "bytes pinned by writes");
+            assert!(writing <= pool.write_budget);
+            let on_disk: u64 = self
+                .index
+                .ids()
+                .into_iter()
+                .filter(|id| of_pool(id) && self.index.get(*id).has_disk())
+                .map(|id| self.sizes[&self.index.get(id).ns].block_bytes)
+                .sum();
+            assert_eq!(on_disk, pool.disk_bytes, "pool {p} bytes on disk");
+        }
         for l in self.sessions.leases.values() {
             for &id in &l.ids {
                 *pins.entry(id).or_default() += 1;
@@ -175,8 +195,8 @@ fn lru_matches_a_model() {
         let mut rng = StdRng::seed_from_u64(seed);
         let slots = 12u64;
         let mut t = BlockTable::new(slots * SLOT, Duration::from_secs(60));
-        t.add_namespace(1, SLOT);
-        let s = t.open_session(Owner::Daemon);
+        t.add_namespace(1, SLOT, 0);
+        let s = t.open_session(Owner::Daemon, None);
         // Model: last use of every block in host memory; pins; disk copies.
         let mut clock = 0u64;
         let mut host: HashMap<u64, u64> = HashMap::new();
@@ -271,7 +291,7 @@ fn lru_matches_a_model() {
                     }
                 }
             }
-            t.check(slots * SLOT);
+            t.check();
             // Blocks evicted from host without a disk copy are gone.
             let model: HashSet<Key> = host.keys().map(|&k| key(k)).collect();
             assert_eq!(
@@ -291,23 +311,62 @@ fn random_operations_keep_invariants() {
     for seed in 0..60 {
         let mut rng = StdRng::seed_from_u64(seed);
         let pool = 24 * SLOT;
-        let mut t = BlockTable::new(pool, Duration::from_secs(60));
-        // Namespace 1: one-page blocks; namespace 2: three pages.
-        t.add_namespace(1, SLOT);
-        t.add_namespace(2, 3 * SLOT - 100);
-        let mut sessions = vec![t.open_session(Owner::Process { pid: 1, uid: 1 })];
+        // The shared pool, and a tenant's pool of 8 pages right after it
+        // that may keep 3 pages' worth of blocks on disk.
+        let quota = 3 * SLOT;
+        let mut t = BlockTable::with_pools(
+            &[
+                PoolSpec {
+                    start: 0,
+                    len: pool,
+                    disk_quota: 0,
+                },
+                PoolSpec {
+                    start: pool,
+                    len: 8 * SLOT,
+                    disk_quota: quota,
+                },
+            ],
+            Duration::from_secs(60),
+        );
+        // Namespace 1: one-page blocks; namespace 2: three pages; both in
+        // the shared pool. Namespace 3: the tenant's, one-page blocks.
+        t.add_namespace(1, SLOT, 0);
+        t.add_namespace(2, 3 * SLOT - 100, 0);
+        t.add_namespace(3, SLOT, 1);
+        let pool_of = |ns: u32| u8::from(ns == 3);
+        let mut sessions = vec![
+            t.open_session(Owner::Process { pid: 1, uid: 1 }, Some(0)),
+            t.open_session(Owner::Process { pid: 3, uid: 2 }, Some(1)),
+        ];
         let mut leases: Vec<(Session, u64)> = Vec::new();
         let mut writes: Vec<WriteJob> = Vec::new();
         let mut next_disk = 0u64;
         let mut reserved: Vec<(Session, u32, Key)> = Vec::new();
         for _ in 0..800 {
             let s = sessions[rng.random_range(0..sessions.len())];
-            let ns = rng.random_range(1..=2u32);
+            let ns = rng.random_range(1..=3u32);
+            // A session works on its own pool's namespaces.
+            let own_pool = t.sessions.pool(s.id) == Some(pool_of(ns));
             let base = rng.random_range(0..12u64) * 4;
             let len = rng.random_range(1..=4u64);
             let chain: Vec<u64> = (base..base + len).collect();
             let keys: Vec<Key> = chain.iter().map(|&k| key(k)).collect();
-            let before = t.host_keys(3 - ns);
+            // Host blocks of the other namespaces, and of the other pool.
+            let others = |t: &BlockTable| -> Vec<HashSet<Key>> {
+                (1..=3)
+                    .filter(|&n| n != ns)
+                    .map(|n| t.host_keys(n))
+                    .collect()
+            };
+            let other_pool = |t: &BlockTable| -> Vec<HashSet<Key>> {
+                (1..=3)
+                    .filter(|&n| pool_of(n) != pool_of(ns))
+                    .map(|n| t.host_keys(n))
+                    .collect()
+            };
+            let before = others(&t);
+            let before_pool = other_pool(&t);
             match rng.random_range(0..14) {
                 0..=2 => {
                     let blocks = chain
@@ -316,19 +375,24 @@ fn random_operations_keep_invariants() {
                         .collect();
                     match t.reserve(s, ns, blocks, Instant::now()) {
                         Ok(grants) => {
+                            assert!(own_pool, "seed {seed}: reserved in another pool");
                             for (g, k) in grants.iter().zip(&keys) {
                                 if g.length > 0 {
+                                    // Offsets are relative to the session's pool.
+                                    assert!(
+                                        g.offset + SLOT <= t.pools[pool_of(ns) as usize].spec.len
+                                    );
                                     reserved.push((s, ns, *k));
                                 }
                             }
                         }
                         // A failed allocation of one block evicts nothing
                         // (a batch may have evicted for its first blocks).
-                        Err(_) if len == 1 => {
-                            assert_eq!(t.host_keys(3 - ns), before, "seed {seed}")
-                        }
+                        Err(_) if len == 1 => assert_eq!(others(&t), before, "seed {seed}"),
                         Err(_) => {}
                     }
+                    // A pool's allocations never evict another pool's blocks.
+                    assert_eq!(other_pool(&t), before_pool, "seed {seed}");
                 }
                 3..=4 => {
                     let mine: Vec<Key> = reserved
@@ -349,12 +413,17 @@ fn random_operations_keep_invariants() {
                         1 => LoadOutcome::Failed,
                         _ => LoadOutcome::Loaded,
                     };
+                    if !own_pool {
+                        assert!(t.acquire(s, ns, &keys, Instant::now()).is_err());
+                        continue;
+                    }
                     let (lease, n) = read(&mut t, s, ns, &keys, outcome);
                     let found = t.lookup(ns, &keys);
                     assert!(n <= found.locations.len() || outcome != LoadOutcome::Loaded);
                     if lease != 0 {
                         leases.push((s, lease));
                     }
+                    assert_eq!(other_pool(&t), before_pool, "seed {seed}");
                 }
                 7 => {
                     if !leases.is_empty() {
@@ -381,6 +450,13 @@ fn random_operations_keep_invariants() {
                             WriteOutcome::NotWritten
                         };
                         t.write_done(&job, outcome, record(job.ns, job.key));
+                        let busy = t.index.ids().into_iter().any(|id| {
+                            let e = t.index.get(id);
+                            e.ns == 3 && e.has_disk() && (e.pins > 0 || e.loading)
+                        });
+                        if job.ns == 3 && !busy {
+                            assert!(t.pools[1].disk_bytes <= quota, "seed {seed}: over quota");
+                        }
                     }
                 }
                 10 => {
@@ -397,23 +473,25 @@ fn random_operations_keep_invariants() {
                         let only = [None, Some(ns)][rng.random_range(0..2)];
                         t.clear(tier, only);
                         if only.is_some() {
-                            // The other namespace is untouched.
-                            assert_eq!(t.host_keys(3 - ns), before, "seed {seed}");
+                            // The other namespaces are untouched.
+                            assert_eq!(others(&t), before, "seed {seed}");
                         }
-                    } else if sessions.len() < 3 {
-                        sessions.push(t.open_session(Owner::Process { pid: 2, uid: 1 }));
+                    } else if sessions.len() < 4 {
+                        let pool = rng.random_range(0..2u8);
+                        sessions
+                            .push(t.open_session(Owner::Process { pid: 2, uid: 1 }, Some(pool)));
                     }
                 }
                 _ => {
-                    if sessions.len() > 1 {
-                        let gone = sessions.swap_remove(rng.random_range(0..sessions.len()));
+                    if sessions.len() > 2 {
+                        let gone = sessions.swap_remove(rng.random_range(2..sessions.len()));
                         t.close_session(gone);
                         leases.retain(|l| l.0 != gone);
                         reserved.retain(|r| r.0 != gone);
                     }
                 }
             }
-            t.check(pool);
+            t.check();
             // Lookups report a prefix, each block present where it says.
             let found = t.lookup(ns, &keys);
             assert!(found.host as usize <= found.locations.len());
@@ -438,11 +516,14 @@ fn random_operations_keep_invariants() {
         for job in writes {
             t.write_done(&job, WriteOutcome::NotWritten, record(job.ns, job.key));
         }
-        let s = t.open_session(Owner::Daemon);
+        let s = t.open_session(Owner::Daemon, None);
         let blocks = (1000..1024).map(|k| new_block(k, None)).collect();
         t.reserve(s, 1, blocks, Instant::now())
             .unwrap_or_else(|e| panic!("seed {seed}: whole pool after release: {e}"));
-        t.check(pool);
+        let blocks = (1000..1008).map(|k| new_block(k, None)).collect();
+        t.reserve(s, 3, blocks, Instant::now())
+            .unwrap_or_else(|e| panic!("seed {seed}: whole tenant pool after release: {e}"));
+        t.check();
         let c = t.stats().counters;
         seen.host_hits += c.host_hits;
         seen.disk_hits += c.disk_hits;
@@ -469,9 +550,9 @@ fn random_operations_keep_invariants() {
 #[test]
 fn mixed_sizes_evict_only_what_makes_room() {
     let mut t = BlockTable::new(8 * SLOT, Duration::from_secs(60));
-    t.add_namespace(1, SLOT);
-    t.add_namespace(2, 4 * SLOT);
-    let s = t.open_session(Owner::Daemon);
+    t.add_namespace(1, SLOT, 0);
+    t.add_namespace(2, 4 * SLOT, 0);
+    let s = t.open_session(Owner::Daemon, None);
     // Eight small blocks fill the pool; lease every other one.
     put(&mut t, s, 1, (0..8).map(|k| new_block(k, None)).collect()).unwrap();
     let mut leases = Vec::new();
@@ -489,7 +570,7 @@ fn mixed_sizes_evict_only_what_makes_room() {
     put(&mut t, s, 2, vec![new_block(100, None)]).unwrap();
     assert_eq!(t.host_keys(1).len(), 4);
     assert_eq!(t.stats().counters.host_evictions, 4);
-    t.check(8 * SLOT);
+    t.check();
 }
 
 /// A block read after every put stays in host memory while unread blocks
@@ -497,8 +578,8 @@ fn mixed_sizes_evict_only_what_makes_room() {
 #[test]
 fn hot_blocks_stay() {
     let mut t = BlockTable::new(64 * SLOT, Duration::from_secs(60));
-    t.add_namespace(1, SLOT);
-    let s = t.open_session(Owner::Daemon);
+    t.add_namespace(1, SLOT, 0);
+    let s = t.open_session(Owner::Daemon, None);
     put(&mut t, s, 1, (0..8).map(|k| new_block(k, None)).collect()).unwrap();
     let mut hot_hits = 0;
     for cold in 100..1100u64 {
@@ -520,8 +601,8 @@ fn hot_blocks_stay() {
 #[test]
 fn long_chain_with_pinned_tail_still_takes_writes() {
     let mut t = BlockTable::new(16 * SLOT, Duration::from_secs(60));
-    t.add_namespace(1, SLOT);
-    let s = t.open_session(Owner::Daemon);
+    t.add_namespace(1, SLOT, 0);
+    let s = t.open_session(Owner::Daemon, None);
     let mut writes = Vec::new();
     for k in 0..64u64 {
         put(&mut t, s, 1, vec![new_block(k, k.checked_sub(1))])
@@ -539,7 +620,7 @@ fn long_chain_with_pinned_tail_still_takes_writes() {
                 record(1, job.key),
             );
         }
-        t.check(16 * SLOT);
+        t.check();
     }
     let chain: Vec<Key> = (0..64).map(key).collect();
     assert!(

@@ -2,7 +2,8 @@
 //!
 //! Engine batches come from the network, so the reader never trusts a length
 //! header: containers are pre-sized by what the remaining input could hold at
-//! most, nesting is limited, and every error is a value, never a panic.
+//! most, nesting is limited, so is the number of values one message may
+//! decode to, and every error is a value, never a panic.
 
 /// A decoded MessagePack value borrowing its strings from the input.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +71,8 @@ pub enum MsgpackError {
     TooDeep,
     /// Bytes left after the value.
     TrailingBytes,
+    /// More than [`MAX_VALUES`] values.
+    TooMany,
 }
 
 impl std::fmt::Display for MsgpackError {
@@ -79,6 +82,7 @@ impl std::fmt::Display for MsgpackError {
             MsgpackError::InvalidMarker => "invalid msgpack marker 0xc1",
             MsgpackError::TooDeep => "msgpack nested too deeply",
             MsgpackError::TrailingBytes => "trailing bytes after msgpack value",
+            MsgpackError::TooMany => "msgpack message decodes to too many values",
         })
     }
 }
@@ -88,9 +92,24 @@ impl std::error::Error for MsgpackError {}
 /// Deepest container nesting accepted (vLLM's batches nest 4 deep).
 pub const MAX_DEPTH: usize = 32;
 
+/// Most values one message may decode to. A value takes one input byte at
+/// least and 32 bytes decoded, so without a cap a 64 MiB message of one-byte
+/// integers would cost 2 GiB; with it, at most 256 MiB. vLLM's batches hold a
+/// few values per token (ids and hashes): millions of tokens fit.
+pub const MAX_VALUES: usize = 8 << 20;
+
 /// Decodes exactly one value spanning the whole buffer.
 pub fn decode(buf: &[u8]) -> Result<Value<'_>, MsgpackError> {
-    let mut r = Reader { buf, pos: 0 };
+    decode_at_most(buf, MAX_VALUES)
+}
+
+/// [`decode`] with a cap of `max_values` values.
+pub fn decode_at_most(buf: &[u8], max_values: usize) -> Result<Value<'_>, MsgpackError> {
+    let mut r = Reader {
+        buf,
+        pos: 0,
+        values_left: max_values,
+    };
     let v = r.value(0)?;
     if r.pos != buf.len() {
         return Err(MsgpackError::TrailingBytes);
@@ -101,6 +120,7 @@ pub fn decode(buf: &[u8]) -> Result<Value<'_>, MsgpackError> {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    values_left: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -141,6 +161,9 @@ impl<'a> Reader<'a> {
         if n > self.remaining() {
             return Err(MsgpackError::Truncated);
         }
+        if n > self.values_left {
+            return Err(MsgpackError::TooMany);
+        }
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
             items.push(self.value(depth + 1)?);
@@ -151,6 +174,9 @@ impl<'a> Reader<'a> {
     fn map(&mut self, n: usize, depth: usize) -> Result<Value<'a>, MsgpackError> {
         if n > self.remaining() / 2 {
             return Err(MsgpackError::Truncated);
+        }
+        if n > self.values_left / 2 {
+            return Err(MsgpackError::TooMany);
         }
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
@@ -167,6 +193,10 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, depth: usize) -> Result<Value<'a>, MsgpackError> {
+        self.values_left = self
+            .values_left
+            .checked_sub(1)
+            .ok_or(MsgpackError::TooMany)?;
         if depth > MAX_DEPTH {
             return Err(MsgpackError::TooDeep);
         }
@@ -289,5 +319,26 @@ mod tests {
         assert_eq!(decode(&[0x01, 0x02]), Err(MsgpackError::TrailingBytes));
         let deep = vec![0x91u8; 100];
         assert_eq!(decode(&deep), Err(MsgpackError::TooDeep));
+    }
+
+    /// An array of a million one-byte integers would decode to 32 MB; past
+    /// the cap it is refused before anything is allocated for it.
+    #[test]
+    fn values_are_capped() {
+        let n: u32 = 1 << 20;
+        let mut buf = vec![0xdd];
+        buf.extend_from_slice(&n.to_be_bytes());
+        buf.resize(buf.len() + n as usize, 0x01);
+        assert!(
+            matches!(decode_at_most(&buf, n as usize + 1), Ok(Value::Array(v)) if v.len() == n as usize)
+        );
+        assert_eq!(decode_at_most(&buf, n as usize), Err(MsgpackError::TooMany));
+        // Nested: the cap counts values at every depth.
+        let nested = [0x92, 0x92, 0x01, 0x02, 0x03];
+        assert!(decode_at_most(&nested, 5).is_ok());
+        assert_eq!(decode_at_most(&nested, 4), Err(MsgpackError::TooMany));
+        let map = [0x81, 0x01, 0x02];
+        assert!(decode_at_most(&map, 3).is_ok());
+        assert_eq!(decode_at_most(&map, 2), Err(MsgpackError::TooMany));
     }
 }
