@@ -9,13 +9,17 @@
 //! - [`is_loopback`]: whether a listener is reachable from this host only.
 //! - [`TlsFiles`], [`BearerToken`]: TLS (mutual with a client CA) and bearer
 //!   tokens for TCP listeners.
+//! - [`FixAuthority`]: lets grpc-core clients, which send a socket path as
+//!   `:authority`, reach a tonic server on a Unix socket.
 
 mod accept;
+mod authority;
 mod http;
 mod limits;
 mod tls;
 
 pub use accept::{Accept, AcceptOptions, Conn, Incoming, Slot};
+pub use authority::FixAuthority;
 pub use http::{serve_http, HttpOptions};
 pub use limits::{is_loopback, raise_nofile_limit};
 pub use tls::{BearerToken, TlsFiles};

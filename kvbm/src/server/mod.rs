@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kvtier_net::{AcceptOptions, BearerToken, HttpOptions, Incoming};
+use kvtier_net::{AcceptOptions, BearerToken, FixAuthority, HttpOptions, Incoming};
 use kvtier_proto::v1::kvbm_server::KvbmServer;
 use tokio::net::{TcpListener, UnixListener};
 
@@ -269,7 +269,9 @@ pub async fn serve(
     let uds = tonic::transport::Server::builder()
         .add_service(svc())
         .serve_with_incoming_shutdown(
-            Incoming::new(listeners.uds, "gRPC (Unix)", AcceptOptions::default()),
+            // Stock grpc-core clients send the socket path as :authority.
+            Incoming::new(listeners.uds, "gRPC (Unix)", AcceptOptions::default())
+                .map(|c| c.map(FixAuthority::new)),
             stopped(stop_rx.clone()),
         );
     tasks.spawn(async move {
