@@ -9,7 +9,8 @@
 #   2. carry [.vllm2]:        bash connectors/bench/gpu_run.sh vllm
 #      (contract tests on CUDA, get_num_new_matched_tokens latency, TTFT in a
 #      real vLLM engine); `gpu_run.sh vllm tiers` runs vllm_tiers.py alone
-#      (TIERS_ARGS="--modes ..." picks modes)
+#      (TIERS_ARGS="--modes ..." picks modes); `gpu_run.sh vllm tests` the
+#      contract tests alone (TESTS="connectors/tests/test_x.py" picks files)
 set -u
 mode=${1:?stage, copy-bench or vllm}
 KV=/tmp/kvgpu        # survives between calls while the machine is warm
@@ -47,6 +48,10 @@ vllm)
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
     PYTHONHASHSEED=0 KVTIER_BIN_DIR=$KV
   python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+  if [ "${2:-}" = tests ]; then  # contract tests on CUDA alone (TESTS picks files)
+    KVTIER_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider ${TESTS:-connectors/tests} 2>&1 | tail -25
+    exit 0
+  fi
   if [ "${2:-}" = tiers ]; then  # the tier benchmark alone (vllm_tiers.py)
     timeout 560 python3 connectors/bench/vllm_tiers.py --kvbm $KV/kvbm --workdir /tmp ${TIERS_ARGS:-} \
       > ${OUT:-/tmp}/tiers.log 2>&1

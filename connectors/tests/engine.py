@@ -65,6 +65,9 @@ class Engine:
         **extra,
     ):
         device = device or os.environ.get("KVTIER_TEST_DEVICE", "cpu")
+        # The contract tests of asynchronous loads; layer-by-layer ones (the
+        # connector's default) pass load_mode="layerwise".
+        extra.setdefault("load_mode", "async")
         self.block_size = block_size
         self.config = vllm_config(socket, block_size, **extra)
         names = [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)]
@@ -178,6 +181,9 @@ class Engine:
         w.bind_connector_metadata(meta)
         w.start_load_kv(None)
         if compute:
+            # As vLLM's attention layers do, before using each layer.
+            for name in self.kv:
+                w.wait_for_layer_load(name)
             for r, n in list(new) + list(cached):
                 self.forward(r, r.num_computed_tokens, n)
         w.wait_for_save()

@@ -39,6 +39,12 @@ class KvtierSettings:
     save: bool = True
     # Onboard blocks from kvbm.
     load: bool = True
+    # How: "layerwise" — in the step that computes the rest of the request,
+    # each layer's blocks copied while earlier layers compute (the copy
+    # hides behind the prefill of the new tokens); "async" — before the
+    # request is scheduled, in a step of its own (vLLM's
+    # WAITING_FOR_REMOTE_KVS).
+    load_mode: str = "layerwise"
     # Ignore external hits that add fewer tokens than this many blocks hold
     # beyond the GPU's own hit (recomputing them beats a load's extra step).
     min_match_blocks: int = 1
@@ -80,6 +86,8 @@ class KvtierSettings:
             raise ValueError("kvtier: copy_chunk_mb must be 0 (no limit) or more")
         if s.pin_pool not in ("auto", "on", "off"):
             raise ValueError("kvtier: pin_pool must be auto, on or off")
+        if s.load_mode not in ("layerwise", "async"):
+            raise ValueError("kvtier: load_mode must be layerwise or async")
         return s
 
 

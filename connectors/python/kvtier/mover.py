@@ -17,6 +17,13 @@ per small block. On CUDA the work runs on a side stream that first waits for
 the engine's stream (the forward pass that wrote the blocks), and completes
 asynchronously: callers poll the returned ``Transfer``.
 
+An onboard in the step that computes the rest of its request goes layer by
+layer (``load_layers``): each layer's rows of every slot are one strided
+(2-D) host-to-device copy per run of adjacent slots, then scattered into
+the layer's blocks, and an event per layer lets the forward pass start a
+layer as soon as its blocks are in place: the copy hides behind the compute
+of the request's new tokens.
+
 An offload goes in chunks of at most ``chunk_bytes`` (an onboard whole, see
 ``load``). Staging a whole offload at once would take as much GPU
 memory as the blocks (2.6 GB for a 20K-token Llama-3-8B prompt), outside
@@ -109,6 +116,52 @@ def runs(offsets: list[int], length: int) -> list[tuple[int, int, int]]:
     return out
 
 
+class _Memcpy2D(ctypes.Structure):
+    """The CUDA driver's CUDA_MEMCPY2D."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t),
+        ("srcY", ctypes.c_size_t),
+        ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_uint64),
+        ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t),
+        ("dstY", ctypes.c_size_t),
+        ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_uint64),
+        ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t),
+        ("Height", ctypes.c_size_t),
+    ]
+
+
+_CU_MEMORYTYPE_HOST = 1
+_CU_MEMORYTYPE_DEVICE = 2
+
+
+def _driver_copy_2d():
+    """``cuMemcpy2DAsync`` from the CUDA driver, or None where there is no
+    driver (torch has no strided host-to-device copy: it would stage a
+    non-contiguous host tensor through a pageable buffer)."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuMemcpy2DAsync_v2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# A layer-by-layer onboard makes one 2-D copy per piece, layer and run of
+# adjacent slots; past this many calls (a fragmented pool) the whole onboard
+# is one copy per run instead, and every layer waits for all of it.
+MAX_2D_COPIES = 4096
+
+
 @dataclass
 class Transfer:
     """One batched copy in flight; ``done()`` once its bytes are in place."""
@@ -145,6 +198,7 @@ class Mover:
         self.word = widest_word(pieces)
         self.pieces = [p.view(self.word) for p in pieces]
         self.piece_words = self.pieces[0].shape[1]
+        self.num_layers = len(layers)
         # Blocks per chunk (0: the whole transfer in one).
         self.chunk_blocks = max(chunk_bytes // self.block_bytes, 1) if chunk_bytes > 0 else 0
         self.cuda = first.device.type == "cuda"
@@ -155,6 +209,7 @@ class Mover:
         # chunk's gather (compute) overlaps the previous chunk's copy (copy
         # engine); every transfer ends joined back into ``stream``.
         self.second = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.copy_2d = _driver_copy_2d() if self.cuda else None
 
     def _ids(self, block_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(block_ids, dtype=torch.long)
@@ -189,6 +244,61 @@ class Mover:
         Host-to-device copies do not hold up the engine's own
         device-to-host ones."""
         return self._transfer(self._scatter_from_pool, block_ids, offsets, ready, 0)
+
+    def load_layers(self, block_ids: list[int], offsets: list[int], ready, stream):
+        """Copies pool slots at ``offsets`` into the engine's blocks
+        ``block_ids`` layer by layer on ``stream`` (after event ``ready``).
+        Returns one event per layer (the layer's blocks are in place once it
+        completed; ``[]`` when the copy is already done, on CPU) and the
+        Transfer of the whole."""
+        self._check(offsets)
+        n = len(block_ids)
+        if n == 0:
+            return [], Transfer()
+        if not self.cuda:
+            self._scatter_from_pool(self._ids(block_ids), offsets)
+            return [], Transfer()
+        bb = self.block_bytes
+        slot_runs = runs(offsets, bb)
+        per_layer = len(self.pieces) // self.num_layers
+        if self.copy_2d is None or len(slot_runs) * len(self.pieces) > MAX_2D_COPIES:
+            t = self._transfer(self._scatter_from_pool, block_ids, offsets, ready, 0)
+            return [t.event] * self.num_layers, t
+        piece_bytes = self.piece_words * self.word.itemsize
+        base = self.pool.data_ptr()
+        handle = ctypes.c_void_p(stream.cuda_stream)
+        desc = _Memcpy2D(
+            srcMemoryType=_CU_MEMORYTYPE_HOST,
+            srcPitch=bb,
+            dstMemoryType=_CU_MEMORYTYPE_DEVICE,
+            dstPitch=piece_bytes,
+            WidthInBytes=piece_bytes,
+        )
+        events = []
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            ids = self._ids(block_ids)
+            # Two layers' staging, reused in turn: a layer's copy waits (on
+            # this one stream) for the scatter of the layer two before.
+            staging = [
+                torch.empty((per_layer, n, self.piece_words), dtype=self.word, device=self.device)
+                for _ in range(2)
+            ]
+            for layer in range(self.num_layers):
+                rows = staging[layer % 2]
+                for p in range(per_layer):
+                    index = layer * per_layer + p
+                    dst = rows[p]
+                    for first, count, off in slot_runs:
+                        desc.srcHost = base + off + index * piece_bytes
+                        desc.dstDevice = dst.data_ptr() + first * piece_bytes
+                        desc.Height = count
+                        rc = self.copy_2d(ctypes.byref(desc), handle)
+                        if rc != 0:
+                            raise RuntimeError(f"kvtier: cuMemcpy2DAsync failed ({rc})")
+                    self.pieces[index].index_copy_(0, ids, dst)
+                events.append(stream.record_event())
+        return events, Transfer(events[-1], [ids, staging])
 
     def _transfer(self, work, block_ids, offsets, ready, chunk_blocks: int) -> Transfer:
         self._check(offsets)

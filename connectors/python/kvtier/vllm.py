@@ -7,7 +7,8 @@ Load with::
         "kv_connector_extra_config": {"socket": "/run/kvbm/kvbm.sock"}}'
 
 Scheduler side (``_SchedulerSide``, in ``kvtier.vllm_scheduler``): asks kvbm how many of a request's
-blocks beyond the GPU's own prefix hit it holds (loaded asynchronously),
+blocks beyond the GPU's own prefix hit it holds (loaded layer by layer in
+the step that computes the rest, or asynchronously before it),
 plans loads and saves into each step's ``KvtierMetadata``, holds a finished
 request's blocks while its offload is in flight, and turns kvbm's tier events
 into vLLM's KV events.
@@ -15,8 +16,11 @@ into vLLM's KV events.
 Worker side (``_WorkerSide``, in ``kvtier.vllm_worker``): learns the layout from the KV tensors,
 registers the namespace, maps kvbm's shared pool and moves blocks with
 batched copies (``kvtier.mover``): saves through Reserve → copy → Commit,
-loads through Acquire → copy → Release, all on a background IO thread so the
-engine's step never waits for kvbm.
+loads through Acquire → copy → Release, on a background IO thread so the
+engine's step never waits for kvbm — except a layer-by-layer load, whose one
+Acquire (blocks already in host memory, a short deadline) and copies are
+issued by the engine thread in the step that uses them, each layer's
+attention waiting only for its own layer's blocks.
 
 When kvbm is down, slow or restarting the engine keeps serving: lookups
 report no match, saves are skipped and counted, loads that cannot complete
@@ -164,9 +168,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._worker.start_loads(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads are asynchronous and whole-request: the request runs only
-        # after get_finished reported it.
-        return
+        # A layer-by-layer load: the layer's blocks before its attention.
+        self._worker.wait_layer(layer_name)
 
     def save_kv_layer(
         self,
@@ -179,6 +182,7 @@ class KvtierConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self):
+        self._worker.end_forward()
         if self.has_connector_metadata():
             self._worker.start_saves(self._get_connector_metadata())
 

@@ -25,11 +25,13 @@ _MEDIUM = {2: "CPU", 3: "DISK", 4: "REMOTE"}
 
 @dataclass
 class LoadSpec:
-    """Onboard ``keys`` into the engine's blocks ``block_ids``."""
+    """Onboard ``keys`` into the engine's blocks ``block_ids``: layer by
+    layer in this step's forward pass (``sync``), or in the background."""
 
     req_id: str
     keys: list[bytes]
     block_ids: list[int]
+    sync: bool = False
 
 
 @dataclass
@@ -109,10 +111,11 @@ class _SchedulerSide:
             settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
         )
         self.promote_pool: Pool | None = None
-        # Steps scheduled and not yet reported: (when, tokens scheduled),
-        # oldest first (with async scheduling one runs while the next is
-        # scheduled).
-        self.steps: list[tuple[float, int]] = []
+        # Steps scheduled and not yet reported: (when, tokens scheduled,
+        # requests whose load runs in it), oldest first (with async
+        # scheduling one runs while the next is scheduled).
+        self.steps: list[tuple[float, int, list[str]]] = []
+        self.layerwise = settings.load_mode == "layerwise"
         self.namespaces = [info.namespace(r) for r in range(info.tp_world)]
         self.client = Client(
             settings.socket,
@@ -207,7 +210,10 @@ class _SchedulerSide:
             return 0, False
         self.local_hit[request.request_id] = num_computed_tokens
         self.match_host[request.request_id] = (first, host)
-        return ext, True
+        # Every block of a reported match is in host memory by now (disk
+        # blocks were promoted first): a layer-by-layer load runs in the
+        # step that computes the rest of the request.
+        return ext, not self.layerwise
 
     def _probe(self, request, first: int, host: int, end: int) -> None:
         with self.promote_lock:
@@ -334,7 +340,12 @@ class _SchedulerSide:
         if last <= first or last > len(block_ids):
             return
         self.pending_loads.append(
-            LoadSpec(req_id, list(request.block_hashes[first:last]), block_ids[first:last])
+            LoadSpec(
+                req_id,
+                list(request.block_hashes[first:last]),
+                block_ids[first:last],
+                sync=self.layerwise,
+            )
         )
         _, host = self.match_host.pop(req_id, (first, last))
         in_host = max(0, min(host, last) - first)
@@ -352,7 +363,8 @@ class _SchedulerSide:
         for spec in self.pending_loads:
             _, host_bytes, disk_bytes = self.load_clock.get(spec.req_id, (0.0, 0, 0))
             self.load_clock[spec.req_id] = (now, host_bytes, disk_bytes)
-        self.steps = self.steps[-3:] + [(now, so.total_num_scheduled_tokens)]
+        sync = [spec.req_id for spec in self.pending_loads if spec.sync]
+        self.steps = self.steps[-3:] + [(now, so.total_num_scheduled_tokens, sync)]
         meta = KvtierMetadata(loads=self.pending_loads)
         self.pending_loads = []
         meta.preempted = set(so.preempted_req_ids or ())
@@ -427,10 +439,23 @@ class _SchedulerSide:
         """A step's results: measures the step (prefill speed) and the
         loads it finished (load rates), for the cost model."""
         now = time.monotonic()
-        if self.steps:
-            started, tokens = self.steps.pop(0)
-            self.cost.observe_prefill(tokens, now - started)
         failed = set(getattr(output, "invalid_block_ids", None) or ())
+        if self.steps:
+            started, tokens, sync = self.steps.pop(0)
+            if not sync:
+                self.cost.observe_prefill(tokens, now - started)
+            # Loads that ran inside the step: it measured them together with
+            # the prefill they overlapped (an upper bound on the load). Their
+            # blocks were all in host memory (promotions read the disk ones
+            # first, and measured the disk).
+            loaded = 0
+            for req_id in sync:
+                with self.promote_lock:
+                    self._release(self.held.pop(req_id, []))
+                _, h, d = self.load_clock.pop(req_id, (0.0, 0, 0))
+                loaded += h + d
+            if loaded and not failed:
+                self.cost.observe_load(loaded, 0, now - started)
         for req_id in getattr(output, "finished_recving", None) or ():
             with self.promote_lock:
                 self._release(self.held.pop(req_id, []))

@@ -1,6 +1,8 @@
 """The vLLM connector's worker side: kvbm's pool mapped into the worker,
 and the copies between it and the engine's KV blocks, on a background IO
-thread so the engine's step never waits for kvbm."""
+thread so the engine's step never waits for kvbm — except a layer-by-layer
+load, which leases its blocks (one short Acquire) and issues its copies on
+the engine thread, in the step that uses them."""
 
 import logging
 import queue
@@ -42,6 +44,9 @@ class _Load:
     failed: list[int] = field(default_factory=list)
     transfer: Transfer | None = None
     loaded: int = 0
+    # A layer-by-layer load: counted and its failures reported when it
+    # started; only its leases wait for the copies.
+    sync: bool = False
 
 
 class _WorkerSide:
@@ -61,10 +66,25 @@ class _WorkerSide:
         self.client = Client(
             settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
         )
+        # The engine thread's own, for layer-by-layer loads: an Acquire of
+        # blocks in host memory is quick, and the step waits for it.
+        self.sync_client = Client(
+            settings.socket, timeout_ms=settings.lookup_timeout_ms, retry_ms=settings.retry_ms
+        )
         self.layers: list[torch.Tensor] = []
+        self.layer_index: dict[str, int] = {}
+        # This step's layer-by-layer load: an event per layer, and whether
+        # the forward pass waited for each.
+        self.layer_events: list | None = None
+        self.layer_waited: set[int] = set()
+        self.layer_ids: list[int] = []
+        self.warned_no_waits = False
         self.layout_extra = ""
         self.block_bytes = 0
-        # Owned by the IO thread.
+        # Owned by the IO thread; the engine thread uses them for a
+        # layer-by-layer load under `pool_lock`, under which the IO thread
+        # attaches and detaches.
+        self.pool_lock = threading.RLock()
         self.pool: Pool | None = None
         self.mover: Mover | None = None
         self.pinned = False
@@ -74,6 +94,7 @@ class _WorkerSide:
         # The side stream of every copy (CUDA), created once: the engine
         # thread orders its own stream after it on preemption.
         self.stream = None
+        self.load_stream = None
         self.jobs: queue.Queue = queue.Queue()
         self.io: threading.Thread | None = None
         # Copy-issuing jobs queued and not yet run, and a condition to wait
@@ -135,11 +156,13 @@ class _WorkerSide:
             logger.error("kvtier: connector disabled: %s", self.disabled_reason)
             return
         self.layers = views
+        self.layer_index = {name: i for i, name in enumerate(names)}
         page = "x".join(str(s) for s in views[0].shape[1:])
         self.layout_extra = f"engine=vllm;page={page};layers={len(views)}"
         self.block_bytes = views[0][0].numel() * views[0].element_size() * len(views)
         if views[0].device.type == "cuda":
             self.stream = torch.cuda.Stream(device=views[0].device)
+            self.load_stream = torch.cuda.Stream(device=views[0].device)
         self.io = threading.Thread(target=self._run_io, name="kvtier-io", daemon=True)
         self.io.start()
         self.jobs.put((self._ensure_ready,))
@@ -179,6 +202,10 @@ class _WorkerSide:
         """Registers the namespace and attaches the pool when not done yet
         (again after a failure, backing off from retry_ms up to 16 times
         that while kvbm keeps failing)."""
+        with self.pool_lock:
+            return self._attach()
+
+    def _attach(self) -> bool:
         if self.mover is not None:
             if self.pool.alive:
                 return True
@@ -224,6 +251,10 @@ class _WorkerSide:
     def _detach(self, why: str) -> None:
         """Drops the pool after kvbm failed (it may have restarted with a new
         pool); the next job attaches again."""
+        with self.pool_lock:
+            self._detach_locked(why)
+
+    def _detach_locked(self, why: str) -> None:
         if self.mover is None:
             return
         logger.warning("kvtier: kvbm failed (%s); re-attaching", why)
@@ -232,10 +263,16 @@ class _WorkerSide:
         self._back_off()
 
     def _close_pool(self) -> None:
+        with self.pool_lock:
+            self._close_pool_locked()
+
+    def _close_pool_locked(self) -> None:
         if self.mover is not None:
-            # Every copy touching the mapping is on the side stream (or was
+            # Every copy touching the mapping is on the side streams (or was
             # synchronous, on CPU): after this none is left.
             self.mover.sync()
+            if self.load_stream is not None:
+                self.load_stream.synchronize()
             self.mover = None
         if self.pool is not None:
             if self.pinned:
@@ -392,13 +429,115 @@ class _WorkerSide:
         return torch.cuda.current_stream(self.stream.device).record_event()
 
     def start_loads(self, meta: KvtierMetadata) -> None:
+        self.layer_events, self.layer_waited, self.layer_ids = None, set(), []
+        sync = [spec for spec in meta.loads if spec.sync]
+        if sync:
+            self._load_layerwise(sync)
         for spec in meta.loads:
+            if spec.sync:
+                continue
             ld = _Load(spec.req_id, list(spec.block_ids))
             self.loads.append(ld)
             if not self.settings.load or self.io is None:
                 ld.failed, ld.transfer = list(spec.block_ids), Transfer()
                 continue
             self._queue_copy(self._io_load, spec, ld, self._ready_event())
+
+    def _load_layerwise(self, specs: list[LoadSpec]) -> None:
+        """Leases the blocks of this step's layer-by-layer loads and issues
+        their copies on the load stream, an event per layer for
+        ``wait_layer``. Blocks that cannot be loaded now (kvbm down or
+        slow, the pool not attached yet, a block gone since the lookup) are
+        reported as load errors at the end of this step: vLLM recomputes
+        them."""
+        ids: list[int] = []
+        offsets: list[int] = []
+        failed: list[int] = []
+        leases: list[int] = []
+        events: list = []
+        transfer = Transfer()
+        session = 0
+        with self.pool_lock:
+            ready = (
+                self.settings.load
+                and self.mover is not None
+                and self.pool is not None
+                and self.pool.alive
+            )
+            if ready:
+                session = self.pool.session
+            for spec in specs:
+                if not ready:
+                    failed += spec.block_ids
+                    continue
+                try:
+                    lease, slots = self.sync_client.acquire(session, self.namespace, spec.keys)
+                except KvbmError as e:
+                    logger.debug("kvtier: acquire for %s failed: %s", spec.req_id, e)
+                    failed += spec.block_ids
+                    if isinstance(e, KvbmUnavailable):
+                        self.jobs.put((self._detach, str(e)))
+                        ready = False
+                    continue
+                if lease:
+                    leases.append(lease)
+                good = 0
+                for _off, length in slots:
+                    if length != self.block_bytes:
+                        break
+                    good += 1
+                ids += spec.block_ids[:good]
+                offsets += [off for off, _ in slots[:good]]
+                failed += spec.block_ids[good:]
+            if ids:
+                try:
+                    events, transfer = self.mover.load_layers(
+                        ids, offsets, self._ready_event(), self.load_stream
+                    )
+                except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory
+                    logger.error("kvtier: layer-by-layer load failed: %s", e)
+                    if self.load_stream is not None:
+                        self.load_stream.synchronize()
+                    failed += ids
+                    ids, events, transfer = [], [], Transfer()
+        if not ready and self.io is not None:
+            self.jobs.put((self._ensure_ready,))
+        self.layer_events = events or None
+        self.layer_ids = ids
+        self.load_errors.update(failed)
+        self._count("load_failed_blocks", len(failed))
+        self._count("loaded_blocks", len(ids))
+        if leases:
+            self.loads.append(_Load("", [], leases=leases, session=session, transfer=transfer, sync=True))
+
+    def wait_layer(self, layer_name: str) -> None:
+        """The forward pass is about to use layer ``layer_name``: its stream
+        waits for that layer's loaded blocks."""
+        events = self.layer_events
+        if not events:
+            return
+        i = self.layer_index.get(layer_name)
+        if i is None or i >= len(events):
+            return
+        torch.cuda.current_stream(self.load_stream.device).wait_event(events[i])
+        self.layer_waited.add(i)
+
+    def end_forward(self) -> None:
+        """After the forward pass: if it did not wait for every layer it
+        loaded (a model runner that never calls wait_for_layer_load), it
+        may have read blocks before they arrived — they are reported as
+        load errors (vLLM recomputes them) and later loads wait whole."""
+        events = self.layer_events
+        self.layer_events = None
+        if not events or len(self.layer_waited) == len(events):
+            return
+        if not self.warned_no_waits:
+            logger.warning(
+                "kvtier: the forward pass did not wait for layer-by-layer loads; "
+                "its loaded blocks are recomputed"
+            )
+            self.warned_no_waits = True
+        self.load_errors.update(self.layer_ids)
 
     def handle_preemptions(self, meta: KvtierMetadata) -> None:
         # A preempted request's blocks may be rewritten by the coming
@@ -410,6 +549,7 @@ class _WorkerSide:
             self.issued.wait_for(lambda: self.unissued == 0)
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.load_stream)
 
     def start_saves(self, meta: KvtierMetadata) -> None:
         if not meta.saves:
@@ -461,6 +601,8 @@ class _WorkerSide:
                 continue
             for lease in ld.leases:
                 self.jobs.put((self._io_release, ld.session, lease))
+            if ld.sync:
+                continue
             self.load_errors.update(ld.failed)
             self._count("load_failed_blocks", len(ld.failed))
             self._count("loaded_blocks", ld.loaded)
@@ -491,6 +633,7 @@ class _WorkerSide:
         self.jobs.join()
         if self.stream is not None:
             self.stream.synchronize()
+            self.load_stream.synchronize()
 
     def shutdown(self) -> None:
         if self.io is None:
