@@ -1,19 +1,26 @@
 //! Scoring: an estimated time to first token (TTFT) per candidate worker.
 //!
 //! ```text
-//! ttft = queue + prefill(recomputed tokens) + onboard(held below GPU) + decode + pressure
+//! ttft = queue + prefill(recomputed tokens) + onboard(loaded tokens) + decode + pressure
 //! queue    = max(router backlog, engine waiting * mean_prompt_tokens) / prefill_rate
-//! prefill  = (prompt tokens - matched tokens) / prefill_rate
-//! onboard  = sum over tiers t of matched_t * min(kv_bytes_per_token / bandwidth_t, 1 / prefill_rate)
+//! prefill  = (prompt tokens - GPU tokens - loaded tokens) / prefill_rate
+//! onboard  = host part * kv_bytes_per_token / host_bandwidth
+//!          + disk part * kv_bytes_per_token * (1 / disk_bandwidth + 1 / host_bandwidth)
+//!          + remote tokens * min(kv_bytes_per_token / remote_bandwidth, 1 / prefill_rate)
 //! decode   = max(router in flight, engine running) * decode_interference_s
 //! pressure = kv_pressure_s if engine kv_cache_usage >= kv_usage_threshold else 0
 //! ```
 //!
-//! GPU-resident tokens cost nothing; a tier slower than recomputing costs what
-//! recomputing costs (the engine would recompute instead). The worker with the
+//! GPU-resident tokens cost nothing. What the engine loads from host memory
+//! and disk is decided by the connectors' own cost model
+//! (`kvtier_client::cost::CostModel::plan`, here with the configured rates):
+//! nothing, the host part, or host and disk, whichever saves the most, so the
+//! router scores a worker by what its engine will actually do. A remote tier
+//! slower than recomputing costs what recomputing costs. The worker with the
 //! lowest estimate wins (`temperature` 0), or one is drawn with probability
 //! `softmax(-ttft / (temperature * max(min ttft, 1 ms)))`. See `docs/router.md`.
 
+use kvtier_client::cost::{CostModel, Source};
 use serde::{Deserialize, Serialize};
 
 /// Parameters of the TTFT model. Every default is the value after `=` in
@@ -125,13 +132,24 @@ impl ScoringConfig {
     /// `matched` tokens per tier under `load`.
     pub fn estimate(&self, prompt_tokens: u64, matched: [u64; 4], load: &Load) -> Estimate {
         let rate = self.rate();
-        let held: u64 = matched.iter().sum();
+        let [gpu, host, disk, remote] = matched;
+        // Host memory and disk: what the engine's connector would load.
+        let model = CostModel::from_rates(self.host_bandwidth, self.disk_bandwidth, rate);
+        let bpt = self.kv_bytes_per_token.max(0.0) as u64;
+        let (first, in_host, all) = (gpu, gpu + host, gpu + host + disk);
+        let end = model.plan(first as usize, in_host as usize, all as usize, bpt, 1) as u64;
+        let from_host = end.min(in_host).saturating_sub(first);
+        let from_disk = end.saturating_sub(in_host);
+        let bring = |source, tokens: u64| {
+            model
+                .load_secs(source, tokens * bpt)
+                .unwrap_or(tokens as f64 / rate)
+        };
+        let onboard_s = bring(Source::Host, from_host)
+            + bring(Source::Disk, from_disk)
+            + remote as f64 * self.onboard_s_per_token(3);
+        let held = end + remote;
         let recompute = prompt_tokens.saturating_sub(held) as f64;
-        let onboard_s = matched
-            .iter()
-            .enumerate()
-            .map(|(t, n)| *n as f64 * self.onboard_s_per_token(t))
-            .sum();
         let engine_queue = load.engine_waiting.max(0.0) * self.mean_prompt_tokens;
         let queue_s = load.backlog_tokens.max(engine_queue).max(0.0) / rate;
         let decode_s =
@@ -235,6 +253,32 @@ mod tests {
             (remote - none).abs() < 1e-12,
             "slow tier capped at recompute"
         );
+    }
+
+    /// The router scores a worker by what its engine's connector would do
+    /// (the same cost model): a disk slower than recomputing is not loaded,
+    /// the host part in front of it is.
+    #[test]
+    fn scores_agree_with_the_connectors_plan() {
+        let c = ScoringConfig {
+            disk_bandwidth: 1e9, // 131 µs a token, against 100 to recompute
+            ..ScoringConfig::default()
+        };
+        let e = c.estimate(3000, [0, 1000, 1000, 0], &Load::default());
+        assert!((e.prefill_s - 0.2).abs() < 1e-9, "{e:?}");
+        assert!(
+            (e.onboard_s - 1000.0 * 131_072.0 / 25e9).abs() < 1e-9,
+            "{e:?}"
+        );
+        let plan = CostModel::from_rates(25e9, 1e9, 10_000.0).plan(0, 1000, 2000, 131_072, 1);
+        assert_eq!(plan, 1000);
+        // A fast disk is loaded, paying the disk and then the host copy.
+        let fast = ScoringConfig::default();
+        let e = fast.estimate(3000, [0, 1000, 1000, 0], &Load::default());
+        let bytes = 1000.0 * 131_072.0;
+        let want = bytes / 25e9 + bytes * (1.0 / 5e9 + 1.0 / 25e9);
+        assert!((e.onboard_s - want).abs() < 1e-9, "{e:?}");
+        assert!((e.prefill_s - 0.1).abs() < 1e-9, "{e:?}");
     }
 
     #[test]

@@ -75,6 +75,32 @@ impl CostModel {
         CostModel::default()
     }
 
+    /// A model that knows its rates already: loads at `host_bytes_per_s`
+    /// from host memory and `disk_bytes_per_s` more from disk (0 or less:
+    /// unknown), prefill at `prefill_tokens_per_s` at every length. What a
+    /// decider that observes no loads itself (the router) starts from.
+    pub fn from_rates(
+        host_bytes_per_s: f64,
+        disk_bytes_per_s: f64,
+        prefill_tokens_per_s: f64,
+    ) -> CostModel {
+        let now = Instant::now();
+        let mut m = CostModel::new();
+        let rate = |per_s: f64| (per_s.is_finite() && per_s > 0.0).then(|| 1.0 / per_s);
+        if let Some(r) = rate(host_bytes_per_s) {
+            m.host.observe(r, now);
+        }
+        if let Some(r) = rate(disk_bytes_per_s) {
+            m.disk.observe(r, now);
+        }
+        if let Some(r) = rate(prefill_tokens_per_s) {
+            for b in m.prefill.iter_mut() {
+                b.observe(r, now);
+            }
+        }
+        m
+    }
+
     /// A load of `host_bytes` from host memory and `disk_bytes` from disk
     /// took `secs`, end to end.
     pub fn observe_load(&mut self, host_bytes: u64, disk_bytes: u64, secs: f64) {
