@@ -115,3 +115,10 @@ def _empty_output(eng: Engine, r):
         free_encoder_mm_hashes=[],
         preempted_req_ids=None,
     )
+
+
+def test_layerwise_asks_vllm_for_piecewise_cuda_graphs():
+    from kvtier.vllm import KvtierConnector
+
+    assert KvtierConnector.requires_piecewise_for_cudagraph({}) is True
+    assert KvtierConnector.requires_piecewise_for_cudagraph({"load_mode": "async"}) is False

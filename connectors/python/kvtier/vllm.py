@@ -79,6 +79,13 @@ def _recompute_failed_loads(kv_transfer_config) -> None:
 class KvtierConnector(KVConnectorBase_V1):
     """vLLM connector offloading to and onboarding from kvbm."""
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Layer-by-layer loads wait in wait_for_layer_load, which a replayed
+        # full CUDA graph would skip: vLLM then keeps attention outside its
+        # graphs (PIECEWISE). `load_mode=async` leaves the choice to vLLM.
+        return KvtierSettings.from_extra(extra_config).load_mode == "layerwise"
+
     @property
     def requires_kv_delivery(self) -> bool:
         # A best-effort cache: a dropped offload is a later miss.
