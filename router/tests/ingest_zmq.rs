@@ -193,6 +193,85 @@ async fn vllm_publisher_stream_gap_clear_restart() {
     py.exit().await;
 }
 
+/// Waits up to `limit` for `sink` to hold `n` events; how long it took.
+async fn within(sink: &Collect, n: usize, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if sink.len() >= n {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Never blind: an idle engine's blocks, published before the router knew
+/// it, reach the index within a second of subscribing, with nothing
+/// published since. Two replicas agree; one restarted while the engine
+/// published catches up on reconnecting, again without a new batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_at_connect_and_replicas_catch_up() {
+    let Some(python) = python_with_vllm() else {
+        return;
+    };
+    let _ports = ingest_util::PY_PORTS.lock().await;
+    let port = free_ports(1);
+    let replay = free_ports(1);
+    let mut py = Py::spawn(&python, "vllm_publisher.py");
+    py.cmd(json!({"cmd": "start", "id": "a", "rank": 0,
+                  "endpoint": format!("tcp://*:{port}"),
+                  "replay": format!("tcp://*:{replay}")}))
+        .await;
+    // Published with no subscriber: only the replay buffer keeps them.
+    py.cmd(json!({"cmd": "publish", "id": "a",
+                  "events": [ev_stored(&[1, 2], None, &[0, 1, 2, 3, 4, 5, 6, 7])]}))
+        .await;
+    py.cmd(json!({"cmd": "publish", "id": "a",
+                  "events": [ev_stored(&[3], Some(2), &[8, 9, 10, 11])]}))
+        .await;
+    let subscribe = |sink: Arc<Collect>| {
+        let mut cfg = EngineSubscription::new("w1", "m", format!("tcp://127.0.0.1:{port}"));
+        cfg.zmq_replay_endpoint = Some(format!("tcp://127.0.0.1:{replay}"));
+        spawn_engine(cfg, sink, Arc::new(IngestMetrics::new()))
+    };
+    let want = vec![
+        stored_gpu(0, &[1, 2], None, (0..8).collect()),
+        stored_gpu(0, &[3], Some(2), vec![8, 9, 10, 11]),
+    ];
+    let (one, two) = (Collect::new(), Collect::new());
+    let _h1 = subscribe(one.clone());
+    let h2 = subscribe(two.clone());
+    for (name, sink) in [("replica 1", &one), ("replica 2", &two)] {
+        let took = within(sink, 2, Duration::from_secs(1)).await;
+        assert!(took.is_some(), "{name}: blind to the idle engine after 1 s");
+        assert_eq!(sink.take(), want, "{name}");
+    }
+
+    // Replica 2 goes away; the engine publishes; replica 2 comes back.
+    h2.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    py.cmd(json!({"cmd": "publish", "id": "a",
+                  "events": [ev_stored(&[4], Some(3), &[12, 13, 14, 15])]}))
+        .await;
+    let four = vec![stored_gpu(0, &[4], Some(3), vec![12, 13, 14, 15])];
+    assert!(within(&one, 1, Duration::from_secs(1)).await.is_some());
+    assert_eq!(one.take(), four);
+    let back = Collect::new();
+    let _h3 = subscribe(back.clone());
+    assert!(
+        within(&back, 3, Duration::from_secs(1)).await.is_some(),
+        "the restarted replica did not catch up within 1 s"
+    );
+    let mut all = want.clone();
+    all.extend(four);
+    assert_eq!(
+        back.take(),
+        all,
+        "the restarted replica sees what the other one does"
+    );
+    py.exit().await;
+}
+
 fn msgpack_batch(events: &[u8], n: u8) -> Vec<u8> {
     // [0.0, [events...]]
     let mut o = vec![0x92, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0x90 | n];

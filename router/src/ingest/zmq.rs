@@ -7,6 +7,10 @@
 //! publisher that connects and sorts batches by their `data_parallel_rank`.
 //!
 //! Sequencing rules, per rank:
+//! - on every (re)connection, when a replay endpoint is known: replay from
+//!   the last applied seq + 1 (from 0 the first time) before reading the live
+//!   stream, so what an idle engine published before the router knew it (or
+//!   while it was away) is routed on at once, not after its next batch;
 //! - the first batch seen: when its seq is above 0 and a replay endpoint is
 //!   known, replay from 0 first (whatever the engine's replay buffer still
 //!   holds), then go on live;
@@ -320,6 +324,15 @@ impl RankState {
         }
     }
 
+    /// Catches up at a (re)connection: everything the engine's replay buffer
+    /// holds past what was applied.
+    async fn catch_up(&mut self, sh: &Shared) {
+        if self.replay.is_some() {
+            let from = self.applied_last.map_or(0, |a| a + 1);
+            self.replay_from(sh, from).await;
+        }
+    }
+
     /// Asks the engine's ROUTER for every batch from `from` on and applies
     /// what continues the sequence. Failures are logged once and counted.
     async fn replay_from(&mut self, sh: &Shared, from: u64) {
@@ -476,6 +489,9 @@ async fn run_connected(sh: Arc<Shared>, mut st: RankState, ep: Endpoint) {
                 }
                 ever = true;
                 tracing::info!(worker = %sh.worker, rank = st.rank, %ep, "engine event stream connected");
+                // Subscribed first, so nothing published from now on is
+                // missed; live batches the replay also returned are skipped.
+                st.catch_up(&sh).await;
                 let connected = ConnectedGuard::new(&sh.metrics);
                 let since = Instant::now();
                 serve(&sh, &mut st, rd, wr).await;
@@ -555,14 +571,25 @@ async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>, repl
     };
     tracing::info!(worker = %sh.worker, endpoint = ?listener.local_endpoint().ok(), "engine event SUB bound");
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Incoming>>(1024);
+    // Publishers that connected: every rank with a replay endpoint catches
+    // up (the rank of a connection is known only from its batches).
+    let (joined_tx, mut joined) = mpsc::channel::<()>(16);
     let mut peers = JoinSet::new();
     let mut ranks: HashMap<u32, RankState> = HashMap::new();
+    let rank_state = |rank: u32| {
+        let rp = replay
+            .as_ref()
+            .filter(|_| rank < replay_ranks)
+            .and_then(|r| r.offset(rank).ok());
+        RankState::new(&sh, rank, rp)
+    };
     loop {
         tokio::select! {
             a = listener.accept() => match a {
                 Ok(pending) => {
                     let sh2 = sh.clone();
                     let tx = tx.clone();
+                    let joined_tx = joined_tx.clone();
                     peers.spawn(async move {
                         let Ok(conn) = pending.handshake(Role::Sub, sh2.options.limits()).await else {
                             return;
@@ -571,6 +598,7 @@ async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>, repl
                         if wr.subscribe(&sh2.topic).await.is_err() {
                             return;
                         }
+                        let _ = joined_tx.try_send(());
                         let _connected = ConnectedGuard::new(&sh2.metrics);
                         read_loop(rd, tx).await;
                         drop(wr);
@@ -588,13 +616,7 @@ async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>, repl
                         Ok((seq, payload)) => {
                             let batch = decode_batch(payload, sh.options.max_batch_events);
                             let rank = batch.as_ref().ok().and_then(|b| b.dp_rank).unwrap_or(0);
-                            let st = ranks.entry(rank).or_insert_with(|| {
-                                let rp = replay
-                                    .as_ref()
-                                    .filter(|_| rank < replay_ranks)
-                                    .and_then(|r| r.offset(rank).ok());
-                                RankState::new(&sh, rank, rp)
-                            });
+                            let st = ranks.entry(rank).or_insert_with(|| rank_state(rank));
                             st.on_live(&sh, seq, batch).await;
                         }
                         Err(e) => sh.note(0, &e),
@@ -607,6 +629,14 @@ async fn run_bound(sh: Arc<Shared>, ep: Endpoint, replay: Option<Endpoint>, repl
                         ),
                     ),
                     Incoming::Command => {}
+                }
+            }
+            Some(()) = joined.recv() => {
+                if replay.is_some() {
+                    for rank in 0..replay_ranks {
+                        let st = ranks.entry(rank).or_insert_with(|| rank_state(rank));
+                        st.catch_up(&sh).await;
+                    }
                 }
             }
             Some(_) = peers.join_next(), if !peers.is_empty() => {}
