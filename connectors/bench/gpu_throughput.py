@@ -172,7 +172,7 @@ def main() -> None:
                 keys_box["keys"] = keys
 
             def onboard():
-                lease, slots = client.acquire(pool.session, ns, keys_box["keys"])
+                lease, slots, _ = client.acquire(pool.session, ns, keys_box["keys"])
                 mover.load(dst_ids, [o for o, _ in slots]).wait()
                 client.release(pool.session, lease)
 
@@ -189,7 +189,7 @@ def main() -> None:
             t = timed(onboard, args.iters)
             result[f"ours_onboard_{tag}_GBps"] = round(total / t / 1e9, 2)
             # Copies alone, into the slots of the last offload.
-            lease, slots = client.acquire(pool.session, ns, keys_box["keys"])
+            lease, slots, _ = client.acquire(pool.session, ns, keys_box["keys"])
             copy_slots["offsets"] = [o for o, _ in slots]
             t = timed(offload_copy, args.iters)
             result[f"ours_copy_offload_{tag}_GBps"] = round(total / t / 1e9, 2)

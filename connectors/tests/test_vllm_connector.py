@@ -252,11 +252,11 @@ def test_stats_reach_vllm_logs_and_metrics(daemon):
     assert stats.data["saved_blocks"] == saved
     assert eng.worker.get_kv_connector_stats() is None, "an interval's counts are taken once"
     # vLLM's logger rebuilds stats from the worker's dict and aggregates.
-    total = KvtierConnector.build_kv_connector_stats(stats.to_dict()).aggregate(stats)
+    total = KvtierConnector.build_kv_connector_stats(dict(stats.data)).aggregate(stats)
     assert total.reduce()["saved_blocks"] == 2 * saved
     # vLLM's Prometheus side builds the connector's metrics by class.
     prom = KVConnectorProm(eng.config, ["model_name", "engine"], {0: ["m", "0"]})
-    prom.observe(stats.to_dict(), 0)
+    prom.observe(dict(stats.data), 0)
     labels = {"model_name": "m", "engine": "0"}
     assert REGISTRY.get_sample_value("vllm:kvtier_saved_blocks_total", labels) == saved
     eng.shutdown()

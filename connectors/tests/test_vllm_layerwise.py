@@ -122,3 +122,92 @@ def test_layerwise_asks_vllm_for_piecewise_cuda_graphs():
 
     assert KvtierConnector.requires_piecewise_for_cudagraph({}) is True
     assert KvtierConnector.requires_piecewise_for_cudagraph({"load_mode": "async"}) is False
+
+
+def test_promotion_out_of_time_loads_its_leased_prefix(tmp_path, monkeypatch):
+    """A disk promotion still running when recomputing would have been
+    faster is cut short: the request loads the prefix leased by then and
+    recomputes only the rest (it does not pay its whole wait on top of a
+    full recompute)."""
+    import time
+
+    from conftest import Daemon
+
+    import kvtier.vllm_scheduler as vs
+    from kvtier import CostModel
+
+    monkeypatch.setattr(vs, "PROMOTE_CHUNK", 2)
+    d = Daemon(tmp_path, disk_bytes="64MiB").start()
+    eng = Engine(d.socket, load_mode="layerwise")
+    run_a(eng, prompt(80))
+    eng.worker.worker_side.wait_idle()
+    Client(d.socket).sync()
+    eng.shutdown()
+    d.stop()
+    d.start()  # the blocks are on disk only now
+    eng = Engine(d.socket, load_mode="layerwise")
+    side = eng.scheduler.scheduler_side
+    bb = side.block_bytes
+    m = CostModel()
+    m.observe_load(100 * bb, 0, 100e-6)
+    m.observe_disk_read(100 * bb, 100e-6)  # a fast disk: promote
+    m.observe_prefill(1024, 1024 * 0.1)
+    side.cost = m
+
+    class SlowAfterFirst:
+        """The disk stalls after the first chunk."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def acquire(self, *a):
+            self.calls += 1
+            if self.calls > 1:
+                time.sleep(1.0)
+            return self.inner.acquire(*a)
+
+        def release(self, *a):
+            return self.inner.release(*a)
+
+    side.promote_client = SlowAfterFirst(side.promote_client)
+    b = eng.request("B", prompt(80))
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (None, False)
+    p = side.promotions["B"]
+    p.budget = 0.3
+    for _ in range(300):
+        if p.leased >= 2:
+            break
+        time.sleep(0.01)
+    time.sleep(0.35)
+    # The first two blocks are leased in host memory; the rest is not.
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (32, False)
+    assert side.stats["promotions_given_up"] == 1
+    eng.allocate(b, 32)
+    b.num_computed_tokens = 32
+    out = eng.step(new=[(b, 48)])
+    assert not out.invalid_block_ids
+    eng.shutdown()
+    d.stop()
+
+
+def test_a_promotion_slower_than_recomputing_is_cut_at_once(daemon):
+    """Its own pace, not the estimate that started it, decides: a promotion
+    whose chunks come slower than recomputing the rest is cut before its
+    budget is spent."""
+    import time
+
+    from kvtier import CostModel
+    from kvtier.vllm_scheduler import _Promotion
+
+    eng = layerwise(daemon)
+    side = eng.scheduler.scheduler_side
+    m = CostModel()
+    m.observe_prefill(1024, 1024 * 1e-3)  # 1 ms a token
+    side.cost = m
+    now = time.monotonic()
+    p = _Promotion(0, [b"k"] * 5, now - 1.0, budget=60.0, leased=2)
+    # 0.5 s a block so far, 3 to go (1.5 s) against 48 ms to recompute them.
+    assert side._losing(p, now)
+    p.started = now - 0.01  # 5 ms a block: 15 ms to go
+    assert not side._losing(p, now)
+    eng.shutdown()

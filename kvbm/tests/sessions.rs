@@ -170,7 +170,7 @@ fn run(seed: u64) {
                 }
                 // Not readable before its owner's commit.
                 assert!(rt.block_on(store.get(NS, &key(k))).is_err());
-                let (_, grants) = rt.block_on(store.acquire(s, NS, &[key(k)])).unwrap();
+                let (_, grants, _) = rt.block_on(store.acquire(s, NS, &[key(k)])).unwrap();
                 assert!(grants.is_empty(), "a reserved block was leased");
             }
             // The owner aborts.
@@ -185,7 +185,7 @@ fn run(seed: u64) {
             5 => {
                 let keys: Vec<u64> = (i..(i + 4).min(KEYS)).collect();
                 let wire: Vec<Vec<u8>> = keys.iter().map(|&k| key(k)).collect();
-                let (lease, grants) = rt.block_on(store.acquire(s, NS, &wire)).unwrap();
+                let (lease, grants, _) = rt.block_on(store.acquire(s, NS, &wire)).unwrap();
                 for (g, &k) in grants.iter().zip(&keys) {
                     assert_eq!(read_slot(g.offset), pattern(k), "leased block {k}");
                 }

@@ -9,11 +9,13 @@
 //! - [`is_loopback`]: whether a listener is reachable from this host only.
 //! - [`TlsFiles`], [`BearerToken`]: TLS (mutual with a client CA) and bearer
 //!   tokens for TCP listeners.
+//! - [`clock::Utc`]: wall-clock time as a UTC date.
 //! - [`FixAuthority`]: lets grpc-core clients, which send a socket path as
 //!   `:authority`, reach a tonic server on a Unix socket.
 
 mod accept;
 mod authority;
+pub mod clock;
 mod http;
 mod limits;
 mod tls;

@@ -13,7 +13,7 @@ use crate::config::{Config, LoadConfig};
 use crate::index::Index;
 use crate::metrics::RouterMetrics;
 use crate::scoring::ScoringConfig;
-use crate::tokenize::{TokenizeError, Tokenizers};
+use crate::tokenize::{ChatOptions, TokenizeError, Tokenizers};
 use crate::workers::Workers;
 
 /// Longest prompt accepted, in tokens.
@@ -30,7 +30,8 @@ pub const MAX_BODY_BYTES: usize = MAX_PROMPT_TOKENS * 4;
 pub enum Input {
     Tokens(Vec<u32>),
     Prompt(String),
-    Messages(Vec<Value>),
+    /// Chat messages, and what else the template sees.
+    Messages(Vec<Value>, ChatOptions),
 }
 
 /// One route request, whatever API it came through.
@@ -165,7 +166,7 @@ impl Router {
         let t = match input {
             Input::Tokens(t) => t.clone(),
             Input::Prompt(p) => self.tokenizers.encode_prompt(model, p)?,
-            Input::Messages(m) => self.tokenizers.encode_messages(model, m)?,
+            Input::Messages(m, options) => self.tokenizers.encode_messages(model, m, options)?,
         };
         if t.len() > MAX_PROMPT_TOKENS {
             return Err(RouteError::Invalid(format!(

@@ -297,6 +297,9 @@ fn tier_name(t: i32) -> &'static str {
     }
 }
 
+/// What `Client.acquire` returns: `(lease, [(offset, length)], from_disk)`.
+type Acquired = (u64, Vec<(u64, u64)>, u32);
+
 #[pymethods]
 impl Client {
     /// `addr`: the daemon's Unix socket path (or `unix:/path`, or
@@ -455,14 +458,15 @@ impl Client {
     // own session, over the pool socket's binary frames.
 
     /// Leases the longest present prefix of `keys` in the pool:
-    /// `(lease, [(offset, length)])`, lease 0 when nothing was leased.
+    /// `(lease, [(offset, length)], from_disk)`: lease 0 when nothing was
+    /// leased; `from_disk`, the leased blocks that had to be read from disk.
     fn acquire(
         &self,
         py: Python<'_>,
         session: u64,
         namespace: String,
         keys: &Bound<'_, PyAny>,
-    ) -> PyResult<(u64, Vec<(u64, u64)>)> {
+    ) -> PyResult<Acquired> {
         let keys = keys_of(keys)?;
         self.call(py, |mut c| async move {
             let r = c
@@ -473,7 +477,7 @@ impl Client {
                 })
                 .await?
                 .into_inner();
-            Ok((r.lease, slots_of(r.slots)))
+            Ok((r.lease, slots_of(r.slots), r.from_disk))
         })
     }
 

@@ -19,6 +19,10 @@ from kvtier.config import KvtierSettings, LayoutInfo
 
 logger = logging.getLogger("kvtier.vllm")
 
+# Blocks per Acquire of a promotion: the leased prefix grows by this much
+# at a time (about 256 MiB of a Llama-3-8B-shaped engine's blocks).
+PROMOTE_CHUNK = 128
+
 # kvtier.v1.Tier numbers → vLLM event medium.
 _MEDIUM = {2: "CPU", 3: "DISK", 4: "REMOTE"}
 
@@ -74,8 +78,6 @@ class _Promotion:
     started: float
     # Longer than this and recomputing would have been faster.
     budget: float
-    # Bytes it reads from disk (all ranks), to measure the disk by.
-    disk_bytes: int = 0
     # Only a measurement: nobody waits for it, its leases go at once.
     probe: bool = False
     done: bool = False
@@ -225,13 +227,11 @@ class _SchedulerSide:
 
     def _start_promotion(self, request, first, host, end, budget) -> _Promotion:
         """Under promote_lock."""
-        disk_blocks = end - max(host, first)
         p = _Promotion(
             first,
             list(request.block_hashes[first:end]),
             time.monotonic(),
             budget,
-            disk_bytes=disk_blocks * self.block_bytes * len(self.namespaces),
         )
         if self.promoter is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -260,53 +260,91 @@ class _SchedulerSide:
                 self.stats["promotions"] += 1
                 return None
             if not p.done:
-                if now - p.started < p.budget:
+                if now - p.started < p.budget and not self._losing(p, now):
                     return None
+                # Out of time, or the disk reads slower than recomputing the
+                # rest: the request loads what is leased by now and
+                # recomputes the rest; the promotion stops.
                 self.stats["promotions_given_up"] += 1
-                self._abandon(self.promotions.pop(req_id))
-                return first
             del self.promotions[req_id]
+            p.abandoned = True
+            leases, p.leases = p.leases, []
             self._release(self.held.pop(req_id, []))
-            self.held[req_id] = p.leases
+            self.held[req_id] = leases
             return p.first + min(p.leased, end - p.first)
 
+    def _losing(self, p: _Promotion, now: float) -> bool:
+        """Whether waiting for the rest of a promotion, at the pace its
+        chunks have come so far, takes longer than recomputing that rest.
+        The estimate that started it may have been too kind (a disk busy
+        with writes, a stale rate); this one is this promotion's own."""
+        if p.leased == 0:
+            return False
+        elapsed = now - p.started
+        bs = self.block_size
+        end, got = p.first + len(p.keys), p.first + p.leased
+        full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(got * bs)
+        if full is None or done is None:
+            return False
+        wait_more = elapsed / p.leased * (len(p.keys) - p.leased)
+        return wait_more > full - done
+
     def _promote(self, p: _Promotion) -> None:
-        """Leases `p.keys` on every rank (Acquire reads what is on disk
-        into host memory). On the promoter thread."""
-        leased, leases = 0, []
+        """Leases `p.keys` on every rank, `PROMOTE_CHUNK` blocks per
+        Acquire (which reads what is on disk into host memory), so the
+        leased prefix grows while the request waits and can be used as it
+        is when the wait must end. On the promoter thread."""
         try:
             if self.promote_pool is None or self.promote_pool.closed:
                 self.promote_pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
             session = self.promote_pool.session
-            counts = []
-            for ns in self.namespaces:
-                lease, slots = self.promote_client.acquire(session, ns, p.keys)
-                if lease:
-                    leases.append((session, lease))
-                counts.append(len(slots))
-            leased = min(counts)
+            pos = 0
+            while pos < len(p.keys):
+                part = p.keys[pos : pos + PROMOTE_CHUNK]
+                started = time.monotonic()
+                counts, leases, from_disk = [], [], 0
+                for ns in self.namespaces:
+                    lease, slots, disk = self.promote_client.acquire(session, ns, part)
+                    if lease:
+                        leases.append((session, lease))
+                    counts.append(len(slots))
+                    from_disk += disk
+                got = min(counts)
+                with self.promote_lock:
+                    # The disk's rate from what kvbm actually read from it:
+                    # blocks already in host memory (another promotion, a
+                    # probe) would make the disk look fast.
+                    if got == len(part) and from_disk:
+                        secs = time.monotonic() - started
+                        self.cost.observe_disk_read(from_disk * self.block_bytes, secs)
+                    if p.abandoned:
+                        self._release(leases)
+                        break
+                    p.leases += leases
+                    p.leased += got
+                if got < len(part):
+                    break
+                pos += got
         except KvbmError as e:
             logger.debug("kvtier: promotion failed: %s", e)
             if isinstance(e, KvbmUnavailable) and self.promote_pool is not None:
                 self.promote_pool.close()
                 self.promote_pool = None
-        secs = time.monotonic() - p.started
         with self.promote_lock:
-            p.leased, p.leases, p.done = leased, leases, True
-            if leased == len(p.keys):
-                self.cost.observe_disk_read(p.disk_bytes, secs)
+            p.done = True
             if p.probe:
                 self.stats["disk_probes"] += 1
                 self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
                 p.abandoned = True
             if p.abandoned:
                 self._release(p.leases)
+                p.leases = []
 
     def _abandon(self, p: _Promotion) -> None:
-        """Under promote_lock."""
+        """Under promote_lock: the promotion stops, its leases go."""
         p.abandoned = True
-        if p.done:
-            self._release(p.leases)
+        self._release(p.leases)
+        p.leases = []
 
     def _release(self, leases: list[tuple[int, int]]) -> None:
         if leases and self.promoter is not None:

@@ -301,7 +301,7 @@ class _WorkerSide:
             while pos < len(keys):
                 part = keys[pos : pos + chunk]
                 try:
-                    lease, slots = self.client.acquire(ld.session, self.namespace, part)
+                    lease, slots, _ = self.client.acquire(ld.session, self.namespace, part)
                 except KvbmError as e:
                     if isinstance(e, KvbmUnavailable):
                         self._detach(str(e))
@@ -471,7 +471,9 @@ class _WorkerSide:
                     failed += spec.block_ids
                     continue
                 try:
-                    lease, slots = self.sync_client.acquire(session, self.namespace, spec.keys)
+                    lease, slots, _ = self.sync_client.acquire(
+                        session, self.namespace, spec.keys
+                    )
                 except KvbmError as e:
                     logger.debug("kvtier: acquire for %s failed: %s", spec.req_id, e)
                     failed += spec.block_ids

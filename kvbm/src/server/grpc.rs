@@ -384,13 +384,14 @@ impl Kvbm for Service {
         let s = session(&req, req.get_ref().session)?;
         let who = self.principal(&req);
         let r = req.into_inner();
-        let (lease, grants) = self
+        let (lease, grants, from_disk) = self
             .store
             .acquire(s, &who.namespace(&r.namespace), &r.keys)
             .await?;
         Ok(Response::new(pb::AcquireResponse {
             lease,
             slots: slots(grants),
+            from_disk,
         }))
     }
 

@@ -483,7 +483,7 @@ impl Store {
         session: Session,
         namespace: &str,
         keys: &[Vec<u8>],
-    ) -> Result<(u64, Vec<SlotGrant>)> {
+    ) -> Result<(u64, Vec<SlotGrant>, u32)> {
         let ns = self.namespace(namespace)?;
         let keys = parse_keys(keys)?;
         let now = Instant::now();
@@ -548,7 +548,7 @@ impl Store {
         let k = key_of(key)?;
         let was_host = self.core.lock().table.lookup(ns.id, &[k]).host == 1;
         let s = self.daemon_session();
-        let (_, grants) = self.acquire(s.session, namespace, &[key.to_vec()]).await?;
+        let (_, grants, _) = self.acquire(s.session, namespace, &[key.to_vec()]).await?;
         let Some(g) = grants.first() else {
             return Err(Error::not_found(format!("block {} not found", hex(key))));
         };
@@ -566,7 +566,7 @@ impl Store {
     /// Promotes the longest present prefix into host memory.
     pub async fn prefetch(&self, namespace: &str, keys: &[Vec<u8>]) -> Result<u32> {
         let s = self.daemon_session();
-        let (_, grants) = self.acquire(s.session, namespace, keys).await?;
+        let (_, grants, _) = self.acquire(s.session, namespace, keys).await?;
         Ok(grants.len() as u32)
     }
 

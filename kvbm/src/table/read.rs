@@ -102,16 +102,17 @@ impl BlockTable {
 
     /// Ends an acquire once its loads are done: the lease keeps the first
     /// `good` blocks (fewer if one lost its host copy) and the slots are
-    /// returned. A lease of nothing is dropped and reported as 0.
+    /// returned, with how many of them came from disk. A lease of nothing
+    /// is dropped and reported as 0.
     pub fn finish_acquire(
         &mut self,
         session: Session,
         acquire: &Acquire,
         wanted: usize,
         mut good: usize,
-    ) -> Result<(u64, Vec<SlotGrant>)> {
+    ) -> Result<(u64, Vec<SlotGrant>, u32)> {
         if acquire.lease == 0 {
-            return Ok((0, Vec::new()));
+            return Ok((0, Vec::new(), 0));
         }
         self.sessions.check(session)?;
         let Some(mut lease) = self.sessions.take_lease(session.id, acquire.lease) else {
@@ -133,10 +134,12 @@ impl BlockTable {
             .pool(session.id)
             .map_or(0, |p| self.pools[p as usize].spec.start);
         let mut grants = Vec::with_capacity(good);
+        let mut disk = 0;
         for (&id, &from_disk) in lease.ids.iter().zip(&acquire.from_disk) {
             let e = self.index.get(id);
             if from_disk {
                 self.counters.disk_hits += 1;
+                disk += 1;
             } else {
                 self.counters.host_hits += 1;
             }
@@ -148,12 +151,12 @@ impl BlockTable {
         }
         self.counters.misses += (wanted - grants.len()) as u64;
         if lease.ids.is_empty() {
-            return Ok((0, grants));
+            return Ok((0, grants, disk));
         }
         let id = self
             .sessions
             .add_lease(session.id, lease.ids, lease.deadline);
-        Ok((id, grants))
+        Ok((id, grants, disk))
     }
 
     /// Ends a lease of `session`. Someone else's lease is as unknown as a

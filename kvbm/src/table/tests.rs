@@ -173,7 +173,7 @@ fn read(
             good = good.min(pos);
         }
     }
-    let (lease, grants) = t.finish_acquire(s, &a, keys.len(), good).unwrap();
+    let (lease, grants, _) = t.finish_acquire(s, &a, keys.len(), good).unwrap();
     (lease, grants.len())
 }
 

@@ -34,6 +34,7 @@ use super::proto::envoy::config::core::v3 as core;
 use super::proto::envoy::r#type::v3 as httptype;
 use super::proto::envoy::service::ext_proc::v3 as ep;
 use crate::route::{Input, RouteError, RouteRequest, Router, MAX_BODY_BYTES};
+use crate::tokenize::ChatOptions;
 
 /// The header naming the chosen endpoint.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -149,7 +150,7 @@ pub fn parse_body(body: &[u8], subset: Option<Vec<String>>) -> Result<RouteReque
         .to_string();
     let input = if let Some(m) = v.get("messages") {
         let list = m.as_array().ok_or("\"messages\" must be an array")?;
-        Input::Messages(list.clone())
+        Input::Messages(list.clone(), ChatOptions::from_body(&v)?)
     } else if let Some(p) = v.get("prompt") {
         match p {
             serde_json::Value::String(s) => Input::Prompt(s.clone()),

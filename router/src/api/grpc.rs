@@ -18,6 +18,7 @@ use super::proto::grpc::health::v1 as health;
 use super::proto::kvtier::router::v1 as pb;
 use crate::registration::{Registration, RegistrationError};
 use crate::route::{Decision, Input, RouteError, RouteRequest, Router};
+use crate::tokenize::ChatOptions;
 use crate::workers::{WorkerError, WorkerSpec};
 
 /// The `kvtier.router.v1.Router` service.
@@ -85,7 +86,7 @@ pub fn from_pb(r: pb::RouteRequest) -> Result<RouteRequest, Status> {
             let v: Vec<serde_json::Value> = serde_json::from_str(&j).map_err(|e| {
                 Status::invalid_argument(format!("messages_json must be a JSON array: {e}"))
             })?;
-            Input::Messages(v)
+            Input::Messages(v, ChatOptions::default())
         }
         None => {
             return Err(Status::invalid_argument(

@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 
 use crate::registration::{Registration, RegistrationError};
 use crate::route::{Input, RouteError, RouteRequest, Router, MAX_BODY_BYTES};
+use crate::tokenize::ChatOptions;
 use crate::workers::{WorkerError, WorkerSpec};
 
 /// What the HTTP handlers share.
@@ -86,6 +87,10 @@ pub struct RouteBody {
     pub prompt: Option<String>,
     #[serde(default)]
     pub messages: Option<Vec<Value>>,
+    /// With `messages`: `tools`, `add_generation_prompt`,
+    /// `chat_template_kwargs` (the OpenAI body and vLLM's extensions).
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
     #[serde(default)]
     pub lora_name: Option<String>,
     #[serde(default)]
@@ -98,7 +103,9 @@ impl RouteBody {
         let input = match (self.token_ids, self.prompt, self.messages) {
             (Some(t), None, None) => Input::Tokens(t),
             (None, Some(p), None) => Input::Prompt(p),
-            (None, None, Some(m)) => Input::Messages(m),
+            (None, None, Some(m)) => {
+                Input::Messages(m, ChatOptions::from_body(&Value::Object(self.rest))?)
+            }
             (None, None, None) => {
                 return Err("one of token_ids, prompt or messages is required".into())
             }

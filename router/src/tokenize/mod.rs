@@ -7,11 +7,22 @@
 //!   adding special tokens (the template writes them). The template comes from
 //!   `chat_template` in the model's config: a `tokenizer_config.json` (its
 //!   `chat_template` string, or the entry named `default` of a list; its
-//!   `bos_token`/`eos_token` are passed in) or a Jinja file. The template sees
-//!   `messages`, `add_generation_prompt = true`, `bos_token`, `eos_token` and
-//!   `raise_exception(msg)`. Without a configured template the built-in one
-//!   renders `<|{role}|>\n{content}\n` per message and `<|assistant|>\n`.
-//!   Content given as a list of parts is flattened to its `text` parts.
+//!   `bos_token`/`eos_token` are passed in) or a Jinja file. Without a
+//!   configured template the built-in one renders `<|{role}|>\n{content}\n`
+//!   per message and `<|assistant|>\n`. Content given as a list of parts is
+//!   its `text` parts joined by newlines (as vLLM passes them to a template).
+//!
+//! Templates are rendered the way transformers' `apply_chat_template` renders
+//! them, which is what vLLM uses: blocks trimmed (`trim_blocks`,
+//! `lstrip_blocks`), Python's string, dict and list methods (`.strip()`,
+//! `.split()`, `.items()`, ...), transformers' `tojson` (Python's
+//! `json.dumps`: `", "` and `": "` separators, `indent`, `sort_keys`, no
+//! ASCII escaping, keys in their order), `raise_exception(msg)` and
+//! `strftime_now(format)`. The template sees `messages`, `tools`,
+//! `add_generation_prompt` (default true), `bos_token`, `eos_token` and the
+//! request's `chat_template_kwargs`. Each model's template is compiled once.
+//! `router/tests/chat_templates.rs` checks all of it against transformers
+//! itself, character for character, over real models' templates.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +32,9 @@ use parking_lot::RwLock;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
+
+mod chat;
+use chat::chat_env;
 
 /// The built-in chat template (see the module docs).
 pub const DEFAULT_CHAT_TEMPLATE: &str =
@@ -42,9 +56,56 @@ pub enum TokenizeError {
 
 struct Loaded {
     tokenizer: tokenizers::Tokenizer,
-    template: String,
+    /// The compiled chat template, as "chat".
+    env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
+}
+
+/// What a chat request passes to the template besides its messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatOptions {
+    /// OpenAI-style `tools`, if any.
+    pub tools: Option<Value>,
+    pub add_generation_prompt: bool,
+    /// `chat_template_kwargs`: further variables (`enable_thinking`, ...).
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        ChatOptions {
+            tools: None,
+            add_generation_prompt: true,
+            kwargs: serde_json::Map::new(),
+        }
+    }
+}
+
+impl ChatOptions {
+    /// The options of an OpenAI-style chat body: `tools`,
+    /// `add_generation_prompt`, `chat_template_kwargs`.
+    pub fn from_body(body: &Value) -> Result<ChatOptions, String> {
+        let tools = body.get("tools").filter(|t| !t.is_null()).cloned();
+        if tools.as_ref().is_some_and(|t| !t.is_array()) {
+            return Err("\"tools\" must be an array".into());
+        }
+        let add_generation_prompt = match body.get("add_generation_prompt") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("\"add_generation_prompt\" must be a boolean".into()),
+        };
+        let kwargs = match body.get("chat_template_kwargs") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => return Err("\"chat_template_kwargs\" must be an object".into()),
+        };
+        Ok(ChatOptions {
+            tools,
+            add_generation_prompt,
+            kwargs,
+        })
+    }
 }
 
 /// Tokenizers per model, loaded on first use.
@@ -115,7 +176,7 @@ fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, TokenizeError> {
                     .iter()
                     .filter_map(|p| p.get("text").and_then(Value::as_str))
                     .collect();
-                o.insert("content".into(), Value::String(text.join("")));
+                o.insert("content".into(), Value::String(text.join("\n")));
             }
             Some(_) => {
                 return Err(TokenizeError::Invalid(format!(
@@ -160,7 +221,7 @@ impl Tokenizers {
         };
         let l = Arc::new(Loaded {
             tokenizer,
-            template,
+            env: chat_env(template)?,
             bos,
             eos,
         });
@@ -179,31 +240,30 @@ impl Tokenizers {
     }
 
     /// The chat template's rendering of `messages`.
-    pub fn render_chat(&self, model: &str, messages: &[Value]) -> Result<String, TokenizeError> {
+    pub fn render_chat(
+        &self,
+        model: &str,
+        messages: &[Value],
+        options: &ChatOptions,
+    ) -> Result<String, TokenizeError> {
         let l = self.get(model)?;
         let msgs = normalize_messages(messages)?;
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", &l.template)
-            .map_err(|e| TokenizeError::Setup(format!("chat template: {e}")))?;
-        let tpl = env
+        let tpl = l
+            .env
             .get_template("chat")
             .map_err(|e| TokenizeError::Setup(format!("chat template: {e}")))?;
-        tpl.render(minijinja::context! {
-            messages => msgs,
-            add_generation_prompt => true,
-            bos_token => l.bos.clone(),
-            eos_token => l.eos.clone(),
-        })
-        .map_err(|e| TokenizeError::Invalid(format!("rendering messages: {e}")))
+        // The request's kwargs first: the named variables win over them.
+        let mut vars = options.kwargs.clone();
+        vars.insert("messages".into(), Value::Array(msgs));
+        vars.insert("tools".into(), options.tools.clone().unwrap_or(Value::Null));
+        vars.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(options.add_generation_prompt),
+        );
+        vars.insert("bos_token".into(), Value::String(l.bos.clone()));
+        vars.insert("eos_token".into(), Value::String(l.eos.clone()));
+        tpl.render(minijinja::Value::from_serialize(&vars))
+            .map_err(|e| TokenizeError::Invalid(format!("rendering messages: {e}")))
     }
 
     /// Token ids of a chat request.
@@ -211,8 +271,9 @@ impl Tokenizers {
         &self,
         model: &str,
         messages: &[Value],
+        options: &ChatOptions,
     ) -> Result<Vec<u32>, TokenizeError> {
-        let text = self.render_chat(model, messages)?;
+        let text = self.render_chat(model, messages, options)?;
         let l = self.get(model)?;
         let enc = l
             .tokenizer
@@ -270,12 +331,16 @@ mod tests {
         let msgs = vec![
             serde_json::json!({"role": "user", "content": [{"type": "text", "text": "hello"}]}),
         ];
-        let text = t.render_chat("m", &msgs).expect("render");
+        let text = t
+            .render_chat("m", &msgs, &ChatOptions::default())
+            .expect("render");
         assert_eq!(text, "<|user|>\nhello\n<|assistant|>\n");
-        let ids = t.encode_messages("m", &msgs).expect("encode");
+        let ids = t
+            .encode_messages("m", &msgs, &ChatOptions::default())
+            .expect("encode");
         assert!(ids.contains(&0));
         assert!(matches!(
-            t.encode_messages("m", &[serde_json::json!(3)]),
+            t.encode_messages("m", &[serde_json::json!(3)], &ChatOptions::default()),
             Err(TokenizeError::Invalid(_))
         ));
     }
@@ -297,10 +362,18 @@ mod tests {
             chat_template: Some(c),
             kv_group: 0,
         }]);
-        let r = t.render_chat("m", &[serde_json::json!({"role": "user", "content": "a"})]);
+        let r = t.render_chat(
+            "m",
+            &[serde_json::json!({"role": "user", "content": "a"})],
+            &ChatOptions::default(),
+        );
         assert_eq!(r.ok().as_deref(), Some("B[a]"));
         assert!(matches!(
-            t.render_chat("m", &[serde_json::json!({"role": "bad", "content": "a"})]),
+            t.render_chat(
+                "m",
+                &[serde_json::json!({"role": "bad", "content": "a"})],
+                &ChatOptions::default()
+            ),
             Err(TokenizeError::Invalid(_))
         ));
     }
