@@ -31,6 +31,10 @@ class KvtierSettings:
     model: str = ""
     # Deadline of the scheduler's Lookup: past it the request has no match.
     lookup_timeout_ms: int = 50
+    # Deadline of a layer-by-layer load's Acquire, which the engine's step
+    # waits for (its blocks are in host memory: it is quick unless kvbm is
+    # hung, and then the blocks are recomputed).
+    load_timeout_ms: int = 200
     # Deadline of every other call (Reserve, Commit, Acquire, ...).
     timeout_ms: int = 2000
     # After kvbm was unreachable, wait this long before trying again.

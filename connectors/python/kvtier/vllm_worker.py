@@ -69,7 +69,7 @@ class _WorkerSide:
         # The engine thread's own, for layer-by-layer loads: an Acquire of
         # blocks in host memory is quick, and the step waits for it.
         self.sync_client = Client(
-            settings.socket, timeout_ms=settings.lookup_timeout_ms, retry_ms=settings.retry_ms
+            settings.socket, timeout_ms=settings.load_timeout_ms, retry_ms=settings.retry_ms
         )
         self.layers: list[torch.Tensor] = []
         self.layer_index: dict[str, int] = {}
