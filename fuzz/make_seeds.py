@@ -5,6 +5,7 @@ kvbm/src/disk/entry.rs, kvbm/src/catalog/mod.rs) and the recorded vLLM
 batches in router/tests/fixtures. The seeds are committed; run this again
 only when a format changes."""
 
+import json
 import pathlib
 import struct
 
@@ -94,3 +95,14 @@ write("zmtp", "after_handshake", b"\x01" + live + command(b"PING", b"\x00\x64ctx
 write("zmtp", "with_handshake", b"\x00" + greeting + ready + live)
 write("zmtp", "dealer_replay", b"\x03" + message(b"", struct.pack(">Q", 0), next(iter(batches.values()))))
 write("zmtp", "oversized", b"\x01" + message(*[b"x" * 300] * 5) + command(b"ERROR", b"\x03bye"))
+
+
+# --- route_body: OpenAI-style JSON bodies of POST /v1/route and ext_proc -----
+write("route_body", "chat", json.dumps({
+    "model": "m", "messages": [{"role": "user", "content": "hi"}],
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "add_generation_prompt": False, "chat_template_kwargs": {"enable_thinking": False},
+}, separators=(",", ":")).encode())
+write("route_body", "prompt", b'{"model":"m","prompt":"hello world"}')
+write("route_body", "tokens", b'{"model":"m","token_ids":[1,2,3],"lora_name":"l","cache_salt":"s"}')
+write("route_body", "prompt_ids", b'{"model":"m","prompt":[1,2,3]}')
