@@ -43,13 +43,32 @@ impl BlockTable {
             let e = self.index.get(id);
             (e.ns, e.key)
         };
-        if let Some(s) = self.sizes.get(&ns).copied() {
-            let pool = &mut self.pools[s.pool as usize];
-            pool.disk_bytes += s.block_bytes;
-            if pool.spec.disk_quota > 0 {
-                pool.disk_order.push_back((id, key));
-            }
+        let Some(s) = self.sizes.get(&ns).copied() else {
+            return;
+        };
+        let pool = &mut self.pools[s.pool as usize];
+        pool.disk_bytes += s.block_bytes;
+        pool.disk_count += 1;
+        if pool.spec.disk_quota == 0 {
+            return;
         }
+        pool.disk_order.push_back((id, ns, key));
+        // Copies gone another way (recycled regions, evictions, clears)
+        // leave entries behind: drop them once they outnumber the live
+        // ones, so the list never grows past about twice the most blocks
+        // the pool has had on disk.
+        if pool.disk_order.len() as u64 > 2 * pool.disk_count + 64 {
+            let mut order = std::mem::take(&mut self.pools[s.pool as usize].disk_order);
+            order.retain(|&(id, ns, key)| self.holds_disk_copy(id, ns, key));
+            self.pools[s.pool as usize].disk_order = order;
+        }
+    }
+
+    /// Whether `id` is still block `key` of `ns` with a disk copy (a list
+    /// entry may outlive its block, and the id be reused).
+    fn holds_disk_copy(&self, id: u32, ns: u32, key: Key) -> bool {
+        let e = self.index.get(id);
+        e.state == State::Ready && e.ns == ns && e.key == key && e.has_disk()
     }
 
     /// Uncounts `id`'s disk copy (gone, or about to be).
@@ -59,6 +78,7 @@ impl BlockTable {
         if let Some(s) = self.sizes.get(&ns).copied() {
             let pool = &mut self.pools[s.pool as usize];
             pool.disk_bytes = pool.disk_bytes.saturating_sub(s.block_bytes);
+            pool.disk_count = pool.disk_count.saturating_sub(1);
         }
     }
 
@@ -75,18 +95,17 @@ impl BlockTable {
         while self.pools[p].spec.disk_quota > 0
             && self.pools[p].disk_bytes > self.pools[p].spec.disk_quota
         {
-            let Some((id, key)) = self.pools[p].disk_order.pop_front() else {
+            let Some((id, ns, key)) = self.pools[p].disk_order.pop_front() else {
                 break;
             };
-            let e = self.index.get(id);
-            if e.state != State::Ready || e.key != key || !e.has_disk() {
+            if !self.holds_disk_copy(id, ns, key) {
                 continue;
             }
+            let e = self.index.get(id);
             if e.pins > 0 || e.loading {
-                self.pools[p].disk_order.push_front((id, key));
+                self.pools[p].disk_order.push_front((id, ns, key));
                 break;
             }
-            let ns = e.ns;
             self.disk_removed(id);
             self.index.get_mut(id).set_disk(None);
             self.counters.disk_evictions += 1;

@@ -223,11 +223,13 @@ struct HostPool {
     /// Bytes of host slots pinned by writes in flight, and their limit.
     writing_bytes: u64,
     write_budget: u64,
-    /// Bytes of this pool's blocks on disk, and the blocks in the order
-    /// they reached it (stale entries are skipped): what a disk quota
-    /// drops first.
+    /// Bytes and number of this pool's blocks on disk, and the blocks in
+    /// the order they reached it (`(id, namespace, key)`; entries of copies
+    /// gone since are skipped, and pruned as they pile up): what a disk
+    /// quota drops first.
     disk_bytes: u64,
-    disk_order: VecDeque<(u32, Key)>,
+    disk_count: u64,
+    disk_order: VecDeque<(u32, u32, Key)>,
 }
 
 pub struct BlockTable {
@@ -280,6 +282,7 @@ impl BlockTable {
                     writing_bytes: 0,
                     write_budget: spec.len / 2,
                     disk_bytes: 0,
+                    disk_count: 0,
                     disk_order: VecDeque::new(),
                 })
                 .collect(),

@@ -120,6 +120,13 @@ impl BlockTable {
                 .map(|id| self.sizes[&self.index.get(id).ns].block_bytes)
                 .sum();
             assert_eq!(on_disk, pool.disk_bytes, "pool {p} bytes on disk");
+            let count = self
+                .index
+                .ids()
+                .into_iter()
+                .filter(|id| of_pool(id) && self.index.get(*id).has_disk())
+                .count() as u64;
+            assert_eq!(count, pool.disk_count, "pool {p} blocks on disk");
         }
         for l in self.sessions.leases.values() {
             for &id in &l.ids {
@@ -627,4 +634,62 @@ fn long_chain_with_pinned_tail_still_takes_writes() {
         t.lookup(1, &chain).locations.len() >= 16,
         "an older prefix stays"
     );
+}
+
+/// A tenant under its disk quota whose blocks keep leaving the disk another
+/// way (recycled regions) does not grow the quota's list without bound, and
+/// an entry whose id now names another tenant's block with the same key
+/// never drops that block.
+#[test]
+fn quota_list_stays_bounded_and_never_crosses_pools() {
+    let mut t = BlockTable::with_pools(
+        &[
+            PoolSpec {
+                start: 0,
+                len: 64 * SLOT,
+                disk_quota: 0,
+            },
+            PoolSpec {
+                start: 64 * SLOT,
+                len: 64 * SLOT,
+                disk_quota: 1 << 40,
+            },
+        ],
+        Duration::from_secs(60),
+    );
+    t.add_namespace(1, SLOT, 0);
+    t.add_namespace(3, SLOT, 1);
+    let s = t.open_session(Owner::Daemon, None);
+    let mut n = 0u64;
+    for round in 0..200u64 {
+        for k in 0..8 {
+            let key_n = round * 8 + k;
+            put(&mut t, s, 3, vec![new_block(key_n, None)]).unwrap();
+            let id = t.index.find(3, &key(key_n)).unwrap();
+            let StartWrite::Job(job) = t.start_write(id, key(key_n), false) else {
+                panic!("write of {key_n}");
+            };
+            n += 1;
+            t.write_done(&job, disk_at(n), record(3, key(key_n)));
+        }
+        // Every region recycled: the disk copies are gone, the entries stay.
+        t.regions_recycled(&[(0, 1), (1, 1), (2, 1), (3, 1)]);
+        t.take_notices();
+        t.check();
+        assert!(
+            t.pools[1].disk_order.len() <= 2 * 8 + 64 + 8,
+            "round {round}"
+        );
+    }
+    // Tenant 3's stale entry for key 0 and a block of the shared pool with
+    // the same key: over quota, tenant 3 drops only its own copies.
+    put(&mut t, s, 1, vec![new_block(0, None)]).unwrap();
+    let id = t.index.find(1, &key(0)).unwrap();
+    if let StartWrite::Job(job) = t.start_write(id, key(0), false) {
+        t.write_done(&job, disk_at(9999), record(1, key(0)));
+    }
+    t.pools[1].spec.disk_quota = 1;
+    t.enforce_disk_quota(3);
+    assert!(t.index.get(t.index.find(1, &key(0)).unwrap()).has_disk());
+    t.check();
 }
