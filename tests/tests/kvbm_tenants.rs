@@ -369,3 +369,38 @@ fn a_bad_tenant_configuration_stops_the_daemon() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tenant name"));
 }
+
+/// Tenants known by Unix user only, no token at all: a TCP caller could be
+/// any tenant's process (the port is on loopback, where tenants run), so it
+/// is refused rather than taken for the operator.
+#[test]
+fn with_tenants_unauthenticated_tcp_is_not_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("kvbm.toml");
+    std::fs::write(
+        &conf,
+        format!("[[tenants]]\nname = \"a\"\nuids = [{UID_A}]\nhost_bytes = \"4MiB\"\n"),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    let d = Kvbm::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            &conf,
+            "--host-bytes",
+            "8MiB",
+            "--disk-bytes",
+            "0",
+        ],
+    )
+    .unwrap();
+    rt().block_on(async {
+        let tcp = Client::connect(&d.grpc).await.unwrap();
+        let refused = tcp.rpc().stats(v1::StatsRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        // The operator still has the Unix socket.
+        let uds = Client::connect(&d.socket_str()).await.unwrap();
+        uds.rpc().stats(v1::StatsRequest {}).await.unwrap();
+    });
+}

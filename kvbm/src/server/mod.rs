@@ -296,9 +296,23 @@ pub async fn serve(
         }
         // The operator's token makes the operator, a tenant's token the
         // tenant; with any token configured, a request without one is
-        // refused. With none, TCP callers are the operator.
+        // refused. With none, TCP callers are the operator — unless there
+        // are tenants and no client certificates: then an unauthenticated
+        // caller could be any tenant's process, and is refused.
         let token = listeners.token.clone();
-        let tokens_required = token.is_some() || store.tenants().have_tokens();
+        let mtls = listeners
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        let tenants = store.tenants();
+        let tokens_required =
+            token.is_some() || tenants.have_tokens() || (!tenants.is_empty() && !mtls);
+        if tokens_required && token.is_none() && !mtls {
+            tracing::warn!(
+                "no operator token (auth_token_file) or client CA: TCP gRPC serves only \
+                 tenants' tokens; the operator uses the Unix socket"
+            );
+        }
         let auth_store = store.clone();
         let authenticate = move |mut req: tonic::Request<()>| {
             let presented = req.metadata().get("authorization").map(|v| v.as_bytes());
