@@ -392,18 +392,18 @@ mod tests {
         b
     }
 
-    async fn pass(input: Vec<u8>) -> Vec<u8> {
+    /// What the server reads of a client that sent `input` and closed.
+    async fn through(input: &[u8]) -> io::Result<Vec<u8>> {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        tokio::io::AsyncWriteExt::write_all(&mut client, &input)
-            .await
-            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, input).await?;
         drop(client);
         let mut out = Vec::new();
-        FixAuthority::new(server)
-            .read_to_end(&mut out)
-            .await
-            .unwrap();
-        out
+        FixAuthority::new(server).read_to_end(&mut out).await?;
+        Ok(out)
+    }
+
+    async fn pass(input: Vec<u8>) -> Vec<u8> {
+        through(&input).await.unwrap()
     }
 
     fn headers_of(bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -484,13 +484,7 @@ mod tests {
             }
             input.extend(frame(HEADERS, rng.random::<u8>() | END_HEADERS, 1, &block));
             input.extend((0..n).map(|_| rng.random::<u8>()));
-            let (mut client, server) = tokio::io::duplex(1 << 16);
-            tokio::io::AsyncWriteExt::write_all(&mut client, &input)
-                .await
-                .unwrap();
-            drop(client);
-            let mut out = Vec::new();
-            let _ = FixAuthority::new(server).read_to_end(&mut out).await;
+            let _ = through(&input).await;
         }
     }
 }

@@ -253,9 +253,9 @@ class _SchedulerSide:
                 self._abandon(self.promotions.pop(req_id))
                 p = None
             if p is None:
-                bs = self.block_size
-                full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(first * bs)
-                budget = full - done if full is not None else self.settings.timeout_ms / 1000
+                budget = self._recompute_secs(first, end)
+                if budget is None:
+                    budget = self.settings.timeout_ms / 1000
                 self.promotions[req_id] = self._start_promotion(request, first, host, end, budget)
                 self.stats["promotions"] += 1
                 return None
@@ -280,14 +280,21 @@ class _SchedulerSide:
         with writes, a stale rate); this one is this promotion's own."""
         if p.leased == 0:
             return False
-        elapsed = now - p.started
-        bs = self.block_size
-        end, got = p.first + len(p.keys), p.first + p.leased
-        full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(got * bs)
-        if full is None or done is None:
+        rest = self._recompute_secs(p.first + p.leased, p.first + len(p.keys))
+        if rest is None:
             return False
-        wait_more = elapsed / p.leased * (len(p.keys) - p.leased)
-        return wait_more > full - done
+        wait_more = (now - p.started) / p.leased * (len(p.keys) - p.leased)
+        return wait_more > rest
+
+    def _recompute_secs(self, first: int, end: int) -> float | None:
+        """Seconds to prefill blocks `[first, end)` after the first ones
+        are computed, by the cost model; None before any prefill was
+        measured."""
+        bs = self.block_size
+        full, done = self.cost.recompute_secs(end * bs), self.cost.recompute_secs(first * bs)
+        if full is None or done is None:
+            return None
+        return full - done
 
     def _promote(self, p: _Promotion) -> None:
         """Leases `p.keys` on every rank, `PROMOTE_CHUNK` blocks per

@@ -282,6 +282,16 @@ class _WorkerSide:
             self.pool.close()
             self.pool = None
 
+    def _whole(self, slots: list[tuple[int, int]]) -> int:
+        """How many leading slots hold a whole block of this layout (a slot
+        of another size ends what may be copied)."""
+        good = 0
+        for _off, length in slots:
+            if length != self.block_bytes:
+                break
+            good += 1
+        return good
+
     def _io_load(self, spec: LoadSpec, ld: _Load, ready) -> None:
         """Acquires the blocks in chunks that double in size and queues each
         chunk's copies to the GPU as soon as it is leased: blocks kvbm reads
@@ -308,11 +318,7 @@ class _WorkerSide:
                     break
                 if lease:
                     ld.leases.append(lease)
-                good = 0
-                for _off, length in slots:
-                    if length != self.block_bytes:
-                        break
-                    good += 1
+                good = self._whole(slots)
                 if good:
                     try:
                         parts.append(
@@ -483,11 +489,7 @@ class _WorkerSide:
                     continue
                 if lease:
                     leases.append(lease)
-                good = 0
-                for _off, length in slots:
-                    if length != self.block_bytes:
-                        break
-                    good += 1
+                good = self._whole(slots)
                 ids += spec.block_ids[:good]
                 offsets += [off for off, _ in slots[:good]]
                 failed += spec.block_ids[good:]
