@@ -10,6 +10,7 @@
 //! that belong to no tenant are the node's operator: they see every
 //! namespace under its full name, as before tenants existed.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -67,11 +68,12 @@ pub enum Principal {
 }
 
 impl Principal {
-    /// The full name of the namespace this principal calls `name`.
-    pub fn namespace(&self, name: &str) -> String {
+    /// The full name of the namespace this principal calls `name` (the
+    /// operator's as it is: no copy on its lookups).
+    pub fn namespace<'a>(&self, name: &'a str) -> Cow<'a, str> {
         match self {
-            Principal::Operator => name.to_string(),
-            Principal::Tenant(t) => format!("{}{SEPARATOR}{name}", t.name),
+            Principal::Operator => Cow::Borrowed(name),
+            Principal::Tenant(t) => Cow::Owned(format!("{}{SEPARATOR}{name}", t.name)),
         }
     }
 
