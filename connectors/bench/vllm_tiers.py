@@ -52,6 +52,16 @@ def kvbm_tiers(socket: str) -> dict:
     return {name: {"hits": t["hits"], "blocks": t["blocks"]} for name, t in tiers.items()}
 
 
+def connector_stats(llm) -> dict | None:
+    """The kvtier scheduler's counters, where the engine core runs in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    try:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        return dict(sched.connector._scheduler.stats)
+    except AttributeError:
+        return None
+
+
 def child(args) -> None:
     work = tempfile.mkdtemp(prefix=f"kvtier-tiers-{args.child}-", dir=args.workdir)
     model = os.path.join(work, "model")
@@ -80,6 +90,16 @@ def child(args) -> None:
     elif args.child == "native":
         kw["kv_offloading_size"] = float(args.host_gib)
         kw["kv_offloading_backend"] = "native"
+
+    if args.trace:
+        # The connector's decisions, one line each, on this process's stdout.
+        import logging
+
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("TRACE %(relativeCreated)9.1f %(message)s"))
+        lg = logging.getLogger("kvtier")
+        lg.addHandler(h)
+        lg.setLevel(logging.DEBUG)
 
     from vllm import LLM, SamplingParams
 
@@ -129,6 +149,8 @@ def child(args) -> None:
                 })
             for r in recs:
                 print(json.dumps(r), flush=True)
+            if args.trace:
+                print(f"TRACE ---- {label} {ms} ms", flush=True)
             return recs, failed
 
         def settle():
@@ -182,6 +204,9 @@ def child(args) -> None:
             "failed_requests": failed,
             "first_token_mismatches": mismatch,
         }
+        conn = connector_stats(llm)
+        if conn:
+            summary["connector"] = conn
         if before is not None:
             summary["kvbm_hits_during_reuse"] = {
                 t: after[t]["hits"] - before.get(t, {"hits": 0})["hits"] for t in after
@@ -206,6 +231,8 @@ def main() -> None:
                     help="host memory of native offloading and kvtier_host")
     ap.add_argument("--small-host-gib", type=int, default=4, help="kvtier_disk's host tier")
     ap.add_argument("--disk-gib", type=int, default=24, help="kvtier_disk's disk tier")
+    ap.add_argument("--trace", action="store_true",
+                    help="print the connector's decisions (kvtier DEBUG log)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -219,12 +246,14 @@ def main() -> None:
                "--disk-gib", str(args.disk_gib)]
         if args.workdir:
             cmd += ["--workdir", args.workdir]
+        if args.trace:
+            cmd.append("--trace")
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         for line in out.stdout.splitlines():
             if line.startswith("SUMMARY "):
                 summaries.append(json.loads(line[8:]))
                 print(line, flush=True)
-            elif line.startswith("{"):
+            elif line.startswith(("{", "TRACE ")):
                 print(line, flush=True)
         if out.returncode:
             print(json.dumps({"mode": mode, "exit": out.returncode}), flush=True)

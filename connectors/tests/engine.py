@@ -200,7 +200,11 @@ class Engine:
             invalid_block_ids=w.get_block_ids_with_load_errors(),
         )
         w.clear_connector_metadata()
-        self.scheduler.update_connector_output(out)
+        # As vLLM does: a step that ran a forward always reports its output
+        # to the connector, one that did not only when it carries something.
+        forward = compute and so.total_num_scheduled_tokens > 0
+        if forward or sending or recving or out.invalid_block_ids:
+            self.scheduler.update_connector_output(out)
         for r, n in list(new) + list(cached):
             r.num_computed_tokens += n
         self.outputs.append(out)

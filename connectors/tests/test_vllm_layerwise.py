@@ -13,6 +13,23 @@ def layerwise(daemon, **kw) -> Engine:
     return Engine(daemon.socket, load_mode="layerwise", **kw)
 
 
+def on_disk_only(tmp_path, tokens: int = 80):
+    """A daemon with a disk tier holding request A's prompt (`tokens`
+    tokens) on disk only (it was restarted after a sync), and a fresh
+    layer-by-layer engine on it."""
+    from conftest import Daemon
+
+    d = Daemon(tmp_path, disk_bytes="64MiB").start()
+    eng = Engine(d.socket, load_mode="layerwise")
+    run_a(eng, prompt(tokens))
+    eng.worker.worker_side.wait_idle()
+    Client(d.socket).sync()
+    eng.shutdown()
+    d.stop()
+    d.start()
+    return d, Engine(d.socket, load_mode="layerwise")
+
+
 def matched_whole(eng: Engine, tokens: int = 80):
     """Request B: A's 80-token prompt again; matched (79 tokens, loaded in
     the computing step) and allocated, its last token left to compute."""
@@ -131,21 +148,12 @@ def test_promotion_out_of_time_loads_its_leased_prefix(tmp_path, monkeypatch):
     full recompute)."""
     import time
 
-    from conftest import Daemon
 
     import kvtier.vllm_scheduler as vs
     from kvtier import CostModel
 
-    monkeypatch.setattr(vs, "PROMOTE_CHUNK", 2)
-    d = Daemon(tmp_path, disk_bytes="64MiB").start()
-    eng = Engine(d.socket, load_mode="layerwise")
-    run_a(eng, prompt(80))
-    eng.worker.worker_side.wait_idle()
-    Client(d.socket).sync()
-    eng.shutdown()
-    d.stop()
-    d.start()  # the blocks are on disk only now
-    eng = Engine(d.socket, load_mode="layerwise")
+    monkeypatch.setattr(vs, "PROMOTE_CHUNKS", (2,))
+    d, eng = on_disk_only(tmp_path)
     side = eng.scheduler.scheduler_side
     bb = side.block_bytes
     m = CostModel()
@@ -211,3 +219,128 @@ def test_a_promotion_slower_than_recomputing_is_cut_at_once(daemon):
     p.started = now - 0.01  # 5 ms a block: 15 ms to go
     assert not side._losing(p, now)
     eng.shutdown()
+
+
+def test_idle_steps_do_not_skew_the_prefill_measurement(daemon):
+    """While a request waits for a promotion vLLM runs steps without a
+    forward, and reports their (empty) outputs to no one: the forward step
+    that follows must still be measured as itself, from its own start."""
+    import time
+
+    eng = layerwise(daemon)
+    side = eng.scheduler.scheduler_side
+    for _ in range(6):
+        eng.step()  # nothing scheduled, nothing reported
+    time.sleep(0.3)
+    a = eng.request("A", prompt(512))
+    eng.allocate(a, 0)
+    eng.step(new=[(a, 512)])
+    secs = side.cost.recompute_secs(512)
+    assert secs is not None, "the forward step was not measured"
+    assert secs < 0.3, "measured from an idle step's start"
+    assert not side.steps
+    eng.shutdown()
+
+
+def test_a_probe_reads_a_few_chunks_and_yields_to_a_waiting_request(tmp_path, monkeypatch):
+    """Measuring the disk reads only a few chunks, and stops when a request
+    starts a promotion it waits for (two readers would share the disk)."""
+    import time
+
+
+    import kvtier.vllm_scheduler as vs
+    from kvtier import CostModel
+
+    monkeypatch.setattr(vs, "PROMOTE_CHUNKS", (1, 2))
+    monkeypatch.setattr(vs, "PROBE_BLOCKS", 3)
+    n = 8
+    d, eng = on_disk_only(tmp_path, 16 * n)
+    side = eng.scheduler.scheduler_side
+    b = eng.request("B", prompt(16 * n))
+    # The disk's speed is unknown: B recomputes, a probe measures.
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
+    probe = next(p for p in side.promotions.values() if p.probe)
+    assert len(probe.keys) == vs.PROBE_BLOCKS
+    for _ in range(500):
+        if probe.done:
+            break
+        time.sleep(0.01)
+    assert probe.done and side.cost.knows_disk()
+    assert side.stats["disk_probes"] == 1
+    # A probe running when a request starts a promotion is abandoned.
+    c = eng.request("C", prompt(16 * n))
+    m = CostModel()
+    m.observe_disk_read(100 * side.block_bytes, 100e-6)  # fast: promote
+    m.observe_prefill(1024, 1024 * 0.1)
+    side.cost = m
+    again = vs._Promotion(0, [], time.monotonic(), 0.0, probe=True)
+    side.promotions["probe:X"] = again
+    assert eng.scheduler.get_num_new_matched_tokens(c, 0) == (None, False)
+    assert again.abandoned and "probe:X" not in side.promotions
+    eng.shutdown()
+    d.stop()
+
+
+def test_a_slow_disk_chain_is_read_while_the_engine_is_busy_anyway(tmp_path, monkeypatch):
+    """Disk blocks slower than recomputing are skipped when the engine
+    would otherwise idle, but read while other requests' prefill keeps it
+    busy: the request waits (None) at no cost, then loads what was leased."""
+    import time
+
+
+    import kvtier.vllm_scheduler as vs
+    from kvtier import CostModel
+
+    monkeypatch.setattr(vs, "PROMOTE_CHUNKS", (2,))
+    d, eng = on_disk_only(tmp_path)
+    side = eng.scheduler.scheduler_side
+    bb = side.block_bytes
+    m = CostModel()
+    m.observe_disk_read(bb, 1.0)  # a second a block: slower than recomputing
+    m.observe_prefill(1024, 1024 * 0.01)
+    side.cost = m
+    b = eng.request("B", prompt(80))
+    # Nothing else to run: no wait, recompute.
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (0, False)
+    assert not side.promotions
+    # Another request's 64-token prefill is still to run (0.64 s).
+    x = eng.request("X", prompt(64, start=7000))
+    eng.allocate(x, 0)
+    inner = side.promote_client
+
+    class StallsAfterFirst:
+        """The disk stalls after the first chunk."""
+
+        calls = 0
+
+        def acquire(self, *a):
+            self.calls += 1
+            if self.calls > 1:
+                time.sleep(2.0)
+            return inner.acquire(*a)
+
+        def release(self, *a):
+            return inner.release(*a)
+
+    side.promote_client = StallsAfterFirst()
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (None, False)
+    assert side.stats["promotions_while_busy"] == 1
+    p = side.promotions["B"]
+    for _ in range(500):
+        if p.leased >= 2:
+            break
+        time.sleep(0.01)
+    # Still busy: B keeps waiting; once X's prefill ran, B loads the part
+    # of the chain leased by then and recomputes the rest.
+    assert eng.scheduler.get_num_new_matched_tokens(b, 0) == (None, False)
+    x.num_computed_tokens = x.num_prompt_tokens
+    got, _ = eng.scheduler.get_num_new_matched_tokens(b, 0)
+    assert got == 32
+    assert "B" not in side.promotions and len(side.held["B"]) >= 1
+    eng.allocate(b, got)
+    b.num_computed_tokens = got
+    out = eng.step(new=[(b, 80 - got)])
+    assert not out.invalid_block_ids
+    assert "B" not in side.held  # released once loaded
+    eng.shutdown()
+    d.stop()

@@ -163,11 +163,16 @@ impl CostModel {
     }
 
     fn load_secs_at(&self, source: Source, bytes: u64, now: Instant) -> Option<f64> {
-        let host = self.host.get()?;
         match source {
-            Source::Host => Some(host * bytes as f64),
+            Source::Host => Some(self.host.get()? * bytes as f64),
             Source::Disk => {
                 let at = self.disk.last?;
+                // A disk measured before any host load (a layer-by-layer
+                // engine measures host loads only with the prefill they
+                // overlap) still counts: the disk is the slow part, and a
+                // disk load judged as if the host copy were free errs
+                // towards loading by no more than that copy.
+                let host = self.host.get().unwrap_or(0.0);
                 (now.duration_since(at) < STALE_AFTER)
                     .then_some((self.disk.secs_per_unit + host) * bytes as f64)
             }
@@ -215,11 +220,17 @@ impl CostModel {
             }
             let from_host = (host.min(end) - first) as u64 * block_bytes;
             let from_disk = (end - host.min(end)) as u64 * block_bytes;
-            let load = [(Source::Host, from_host), (Source::Disk, from_disk)]
-                .into_iter()
-                .filter(|&(_, b)| b > 0)
-                .map(|(s, b)| self.load_secs_at(s, b, now))
-                .sum::<Option<f64>>();
+            // An unmeasured host copy counts as free (loading wins); an
+            // unmeasured disk makes the whole option unmeasured.
+            let host_secs = self
+                .load_secs_at(Source::Host, from_host, now)
+                .unwrap_or(0.0);
+            let load = match from_disk {
+                0 => Some(host_secs),
+                b => self
+                    .load_secs_at(Source::Disk, b, now)
+                    .map(|d| d + host_secs),
+            };
             let saved = match (prefill(end), prefill(first)) {
                 (Some(e), Some(f)) => Some(e - f.min(e)),
                 _ => None,
@@ -288,6 +299,21 @@ mod tests {
         // Blocks the GPU holds already cost and save nothing.
         assert_eq!(fast.plan_at(900, 400, 1000, 2 * MIB, 16, now), 1000);
         assert_eq!(slow.plan_at(900, 950, 1000, 2 * MIB, 16, now), 950);
+    }
+
+    #[test]
+    fn a_slow_disk_is_skipped_before_any_host_load_was_measured() {
+        let now = Instant::now();
+        let mut m = CostModel::new();
+        for tokens in [1024u64, 16384] {
+            m.observe_prefill(tokens, tokens as f64 * 30e-6);
+        }
+        m.observe_disk_read(256 * MIB, 256.0 * MIB as f64 / 2e9);
+        assert_eq!(m.load_secs(Source::Host, MIB), None);
+        // All on a 2 GB/s disk: 65 µs per token against 30 to recompute.
+        assert_eq!(m.plan_at(0, 0, 1088, 2 * MIB, 16, now), 0);
+        // The host part (unmeasured: assumed to win) and no disk.
+        assert_eq!(m.plan_at(0, 704, 1088, 2 * MIB, 16, now), 704);
     }
 
     #[test]

@@ -107,7 +107,10 @@ class KvtierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             group = kv_cache_config.kv_cache_groups[0]
             block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
-            self._scheduler = _SchedulerSide(self.settings, self.info, block_bytes)
+            async_sched = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+            self._scheduler = _SchedulerSide(
+                self.settings, self.info, block_bytes, async_scheduling=async_sched
+            )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 

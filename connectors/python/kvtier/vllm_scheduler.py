@@ -21,7 +21,16 @@ logger = logging.getLogger("kvtier.vllm")
 
 # Blocks per Acquire of a promotion: the leased prefix grows by this much
 # at a time (about 256 MiB of a Llama-3-8B-shaped engine's blocks).
-PROMOTE_CHUNK = 128
+# Blocks leased per Acquire of a promotion: the first chunks are small, so
+# that the promotion's own pace is known early (a 2 MiB block reads in about
+# 1 ms from a 2 GB/s disk), then they grow to amortise the round trips.
+PROMOTE_CHUNKS = (32, 64, 128)
+# A probe (a promotion that only measures the disk) reads this many blocks
+# at most: the first chunk's pace includes one-time costs, the rest tells.
+PROBE_BLOCKS = sum(PROMOTE_CHUNKS)
+# Other requests' prefill must keep the engine busy at least this long for
+# a request to wait for slow disk blocks meanwhile.
+WAIT_MIN_SECS = 0.02
 
 # kvtier.v1.Tier numbers → vLLM event medium.
 _MEDIUM = {2: "CPU", 3: "DISK", 4: "REMOTE"}
@@ -88,7 +97,13 @@ class _Promotion:
 
 
 class _SchedulerSide:
-    def __init__(self, settings: KvtierSettings, info: LayoutInfo, block_bytes: int):
+    def __init__(
+        self,
+        settings: KvtierSettings,
+        info: LayoutInfo,
+        block_bytes: int,
+        async_scheduling: bool = False,
+    ):
         self.settings = settings
         self.info = info
         self.block_size = info.block_size
@@ -113,10 +128,15 @@ class _SchedulerSide:
             settings.socket, timeout_ms=settings.timeout_ms, retry_ms=settings.retry_ms
         )
         self.promote_pool: Pool | None = None
-        # Steps scheduled and not yet reported: (when, tokens scheduled,
-        # requests whose load runs in it), oldest first (with async
-        # scheduling one runs while the next is scheduled).
+        # Forward steps scheduled and not yet reported: (when, tokens
+        # scheduled, requests whose load runs in it), oldest first. vLLM
+        # reports every forward step's output to the connector, but a step
+        # that runs no forward only when it carries something; so only
+        # forward steps are kept, and without async scheduling (where one
+        # step runs while the next is scheduled) none is still running when
+        # the next is scheduled.
         self.steps: list[tuple[float, int, list[str]]] = []
+        self.steps_in_flight = 2 if async_scheduling else 1
         self.layerwise = settings.load_mode == "layerwise"
         self.namespaces = [info.namespace(r) for r in range(info.tp_world)]
         self.client = Client(
@@ -144,6 +164,9 @@ class _SchedulerSide:
             # being reported, and those given up as slower than recompute.
             "promotions": 0,
             "promotions_given_up": 0,
+            # Slow disk chains read while other requests kept the engine
+            # busy (the request waited for them at no cost).
+            "promotions_while_busy": 0,
             # Promotions made only to measure the disk.
             "disk_probes": 0,
         }
@@ -181,12 +204,20 @@ class _SchedulerSide:
         self.present[request.request_id] = present
         if not self.settings.load:
             return 0, False
+        found = matched
         if matched > first:
             # Only what loads faster than it recomputes.
             end = self.cost.plan(first, min(host, matched), matched, self.block_bytes, bs)
             self.stats["skipped_slow_blocks"] += matched - end
             matched = end
-        if matched > max(host, first):
+        if found > max(host, first, matched) and self.cost.knows_disk():
+            # Disk blocks the plan skips, slower than recomputing: read them
+            # anyway while other requests' prefills keep the engine busy.
+            leased = self._while_busy(request, first, host, found)
+            if leased is None:
+                return None, False
+            matched = max(matched, leased)
+        elif matched > max(host, first):
             if self.cost.knows_disk():
                 # Blocks from disk: bring them into host memory and lease
                 # them first; vLLM asks again meanwhile (None).
@@ -208,6 +239,11 @@ class _SchedulerSide:
         # step; a few tokens are cheaper to recompute. (Without this, every
         # whole-prompt GPU hit, which vLLM stops one block short of the end,
         # would load that last block.)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "kvtier: match %s gpu=%d kvbm=%d host=%d -> load %d tokens",
+                request.request_id, first, found, host, max(ext, 0),
+            )
         if ext < max(self.settings.min_match_blocks, 1) * bs:
             return 0, False
         self.local_hit[request.request_id] = num_computed_tokens
@@ -221,6 +257,7 @@ class _SchedulerSide:
         with self.promote_lock:
             if any(p.probe for p in self.promotions.values()):
                 return  # one measurement at a time
+            end = min(end, max(host, first) + PROBE_BLOCKS)
             p = self._start_promotion(request, first, host, end, budget=0.0)
             p.probe = True
             self.promotions["probe:" + request.request_id] = p
@@ -253,11 +290,18 @@ class _SchedulerSide:
                 self._abandon(self.promotions.pop(req_id))
                 p = None
             if p is None:
+                # A request waits for this one: a probe would share the disk.
+                for key in [k for k, v in self.promotions.items() if v.probe]:
+                    self._abandon(self.promotions.pop(key))
                 budget = self._recompute_secs(first, end)
                 if budget is None:
                     budget = self.settings.timeout_ms / 1000
                 self.promotions[req_id] = self._start_promotion(request, first, host, end, budget)
                 self.stats["promotions"] += 1
+                logger.debug(
+                    "kvtier: promoting %s: blocks %d..%d (host to %d), budget %.1f ms",
+                    req_id, first, end, host, budget * 1e3,
+                )
                 return None
             if not p.done:
                 if now - p.started < p.budget and not self._losing(p, now):
@@ -266,12 +310,58 @@ class _SchedulerSide:
                 # rest: the request loads what is leased by now and
                 # recomputes the rest; the promotion stops.
                 self.stats["promotions_given_up"] += 1
-            del self.promotions[req_id]
-            p.abandoned = True
-            leases, p.leases = p.leases, []
-            self._release(self.held.pop(req_id, []))
-            self.held[req_id] = leases
-            return p.first + min(p.leased, end - p.first)
+                logger.debug(
+                    "kvtier: promotion of %s given up after %.1f ms, %d of %d blocks leased",
+                    req_id, (now - p.started) * 1e3, p.leased, len(p.keys),
+                )
+            return self._take_leased(req_id, p, end)
+
+    def _while_busy(self, request, first: int, host: int, end: int) -> int | None:
+        """Blocks `[host, end)` are on a disk slower than recomputing them.
+        While other requests have prefill left to run, this one can wait
+        without costing anything: it reads the chain into host memory in the
+        meantime (None: ask again), and loads what was leased once they are
+        done. With the engine otherwise idle it does not wait (returns
+        `first`, nothing more to load)."""
+        req_id = request.request_id
+        busy = self._busy_secs(req_id)
+        with self.promote_lock:
+            p = self.promotions.get(req_id)
+            if p is None:
+                if busy < WAIT_MIN_SECS:
+                    return first
+                for key in [k for k, v in self.promotions.items() if v.probe]:
+                    self._abandon(self.promotions.pop(key))
+                self.promotions[req_id] = self._start_promotion(request, first, host, end, busy)
+                self.stats["promotions_while_busy"] += 1
+                logger.debug(
+                    "kvtier: %s reads blocks %d..%d (host to %d) while the engine is busy "
+                    "for %.1f ms", req_id, first, end, host, busy * 1e3,
+                )
+                return None
+            if not p.done and busy > 0 and time.monotonic() - p.started < p.budget:
+                return None
+            return self._take_leased(req_id, p, end)
+
+    def _take_leased(self, req_id: str, p: _Promotion, end: int) -> int:
+        """Under promote_lock: the promotion stops; the request keeps its
+        leases until its load is done and loads the leased prefix."""
+        del self.promotions[req_id]
+        p.abandoned = True
+        leases, p.leases = p.leases, []
+        self._release(self.held.pop(req_id, []))
+        self.held[req_id] = leases
+        return p.first + min(p.leased, end - p.first)
+
+    def _busy_secs(self, req_id: str) -> float:
+        """Prefill left to schedule for the other requests the engine has
+        started, by the cost model (0 while no prefill was measured)."""
+        tokens = 0
+        for other, st in self.reqs.items():
+            r = st.request
+            if other != req_id:
+                tokens += max(0, r.num_prompt_tokens - r.num_computed_tokens)
+        return (self.cost.recompute_secs(tokens) or 0.0) if tokens else 0.0
 
     def _losing(self, p: _Promotion, now: float) -> bool:
         """Whether waiting for the rest of a promotion, at the pace its
@@ -297,7 +387,7 @@ class _SchedulerSide:
         return full - done
 
     def _promote(self, p: _Promotion) -> None:
-        """Leases `p.keys` on every rank, `PROMOTE_CHUNK` blocks per
+        """Leases `p.keys` on every rank, `PROMOTE_CHUNKS` blocks per
         Acquire (which reads what is on disk into host memory), so the
         leased prefix grows while the request waits and can be used as it
         is when the wait must end. On the promoter thread."""
@@ -305,9 +395,11 @@ class _SchedulerSide:
             if self.promote_pool is None or self.promote_pool.closed:
                 self.promote_pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
             session = self.promote_pool.session
-            pos = 0
-            while pos < len(p.keys):
-                part = p.keys[pos : pos + PROMOTE_CHUNK]
+            pos, n = 0, 0
+            while pos < len(p.keys) and not p.abandoned:
+                chunk = PROMOTE_CHUNKS[min(n, len(PROMOTE_CHUNKS) - 1)]
+                n += 1
+                part = p.keys[pos : pos + chunk]
                 started = time.monotonic()
                 counts, leases, from_disk = [], [], 0
                 for ns in self.namespaces:
@@ -321,9 +413,13 @@ class _SchedulerSide:
                     # The disk's rate from what kvbm actually read from it:
                     # blocks already in host memory (another promotion, a
                     # probe) would make the disk look fast.
+                    secs = time.monotonic() - started
                     if got == len(part) and from_disk:
-                        secs = time.monotonic() - started
                         self.cost.observe_disk_read(from_disk * self.block_bytes, secs)
+                    logger.debug(
+                        "kvtier: promoted %d/%d blocks (%d from disk) in %.1f ms%s",
+                        got, len(part), from_disk, secs * 1e3, " (probe)" if p.probe else "",
+                    )
                     if p.abandoned:
                         self._release(leases)
                         break
@@ -409,7 +505,11 @@ class _SchedulerSide:
             _, host_bytes, disk_bytes = self.load_clock.get(spec.req_id, (0.0, 0, 0))
             self.load_clock[spec.req_id] = (now, host_bytes, disk_bytes)
         sync = [spec.req_id for spec in self.pending_loads if spec.sync]
-        self.steps = self.steps[-3:] + [(now, so.total_num_scheduled_tokens, sync)]
+        if so.total_num_scheduled_tokens:
+            keep = self.steps_in_flight - 1
+            self.steps = (self.steps[-keep:] if keep else []) + [
+                (now, so.total_num_scheduled_tokens, sync)
+            ]
         meta = KvtierMetadata(loads=self.pending_loads)
         self.pending_loads = []
         meta.preempted = set(so.preempted_req_ids or ())
@@ -489,6 +589,10 @@ class _SchedulerSide:
             started, tokens, sync = self.steps.pop(0)
             if not sync:
                 self.cost.observe_prefill(tokens, now - started)
+            logger.debug(
+                "kvtier: step of %d tokens in %.1f ms%s",
+                tokens, (now - started) * 1e3, " (with loads)" if sync else "",
+            )
             # Loads that ran inside the step: it measured them together with
             # the prefill they overlapped (an upper bound on the load). Their
             # blocks were all in host memory (promotions read the disk ones
