@@ -148,7 +148,6 @@ def test_promotion_out_of_time_loads_its_leased_prefix(tmp_path, monkeypatch):
     full recompute)."""
     import time
 
-
     import kvtier.vllm_scheduler as vs
     from kvtier import CostModel
 
@@ -247,7 +246,6 @@ def test_a_probe_reads_a_few_chunks_and_yields_to_a_waiting_request(tmp_path, mo
     starts a promotion it waits for (two readers would share the disk)."""
     import time
 
-
     import kvtier.vllm_scheduler as vs
     from kvtier import CostModel
 
@@ -286,7 +284,6 @@ def test_a_slow_disk_chain_is_read_while_the_engine_is_busy_anyway(tmp_path, mon
     would otherwise idle, but read while other requests' prefill keeps it
     busy: the request waits (None) at no cost, then loads what was leased."""
     import time
-
 
     import kvtier.vllm_scheduler as vs
     from kvtier import CostModel
