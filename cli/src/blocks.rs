@@ -197,6 +197,8 @@ pub async fn stats(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
                     "checksum_failures": t.checksum_failures,
                     "degraded": t.degraded,
                     "degraded_reason": t.degraded_reason,
+                    "read_bytes_per_s": t.read_bytes_per_s,
+                    "write_bytes_per_s": t.write_bytes_per_s,
                 })
             })
             .collect();
@@ -235,6 +237,13 @@ pub async fn stats(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
                     "ok".into()
                 }
             );
+            if t.read_bytes_per_s + t.write_bytes_per_s > 0 {
+                println!(
+                    "       measured: read {}/s, write {}/s",
+                    human(t.read_bytes_per_s),
+                    human(t.write_bytes_per_s)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -341,3 +341,40 @@ def test_a_slow_disk_chain_is_read_while_the_engine_is_busy_anyway(tmp_path, mon
     assert "B" not in side.held  # released once loaded
     eng.shutdown()
     d.stop()
+
+
+def test_the_disk_rate_comes_from_kvbm_when_it_has_measured_it(tmp_path):
+    """kvbm measures its disk on its own reads (for any engine); a
+    scheduler that does not know the disk's speed takes kvbm's figure
+    instead of reading blocks to find out."""
+    import time
+
+    from conftest import Daemon
+
+    d = Daemon(tmp_path, host_bytes="64MiB", disk_bytes="256MiB").start()
+    c = Client(d.socket)
+    assert c.stats()["tiers"]["disk"]["read_bytes_per_s"] == 0
+    mib2 = 2 << 20
+    c.register_namespace("warm", mib2, {})
+    keys = [i.to_bytes(4, "little") * 8 for i in range(80)]
+    for i, k in enumerate(keys):
+        assert c.put("warm", k, b"", bytes([i]) * mib2)
+    c.sync()
+    # 160 MiB through a 64 MiB host tier: the first 40 blocks were evicted
+    # from host memory and come back from disk.
+    for i, k in enumerate(keys[:40]):
+        assert c.get("warm", k) == bytes([i]) * mib2
+    rate = c.stats()["tiers"]["disk"]["read_bytes_per_s"]
+    assert rate > 1e6
+    eng = layerwise(d)
+    side = eng.scheduler.scheduler_side
+    a = eng.request("A", prompt(80))
+    side._probe(a, 0, 0, 5)
+    for _ in range(500):
+        if side.cost.knows_disk():
+            break
+        time.sleep(0.01)
+    assert side.stats["disk_rates_from_kvbm"] == 1
+    assert side.stats["disk_probes"] == 0 and not side.promotions
+    eng.shutdown()
+    d.stop()

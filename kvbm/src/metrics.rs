@@ -44,6 +44,7 @@ pub struct Metrics {
     pub checksum_failures: Counter,
     pub degraded: Family<TierLabels, Gauge>,
     pub disk_latency: Family<OpLabels, Histogram>,
+    pub disk_throughput: Family<OpLabels, Gauge>,
     pub index_bytes: Gauge,
 }
 
@@ -69,6 +70,7 @@ impl Metrics {
             disk_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(50e-6, 2.0, 16))
             }),
+            disk_throughput: Family::default(),
             index_bytes: Gauge::default(),
             registry: Registry::default(),
         };
@@ -110,6 +112,11 @@ impl Metrics {
             "disk_io_seconds",
             "Disk block I/O latency, submit to completion",
             m.disk_latency.clone(),
+        );
+        registry.register(
+            "disk_throughput_bytes_per_second",
+            "Disk throughput measured on kvbm's own I/O while busy (0: none in the last 5 minutes)",
+            m.disk_throughput.clone(),
         );
         registry.register(
             "index_memory_bytes",

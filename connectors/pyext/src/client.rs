@@ -558,6 +558,8 @@ impl Client {
             td.set_item("checksum_failures", t.checksum_failures)?;
             td.set_item("degraded", t.degraded)?;
             td.set_item("degraded_reason", t.degraded_reason)?;
+            td.set_item("read_bytes_per_s", t.read_bytes_per_s)?;
+            td.set_item("write_bytes_per_s", t.write_bytes_per_s)?;
             tiers.set_item(tier_name(t.tier), td)?;
         }
         d.set_item("tiers", tiers)?;

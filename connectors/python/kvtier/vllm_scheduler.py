@@ -167,8 +167,10 @@ class _SchedulerSide:
             # Slow disk chains read while other requests kept the engine
             # busy (the request waited for them at no cost).
             "promotions_while_busy": 0,
-            # Promotions made only to measure the disk.
+            # Promotions made only to measure the disk, and disk rates
+            # taken from kvbm's own measure instead.
             "disk_probes": 0,
+            "disk_rates_from_kvbm": 0,
         }
 
     def _lookup(self, hashes) -> tuple[int, int]:
@@ -258,24 +260,43 @@ class _SchedulerSide:
             if any(p.probe for p in self.promotions.values()):
                 return  # one measurement at a time
             end = min(end, max(host, first) + PROBE_BLOCKS)
-            p = self._start_promotion(request, first, host, end, budget=0.0)
-            p.probe = True
+            p = self._start_promotion(request, first, host, end, 0.0, probe=True)
             self.promotions["probe:" + request.request_id] = p
 
-    def _start_promotion(self, request, first, host, end, budget) -> _Promotion:
+    def _start_promotion(self, request, first, host, end, budget, probe=False) -> _Promotion:
         """Under promote_lock."""
         p = _Promotion(
             first,
             list(request.block_hashes[first:end]),
             time.monotonic(),
             budget,
+            probe=probe,
         )
         if self.promoter is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
-        self.promoter.submit(self._promote, p)
+        self.promoter.submit(self._measure_disk if probe else self._promote, p)
         return p
+
+    def _measure_disk(self, p: _Promotion) -> None:
+        """A probe: kvbm's own measure of its disk when it has a current
+        one (its reads for any engine count); otherwise `p`'s blocks read
+        for the purpose. On the promoter thread."""
+        try:
+            disk = self.promote_client.stats()["tiers"].get("disk", {})
+            rate = disk.get("read_bytes_per_s", 0)
+        except KvbmError as e:
+            logger.debug("kvtier: stats failed: %s", e)
+            rate = 0
+        if not rate:
+            return self._promote(p)
+        with self.promote_lock:
+            self.cost.observe_disk_read(int(rate), 1.0)
+            self.stats["disk_rates_from_kvbm"] += 1
+            p.done = p.abandoned = True
+            self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
+        logger.debug("kvtier: kvbm reads its disk at %.2f GB/s", rate / 1e9)
 
     def _promoted(self, request, first: int, host: int, end: int) -> int | None:
         """The end of the match once `[first, end)` is leased in host

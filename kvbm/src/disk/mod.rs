@@ -37,6 +37,7 @@
 
 mod admission;
 mod entry;
+mod rate;
 mod region;
 mod uring;
 
@@ -249,6 +250,10 @@ pub struct DiskStats {
     /// Submit-to-completion latency of successful writes / verified reads.
     pub write_latency: Latency,
     pub read_latency: Latency,
+    /// Measured throughput while busy, bytes per second (see [`rate`]);
+    /// `None` before enough I/O or when the last measurement is old.
+    pub write_bytes_per_s: Option<f64>,
+    pub read_bytes_per_s: Option<f64>,
 }
 
 struct SyncState {
@@ -266,6 +271,8 @@ pub(crate) struct Shared {
     counters: Counters,
     write_lat: Histogram,
     read_lat: Histogram,
+    write_rate: rate::Throughput,
+    read_rate: rate::Throughput,
     degraded_flag: AtomicBool,
     degraded: Mutex<Option<String>>,
     pending_writes: AtomicUsize,
@@ -320,6 +327,8 @@ impl Shared {
 
     fn finish_write(&self, w: WriteOp, res: Result<u64, DiskError>) {
         self.regions.lock().end_write(w.slot.region);
+        let moved = if res.is_ok() { w.len as u64 } else { 0 };
+        self.write_rate.record(w.started, Instant::now(), moved);
         let c = &self.counters;
         match &res {
             Ok(_) => {
@@ -362,6 +371,8 @@ impl Shared {
             t.end_read(r.loc.region);
             t.is_current(r.loc.region, r.loc.generation)
         };
+        let moved = if res.is_ok() { r.loc.len as u64 } else { 0 };
+        self.read_rate.record(r.started, Instant::now(), moved);
         let c = &self.counters;
         let res = match res {
             Ok(()) => {
@@ -439,6 +450,8 @@ impl DiskTier {
             counters: Counters::default(),
             write_lat: Histogram::new(),
             read_lat: Histogram::new(),
+            write_rate: rate::Throughput::default(),
+            read_rate: rate::Throughput::default(),
             degraded_flag: AtomicBool::new(false),
             degraded: Mutex::new(None),
             pending_writes: AtomicUsize::new(0),
@@ -746,6 +759,8 @@ impl DiskTier {
             direct_io: s.direct,
             write_latency: s.write_lat.snapshot(),
             read_latency: s.read_lat.snapshot(),
+            write_bytes_per_s: s.write_rate.bytes_per_s(Instant::now()),
+            read_bytes_per_s: s.read_rate.bytes_per_s(Instant::now()),
         }
     }
 

@@ -101,6 +101,27 @@ fn disk_round_trip_4k_and_2m() {
 }
 
 #[test]
+fn disk_measures_its_own_throughput() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tier =
+        DiskTier::open(cfg(&dir.path().join("g3.dat"), 128 * MIB, 16 * MIB), []).expect("open");
+    let st = tier.stats();
+    assert_eq!((st.read_bytes_per_s, st.write_bytes_per_s), (None, None));
+    let b = block(2 * MIB, 7);
+    let locs: Vec<_> = (0..40)
+        .map(|i| tier.write_blocking(1, &key(i), &b).expect("write").0)
+        .collect();
+    for (i, loc) in locs.iter().enumerate() {
+        check(&tier, *loc, 1, &key(i), &b);
+    }
+    // 80 MiB each way: one measurement window (64 MiB) completed.
+    let st = tier.stats();
+    let (r, w) = (st.read_bytes_per_s.unwrap(), st.write_bytes_per_s.unwrap());
+    assert!(r > 1e6 && w > 1e6, "read {r} B/s, write {w} B/s");
+    tier.close().expect("close");
+}
+
+#[test]
 fn disk_wrong_identity_is_a_miss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tier = DiskTier::open(cfg(&dir.path().join("g3.dat"), 4 * MIB, MIB), []).expect("open");

@@ -695,6 +695,8 @@ impl Store {
                 checksum_failures: c.checksum_failures,
                 degraded: ds.degraded.is_some(),
                 degraded_reason: ds.degraded.unwrap_or_default(),
+                read_bytes_per_s: ds.read_bytes_per_s.unwrap_or(0.0) as u64,
+                write_bytes_per_s: ds.write_bytes_per_s.unwrap_or(0.0) as u64,
             });
         }
         pb::StatsResponse {
@@ -724,6 +726,11 @@ impl Store {
             m.degraded
                 .get_or_create(&tier(label))
                 .set(t.degraded as i64);
+            if label == TierLabel::disk {
+                let rate = |op| m.disk_throughput.get_or_create(&OpLabels { op });
+                rate(OpLabel::read).set(t.read_bytes_per_s as i64);
+                rate(OpLabel::write).set(t.write_bytes_per_s as i64);
+            }
         }
         m.index_bytes.set(s.index_bytes as i64);
         let c = table.counters;
