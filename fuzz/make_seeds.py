@@ -106,3 +106,51 @@ write("route_body", "chat", json.dumps({
 write("route_body", "prompt", b'{"model":"m","prompt":"hello world"}')
 write("route_body", "tokens", b'{"model":"m","token_ids":[1,2,3],"lora_name":"l","cache_salt":"s"}')
 write("route_body", "prompt_ids", b'{"model":"m","prompt":[1,2,3]}')
+
+
+# --- kvbm_events: messages [len u16 LE][EventBatch protobuf] ------------------
+def varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def field(num, data):
+    """A protobuf field: bytes are length-delimited, ints varints."""
+    if isinstance(data, int):
+        return varint(num << 3) + varint(data)
+    return varint(num << 3 | 2) + varint(len(data)) + data
+
+
+def stored(tier, keys, parent, tokens, per_block, ns=b"ns", model=b""):
+    body = field(1, tier) + field(2, ns) + (field(3, model) if model else b"")
+    body += b"".join(field(4, k) for k in keys) + (field(5, parent) if parent else b"")
+    body += field(6, b"".join(varint(t) for t in tokens)) + field(7, per_block)
+    return field(1, body)
+
+
+def removed(tier, keys, ns=b"ns"):
+    return field(2, field(1, tier) + field(2, ns) + b"".join(field(3, k) for k in keys))
+
+
+def cleared(tier):
+    return field(3, field(1, tier) if tier else b"")
+
+
+def batch(inc, seq, events, snapshot=False):
+    body = field(1, inc) + (field(2, seq) if seq else b"")
+    body += b"".join(field(3, e) for e in events) + (field(4, 1) if snapshot else b"")
+    return struct.pack("<H", len(body)) + body
+
+
+k = [bytes([i]) * 32 for i in range(1, 5)]
+write("kvbm_events", "live", batch(b"inc-1", 1, [stored(2, k[:2], b"", range(32), 16)])
+      + batch(b"inc-1", 2, [stored(3, k[2:], k[1], range(32), 16), removed(2, k[:1])]))
+write("kvbm_events", "snapshot_then_live",
+      batch(b"inc-2", 5, [cleared(0), stored(2, k, b"", range(64), 16, model=b"m")], snapshot=True)
+      + batch(b"inc-2", 6, [cleared(3), removed(2, k[3:])]))
+write("kvbm_events", "gap_and_restart", batch(b"inc-1", 1, [stored(4, k[:1], b"", range(16), 16)])
+      + batch(b"inc-1", 3, [removed(4, k[:1])]) + batch(b"inc-9", 1, [stored(1, k[:1], b"", range(16), 16)]))

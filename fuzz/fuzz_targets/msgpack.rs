@@ -1,15 +1,23 @@
 //! The router's MessagePack reader (`kvrouter::ingest::msgpack::decode`),
-//! fed engine event payloads from the network. A value that decodes holds
-//! no more bytes than the input, and re-encodes (widest forms) to bytes that
-//! decode and re-encode to the same bytes.
+//! fed engine event payloads from the network. Decoding allocates at most
+//! one `Value` per input byte, whether it succeeds or not (a declared length
+//! never sizes an allocation on its own); a value that decodes holds no more
+//! bytes than the input, and re-encodes (widest forms) to bytes that decode
+//! and re-encode to the same bytes.
 #![no_main]
 
 use kvrouter::ingest::msgpack::{self, Value};
-use kvtier_fuzz::encode_msgpack;
+use kvtier_fuzz::{encode_msgpack, peak_during, PeakAlloc};
 use libfuzzer_sys::fuzz_target;
 
+#[global_allocator]
+static ALLOC: PeakAlloc = PeakAlloc;
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(v) = msgpack::decode(data) else {
+    let (res, peak) = peak_during(|| msgpack::decode(data));
+    let bound = std::mem::size_of::<Value>() * data.len();
+    assert!(peak <= bound, "{peak} bytes allocated for {} input bytes", data.len());
+    let Ok(v) = res else {
         return;
     };
     assert!(leaf_bytes(&v) <= data.len());

@@ -1,8 +1,11 @@
 //! What several fuzz targets share: a MessagePack encoder to check the
-//! router's decoder against, and an in-memory ZMTP peer.
+//! router's decoder against, an in-memory ZMTP peer, and an allocator that
+//! measures what a decoder allocates.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use kvrouter::ingest::msgpack::Value;
@@ -123,4 +126,62 @@ pub fn zmtp_handshake() -> Vec<u8> {
     g.push(body.len() as u8);
     g.extend_from_slice(&body);
     g
+}
+
+/// `data` cut into messages, each prefixed by its length (u16 LE); a last
+/// message cut short keeps what is there.
+pub fn split_u16_prefixed(mut data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while let [lo, hi, rest @ ..] = data {
+        let n = (u16::from_le_bytes([*lo, *hi]) as usize).min(rest.len());
+        out.push(&rest[..n]);
+        data = &rest[n..];
+    }
+    out
+}
+
+/// A kvbm `EventBatch` that a daemon restarted as `incarnation` sends
+/// first: seq 0, a snapshot holding nothing.
+pub fn encode_restart(incarnation: &str) -> Vec<u8> {
+    use kvtier_proto::v1 as pb;
+    use prost::Message as _;
+    pb::EventBatch {
+        incarnation: incarnation.into(),
+        seq: 0,
+        events: Vec::new(),
+        snapshot: true,
+    }
+    .encode_to_vec()
+}
+
+/// The global allocator of targets that bound what a decoder allocates:
+/// the system's, counting the bytes live and their peak.
+pub struct PeakAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for PeakAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+/// `f`'s result and the most bytes it had allocated at once (beyond what
+/// was live when it started). Needs [`PeakAlloc`] as the global allocator.
+pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let r = f();
+    (r, PEAK.load(Ordering::Relaxed) - base)
 }

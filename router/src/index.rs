@@ -34,7 +34,7 @@
 //! (block, worker source, tier) triple); past that each shard prunes its oldest
 //! holdings first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -686,20 +686,34 @@ impl Index {
             prev = chain_key(prev, c);
             keys.push(prev);
         }
+        // A hash this source placed elsewhere before (or twice in this
+        // chain) now means the new place; the old holding would be out of
+        // reach of the source's removes and clears, so it goes.
+        let mut superseded = Vec::new();
         {
             let mut join = slot.join.lock();
             for (h, k) in hashes.iter().zip(&keys) {
-                join[ti].insert(
-                    *h,
-                    Joined {
-                        key: *k,
-                        scope: scope_id,
-                    },
-                );
+                let new = Joined {
+                    key: *k,
+                    scope: scope_id,
+                };
+                if let Some(old) = join[ti].insert(*h, new) {
+                    if old.key != *k {
+                        superseded.push(old.key);
+                    }
+                }
+            }
+            if !superseded.is_empty() {
+                // Not a place that another hash of this chain holds now.
+                let live: HashSet<ChainKey> = hashes[..n]
+                    .iter()
+                    .filter_map(|h| join[ti].get(h).map(|j| j.key))
+                    .collect();
+                superseded.retain(|k| !live.contains(k));
             }
         }
         let slot_tier = s << 2 | ti as u32;
-        let mut pruned: Vec<(u32, EngineHash)> = Vec::new();
+        let mut pruned: Vec<(u32, EngineHash, ChainKey)> = Vec::new();
         // One write lock per shard the event touches, not one per block:
         // the blocks are grouped by shard (a counting sort, order kept
         // within a shard, so stamps still follow the chain).
@@ -743,6 +757,9 @@ impl Index {
                 .fetch_add(pruned.len() as u64, Ordering::Relaxed);
             self.forget_joins(&pruned);
         }
+        if !superseded.is_empty() {
+            self.remove_holdings(slot_tier, &superseded);
+        }
         n
     }
 
@@ -752,7 +769,7 @@ impl Index {
         slot_tier: u32,
         hash: EngineHash,
         limit: usize,
-        pruned: &mut Vec<(u32, EngineHash)>,
+        pruned: &mut Vec<(u32, EngineHash, ChainKey)>,
     ) {
         sh.stamp = sh.stamp.wrapping_add(1);
         let holder = Holder {
@@ -788,7 +805,7 @@ impl Index {
                 .is_some_and(|h| h.stamp == item.holder.stamp);
             if live {
                 Self::remove_in_shard(sh, item.key, |h| h == item.holder);
-                pruned.push((item.holder.slot_tier, item.hash));
+                pruned.push((item.holder.slot_tier, item.hash, item.key));
             }
         }
         // Stale queue items (holdings removed by events) are compacted away
@@ -803,13 +820,18 @@ impl Index {
         }
     }
 
-    /// Drops join entries of pruned holdings (no lock nesting with shards).
-    fn forget_joins(&self, pruned: &[(u32, EngineHash)]) {
+    /// Drops join entries of pruned holdings (no lock nesting with shards),
+    /// unless the hash was placed elsewhere since.
+    fn forget_joins(&self, pruned: &[(u32, EngineHash, ChainKey)]) {
         let reg = self.registry.read();
-        for (slot_tier, hash) in pruned {
+        for (slot_tier, hash, key) in pruned {
             let s = (slot_tier >> 2) as usize;
             if let Some(Some(slot)) = reg.source_slots.get(s) {
-                slot.join.lock()[(slot_tier & 3) as usize].remove(hash);
+                let mut join = slot.join.lock();
+                let m = &mut join[(slot_tier & 3) as usize];
+                if m.get(hash).is_some_and(|j| j.key == *key) {
+                    m.remove(hash);
+                }
             }
         }
     }
@@ -1339,6 +1361,55 @@ mod tests {
         assert_eq!(ix.stats.malformed.load(Ordering::Relaxed), 2);
         ix.remove(&src("zz"), Tier::Gpu, None, &[EngineHash(1)]);
         assert_eq!(ix.lookup("m", None, None, 0, &[]).len(), 0);
+    }
+
+    /// Stores a chain of model "m" for worker `w` (no salt).
+    fn put(ix: &Index, w: &str, tier: Tier, h: &[u64], parent: Option<u64>, t: &[u32]) {
+        let h: Vec<EngineHash> = h.iter().copied().map(EngineHash).collect();
+        let parent = parent.map(EngineHash);
+        ix.store(&src(w), tier, &scope("m"), &h, parent, t, 16, None);
+    }
+
+    /// Found by the `kvbm_events` fuzz target: a chain naming one hash
+    /// twice (or a hash stored again under another parent) left a holding
+    /// no remove or clear of its source could reach.
+    #[test]
+    fn a_hash_placed_again_releases_its_old_holding() {
+        let ix = Index::new(IndexConfig::default());
+        put(&ix, "a", Tier::Host, &[1, 2, 1, 2], None, &toks(64, 0));
+        assert_eq!(ix.holdings(), 2, "the later places of 1 and 2");
+        // Hash 5 under another parent: its first place goes.
+        put(&ix, "a", Tier::Host, &[5], None, &toks(16, 500));
+        put(&ix, "a", Tier::Host, &[5], Some(1), &toks(16, 500));
+        assert_eq!(ix.holdings(), 3);
+        ix.clear(&src("a"), Some(Tier::Host));
+        assert_eq!(ix.holdings(), 0);
+    }
+
+    /// A hash placed twice, pruned for room and placed once more: clearing
+    /// its source still reaches every holding.
+    #[test]
+    fn places_stay_reachable_through_pruning() {
+        let ix = Index::new(IndexConfig {
+            shards: 1,
+            max_blocks: 2,
+        });
+        put(&ix, "a", Tier::Gpu, &[7], None, &toks(16, 0));
+        put(&ix, "a", Tier::Gpu, &[7], None, &toks(16, 100));
+        for i in 0..4u32 {
+            put(
+                &ix,
+                "b",
+                Tier::Gpu,
+                &[u64::from(i)],
+                None,
+                &toks(16, 1000 * (i + 1)),
+            );
+        }
+        put(&ix, "a", Tier::Gpu, &[7], None, &toks(16, 200));
+        ix.clear(&src("a"), None);
+        ix.clear(&src("b"), None);
+        assert_eq!(ix.holdings(), 0);
     }
 
     #[test]

@@ -274,22 +274,47 @@ async fn connect(endpoint: &str, creds: &Credentials, timeout: Duration) -> Resu
     }
 }
 
+impl State {
+    fn new(cfg: KvbmSubscription, sink: Arc<dyn EventSink>, metrics: Arc<IngestMetrics>) -> State {
+        State {
+            source: Source {
+                worker: cfg.worker.clone(),
+                dp_rank: 0,
+            },
+            cfg,
+            sink,
+            metrics,
+            incarnation: None,
+            last_seq: None,
+            in_snapshot: false,
+            tiers: KVBM_TIERS.into_iter().collect(),
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+/// What the `kvbm_events` fuzz target drives: each of `batches` decoded as
+/// an `EventBatch` (as tonic decodes the stream's messages) and applied in
+/// order to one subscription's state over `sink`. A message that does not
+/// decode is skipped (on a live stream it ends the stream, which resumes
+/// from the last batch applied). Returns the resubscriptions asked for.
+#[cfg(fuzzing)]
+pub fn apply_encoded(worker: &str, sink: Arc<dyn EventSink>, batches: &[&[u8]]) -> usize {
+    use prost::Message as _;
+    let cfg = KvbmSubscription::new(worker, "unix:/fuzz");
+    let mut st = State::new(cfg, sink, Arc::new(IngestMetrics::new()));
+    let mut resubscribe = 0;
+    for bytes in batches {
+        if let Ok(b) = pb::EventBatch::decode(*bytes) {
+            resubscribe += st.on_batch(b).is_err() as usize;
+        }
+    }
+    resubscribe
+}
+
 async fn run(cfg: KvbmSubscription, sink: Arc<dyn EventSink>, metrics: Arc<IngestMetrics>) {
     let opts = cfg.options.clone();
-    let mut st = State {
-        source: Source {
-            worker: cfg.worker.clone(),
-            dp_rank: 0,
-        },
-        cfg,
-        sink,
-        metrics,
-        incarnation: None,
-        last_seq: None,
-        in_snapshot: false,
-        tiers: KVBM_TIERS.into_iter().collect(),
-        logged: Mutex::new(HashSet::new()),
-    };
+    let mut st = State::new(cfg, sink, metrics);
     if st.cfg.endpoint.starts_with("https://") && st.cfg.credentials.tls_ca.is_none() {
         // Every attempt fails the same way; the daemon being down is
         // otherwise the usual reason, hence debug-level connect errors.

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+#[cfg(fuzzing)]
+pub use self::kvbm::apply_encoded as apply_kvbm_batches;
 pub use self::kvbm::{spawn_kvbm, KvbmSubscription};
 pub use self::metrics::IngestMetrics;
 pub(crate) use self::zmq::zmq_endpoint_mode;

@@ -109,6 +109,7 @@ pub fn decode_at_most(buf: &[u8], max_values: usize) -> Result<Value<'_>, Msgpac
         buf,
         pos: 0,
         values_left: max_values,
+        pending: 0,
     };
     let v = r.value(0)?;
     if r.pos != buf.len() {
@@ -121,6 +122,15 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     values_left: usize,
+    /// Values the open containers declared and that have not started yet.
+    /// Each takes at least one byte still to come, so a container may
+    /// reserve room for its values only if the input has a byte for every
+    /// one of them beyond these: then every slot ever reserved stands for a
+    /// distinct input byte, and decoding allocates at most one `Value` per
+    /// input byte, whatever the declared lengths (nested containers that
+    /// each claim the whole rest of the input would otherwise reserve it
+    /// once per level).
+    pending: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -155,33 +165,41 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
-    fn array(&mut self, n: usize, depth: usize) -> Result<Value<'a>, MsgpackError> {
-        // Every element takes at least one byte: a length beyond the input is
-        // a lie, and must not size an allocation.
-        if n > self.remaining() {
+    /// Claims input bytes for `n` values about to be declared: a length
+    /// beyond what is left (after the values already declared) is a lie,
+    /// and must not size an allocation.
+    fn declare(&mut self, n: usize) -> Result<(), MsgpackError> {
+        if n > self.remaining().saturating_sub(self.pending) {
             return Err(MsgpackError::Truncated);
         }
         if n > self.values_left {
             return Err(MsgpackError::TooMany);
         }
+        self.pending += n;
+        Ok(())
+    }
+
+    /// One of the declared values, which starts now.
+    fn declared_value(&mut self, depth: usize) -> Result<Value<'a>, MsgpackError> {
+        self.pending -= 1;
+        self.value(depth)
+    }
+
+    fn array(&mut self, n: usize, depth: usize) -> Result<Value<'a>, MsgpackError> {
+        self.declare(n)?;
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
-            items.push(self.value(depth + 1)?);
+            items.push(self.declared_value(depth + 1)?);
         }
         Ok(Value::Array(items))
     }
 
     fn map(&mut self, n: usize, depth: usize) -> Result<Value<'a>, MsgpackError> {
-        if n > self.remaining() / 2 {
-            return Err(MsgpackError::Truncated);
-        }
-        if n > self.values_left / 2 {
-            return Err(MsgpackError::TooMany);
-        }
+        self.declare(n.checked_mul(2).ok_or(MsgpackError::Truncated)?)?;
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
-            let k = self.value(depth + 1)?;
-            let v = self.value(depth + 1)?;
+            let k = self.declared_value(depth + 1)?;
+            let v = self.declared_value(depth + 1)?;
             items.push((k, v));
         }
         Ok(Value::Map(items))
@@ -319,6 +337,25 @@ mod tests {
         assert_eq!(decode(&[0x01, 0x02]), Err(MsgpackError::TrailingBytes));
         let deep = vec![0x91u8; 100];
         assert_eq!(decode(&deep), Err(MsgpackError::TooDeep));
+    }
+
+    /// Nested containers cannot each claim the rest of the input: the
+    /// declared values of every open container need a byte each.
+    #[test]
+    fn nested_lengths_share_the_input() {
+        // [[1, 2], 3, 4]
+        let ok = [0x93, 0x92, 0x01, 0x02, 0x03, 0x04];
+        assert!(matches!(decode(&ok), Ok(Value::Array(v)) if v.len() == 3));
+        // The outer array's two later values leave no byte for the inner
+        // array's two: refused before the inner one reserves anything.
+        assert_eq!(
+            decode(&[0x93, 0x92, 0x01, 0x02, 0x03]),
+            Err(MsgpackError::Truncated)
+        );
+        assert_eq!(
+            decode(&[0x83, 0x92, 0x01, 0x02, 0x03, 0x04, 0x05]),
+            Err(MsgpackError::Truncated)
+        );
     }
 
     /// An array of a million one-byte integers would decode to 32 MB; past
