@@ -4,6 +4,14 @@
 //!   kvtier-benches --bench router`).
 //! - `replay`: the trace replay policy comparison (`cargo bench -p
 //!   kvtier-benches --bench replay -- --trace FILE`).
+//! - `indexer`: a trace replayed as store/remove/lookup operations through
+//!   the router index ([`stream`], [`harness`], [`kvtier`]); the same
+//!   harness runs NVIDIA Dynamo's indexers side by side in `benches/dynamo`.
+
+pub mod harness;
+pub mod inputs;
+pub mod kvtier;
+pub mod stream;
 
 /// Percentile (0..=1) of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -972,94 +972,118 @@ impl Index {
     }
 
     /// Walks the chain of `tokens` from `seed` in blocks of `block_size`.
+    ///
+    /// Per-worker state lives in a per-thread scratch that is never cleared
+    /// in full: steps are numbered from a base that grows with every walk, so
+    /// a stale mark never equals a current step, and only the workers that
+    /// matched the first block (or share its remote group) are reset and
+    /// reported. A lookup thus costs nothing per worker of the fleet, only per
+    /// holder it meets.
     pub fn lookup_keys(&self, seed: u64, tokens: &[u32], block_size: u32) -> Vec<WorkerMatch> {
         let topo = self.topo.read().clone();
-        let nw = topo.worker_ids.len();
-        let ng = topo.group_members.len();
-        let mut stamp = vec![0u32; nw];
-        let mut best = vec![0u8; nw];
-        let mut gstamp = vec![0u32; ng];
-        let mut counts = vec![[0u32; 4]; nw];
-        let mut alive: Vec<u32> = Vec::new();
         let keys = chain_keys(seed, tokens, block_size);
+        LOOKUP_SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let sc = &mut *guard;
+            sc.prepare(&topo, keys.len());
+            let counted = self.walk(&topo, &keys, sc);
+            let mut out = Vec::with_capacity(counted.len());
+            for &wi in &counted {
+                let c = std::mem::take(&mut sc.counts[wi as usize]);
+                if c.iter().any(|x| *x > 0) {
+                    if let Some(id) = &topo.worker_ids[wi as usize] {
+                        out.push(WorkerMatch {
+                            worker: id.clone(),
+                            blocks: c,
+                            block_size,
+                        });
+                    }
+                }
+            }
+            sc.ever = counted;
+            out
+        })
+    }
+
+    /// The walk of [`Index::lookup_keys`]; returns the workers that were
+    /// counted, by slot.
+    fn walk(&self, topo: &Topology, keys: &[ChainKey], sc: &mut LookupScratch) -> Vec<u32> {
+        let mut ever = std::mem::take(&mut sc.ever);
+        ever.clear();
+        sc.alive.clear();
         // Probe in chunks of growing size (4, 8, .. 64 blocks), each chunk
         // grouped by shard so one read lock covers several probes and their
         // cache misses overlap; a chunk past the frontier wastes at most as
         // many probes as the walk has made.
-        let mut buf: Vec<Holder> = Vec::new();
-        let mut ranges: Vec<Option<(usize, usize)>> = Vec::new();
-        let mut order: Vec<(usize, usize)> = Vec::new();
         let mut lo = 0usize;
         let mut chunk = 4usize;
         'walk: while lo < keys.len() {
             let hi = (lo + chunk).min(keys.len());
             chunk = (chunk * 2).min(64);
-            buf.clear();
-            ranges.clear();
-            ranges.resize(hi - lo, None);
-            order.clear();
-            order.extend((lo..hi).map(|p| (self.shard_of(keys[p]), p)));
-            order.sort_unstable();
+            sc.buf.clear();
+            sc.ranges.clear();
+            sc.ranges.resize(hi - lo, None);
+            sc.order.clear();
+            sc.order
+                .extend((lo..hi).map(|p| (self.shard_of(keys[p]), p)));
+            sc.order.sort_unstable();
             let mut k = 0;
-            while k < order.len() {
-                let s = order[k].0;
+            while k < sc.order.len() {
+                let s = sc.order[k].0;
                 let sh = self.shards[s].read();
-                while k < order.len() && order[k].0 == s {
-                    let p = order[k].1;
+                while k < sc.order.len() && sc.order[k].0 == s {
+                    let p = sc.order[k].1;
                     if let Some(e) = sh.map.get(&keys[p]) {
-                        let st = buf.len();
-                        buf.extend(e.iter());
-                        ranges[p - lo] = Some((st, buf.len()));
+                        let st = sc.buf.len();
+                        sc.buf.extend(e.iter());
+                        sc.ranges[p - lo] = Some((st, sc.buf.len()));
                     }
                     k += 1;
                 }
             }
             for i in lo..hi {
-                let step = i as u32 + 1;
-                {
-                    let Some((st, en)) = ranges[i - lo] else {
-                        break 'walk;
+                let step = sc.base + i as u32 + 1;
+                let Some((st, en)) = sc.ranges[i - lo] else {
+                    break 'walk;
+                };
+                for h in sc.buf[st..en].iter().copied() {
+                    let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
+                        continue;
                     };
-                    for h in buf[st..en].iter().copied() {
-                        let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
-                            continue;
-                        };
-                        if w == NONE {
-                            continue;
-                        }
-                        let t = h.tier() as u8;
-                        if t == 3 {
-                            let g = topo.worker_group[w as usize];
-                            if g != NONE {
-                                gstamp[g as usize] = step;
+                    if w == NONE {
+                        continue;
+                    }
+                    let t = h.tier() as u8;
+                    let wi = w as usize;
+                    if t == 3 {
+                        let g = topo.worker_group[wi];
+                        if g != NONE {
+                            if i == 0 && sc.gstamp[g as usize] != step {
+                                ever.extend_from_slice(&topo.group_members[g as usize]);
                             }
+                            sc.gstamp[g as usize] = step;
                         }
-                        let wi = w as usize;
-                        if stamp[wi] != step {
-                            stamp[wi] = step;
-                            best[wi] = t;
-                        } else if t < best[wi] {
-                            best[wi] = t;
+                    }
+                    if sc.stamp[wi] != step {
+                        if i == 0 {
+                            ever.push(w);
                         }
+                        sc.stamp[wi] = step;
+                        sc.best[wi] = t;
+                    } else if t < sc.best[wi] {
+                        sc.best[wi] = t;
                     }
                 }
-                if step == 1 {
-                    for (wi, st) in stamp.iter().enumerate() {
-                        if *st == step {
-                            alive.push(wi as u32);
-                        }
-                    }
-                    for (g, gs) in gstamp.iter().enumerate() {
-                        if *gs == step {
-                            for &m in &topo.group_members[g] {
-                                if stamp[m as usize] != step && !alive.contains(&m) {
-                                    alive.push(m);
-                                }
-                            }
-                        }
-                    }
+                if i == 0 {
+                    // Direct holders are pushed once each (first sighting at
+                    // this step); remote-group members may repeat them.
+                    ever.sort_unstable();
+                    ever.dedup();
+                    sc.alive.extend_from_slice(&ever);
                 }
-                alive.retain(|&w| {
+                let (stamp, best, gstamp, counts) =
+                    (&sc.stamp, &sc.best, &sc.gstamp, &mut sc.counts);
+                sc.alive.retain(|&w| {
                     let wi = w as usize;
                     if stamp[wi] == step {
                         counts[wi][best[wi] as usize] += 1;
@@ -1072,25 +1096,60 @@ impl Index {
                     }
                     false
                 });
-                if alive.is_empty() {
+                if sc.alive.is_empty() {
                     break 'walk;
                 }
             }
             lo = hi;
         }
-        counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.iter().any(|x| *x > 0))
-            .filter_map(|(wi, c)| {
-                topo.worker_ids[wi].as_ref().map(|id| WorkerMatch {
-                    worker: id.clone(),
-                    blocks: *c,
-                    block_size,
-                })
-            })
-            .collect()
+        sc.base = sc.base.wrapping_add(keys.len() as u32 + 1);
+        ever
     }
+}
+
+/// Per-thread state of [`Index::lookup_keys`], reused across lookups.
+#[derive(Default)]
+struct LookupScratch {
+    /// Per worker slot: the last step it held a block at, and its best tier
+    /// at that step.
+    stamp: Vec<u32>,
+    best: Vec<u8>,
+    /// Per remote group: the last step a member held the block in G4.
+    gstamp: Vec<u32>,
+    /// Per worker slot: blocks matched per tier; zero outside a walk.
+    counts: Vec<[u32; 4]>,
+    /// Steps of the next walk are numbered from here.
+    base: u32,
+    alive: Vec<u32>,
+    ever: Vec<u32>,
+    buf: Vec<Holder>,
+    ranges: Vec<Option<(usize, usize)>>,
+    order: Vec<(usize, usize)>,
+}
+
+impl LookupScratch {
+    fn prepare(&mut self, topo: &Topology, steps: usize) {
+        let (nw, ng) = (topo.worker_ids.len(), topo.group_members.len());
+        if self.stamp.len() < nw {
+            self.stamp.resize(nw, 0);
+            self.best.resize(nw, 0);
+            self.counts.resize(nw, [0; 4]);
+        }
+        if self.gstamp.len() < ng {
+            self.gstamp.resize(ng, 0);
+        }
+        // Before the step numbers would wrap: forget every mark.
+        if u64::from(self.base) + steps as u64 + 2 >= u64::from(u32::MAX) {
+            self.stamp.fill(0);
+            self.gstamp.fill(0);
+            self.base = 0;
+        }
+    }
+}
+
+thread_local! {
+    static LOOKUP_SCRATCH: std::cell::RefCell<LookupScratch> =
+        std::cell::RefCell::new(LookupScratch::default());
 }
 
 impl EventSink for Index {
