@@ -4,6 +4,9 @@
 //!   kvtier-benches --bench router`).
 //! - `replay`: the trace replay policy comparison (`cargo bench -p
 //!   kvtier-benches --bench replay -- --trace FILE`).
+//! - `gen_trace`: seeded synthetic traces of other shapes ([`traces`]).
+
+pub mod traces;
 
 /// Percentile (0..=1) of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

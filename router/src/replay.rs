@@ -37,7 +37,8 @@
 //!
 //! # Figures
 //!
-//! Hit ratio: reused prompt tokens (any tier) / prompt tokens. TTFT p50/p99.
+//! Hit ratio: reused prompt tokens (any tier) / prompt tokens. TTFT mean,
+//! p50, p99.
 //! Load imbalance: max / mean over workers of busy time (onboard + prefill
 //! seconds). The ideal hit ratio: an unbounded shared cache, requests in
 //! timestamp order, leading run of seen ids.
@@ -161,6 +162,7 @@ impl Policy {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PolicyResult {
     pub hit_ratio: f64,
+    pub ttft_mean_ms: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
     pub load_imbalance: f64,
@@ -594,6 +596,7 @@ impl Sim<'_> {
             } else {
                 hit_tokens as f64 / total_tokens as f64
             },
+            ttft_mean_ms: sorted.iter().sum::<f64>() * 1e3 / sorted.len().max(1) as f64,
             ttft_p50_ms: pct(0.5),
             ttft_p99_ms: pct(0.99),
             load_imbalance: if mean > 0.0 { max / mean } else { 1.0 },
@@ -629,19 +632,21 @@ impl Report {
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "ideal hit ratio (unbounded shared cache): {:.3}\n{:<14} {:>9} {:>14} {:>14} {:>15}\n",
+            "ideal hit ratio (unbounded shared cache): {:.3}\n{:<14} {:>9} {:>14} {:>14} {:>14} {:>15}\n",
             self.ideal_hit_ratio,
             "policy",
             "hit ratio",
+            "TTFT mean ms",
             "TTFT p50 ms",
             "TTFT p99 ms",
             "load max/mean"
         );
         for (pol, r) in &self.policies {
             s.push_str(&format!(
-                "{:<14} {:>9.3} {:>14.1} {:>14.1} {:>15.3}\n",
+                "{:<14} {:>9.3} {:>14.1} {:>14.1} {:>14.1} {:>15.3}\n",
                 pol.name(),
                 r.hit_ratio,
+                r.ttft_mean_ms,
                 r.ttft_p50_ms,
                 r.ttft_p99_ms,
                 r.load_imbalance
