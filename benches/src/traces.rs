@@ -58,13 +58,15 @@ impl Shape {
         }
     }
 
-    /// Arrivals per second (sessions, agents or requests) that keep 8
-    /// workers of 10k prefill tokens/s busy without swamping them: about
-    /// half of the fleet's prefill capacity under ideal reuse.
+    /// Arrivals per second (conversations, agents or requests) that keep
+    /// the replay's default fleet (8 workers of 10k prefill tokens/s) busy
+    /// without swamping it: the prompt tokens left to prefill under ideal
+    /// reuse are 30–45% of its capacity. Half of it is light, 1.5–2 times
+    /// heavy (`docs/benchmarks.md`).
     pub fn default_rate(self) -> f64 {
         match self {
-            Self::MultiTurn => 2.0,
-            Self::ToolAgent => 0.5,
+            Self::MultiTurn => 4.0,
+            Self::ToolAgent => 1.0,
             Self::ManyTenants => 25.0,
         }
     }

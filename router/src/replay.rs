@@ -31,7 +31,8 @@
 //! # Policies
 //!
 //! - `kv`: the router's scoring (estimated TTFT from the index's per-tier
-//!   match and the worker's queued prefill tokens and running requests).
+//!   match and the worker's queued prefill tokens and running requests,
+//!   plus the congestion charge of the work routed to it recently).
 //! - `round_robin`; `least_loaded` (fewest requests queued or running);
 //! - `prefix_only`: longest indexed prefix, ties to the least loaded.
 //!
@@ -53,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{EngineHash, Scope, Source, Tier, WorkerId};
 use crate::index::{chain_key, scope_seed, Index, IndexConfig};
-use crate::scoring::{Load, ScoringConfig};
+use crate::scoring::{Load, ScoringConfig, Utilization};
 
 /// Tokens per trace block.
 pub const TRACE_BLOCK: u64 = 512;
@@ -249,6 +250,9 @@ struct Engine {
     tiers: [Lru; 3],
     free_at: f64,
     busy_s: f64,
+    /// Onboard and prefill seconds routed here per second, as the router
+    /// tracks them.
+    work: Utilization,
     /// Requests queued or running (finish times).
     active: BinaryHeap<Reverse<OrdF64>>,
 }
@@ -320,6 +324,7 @@ impl<'a> Sim<'a> {
                 ],
                 free_at: 0.0,
                 busy_s: 0.0,
+                work: Utilization::default(),
                 active: BinaryHeap::new(),
             })
             .collect();
@@ -402,6 +407,7 @@ impl<'a> Sim<'a> {
         Load {
             backlog_tokens: backlog,
             in_flight: running,
+            utilization: e.work.get(now, self.scoring.utilization_window_s),
             ..Load::default()
         }
     }
@@ -518,7 +524,7 @@ impl Sim<'_> {
                                 }
                                 self.scoring
                                     .estimate(r.input_length, m, &self.load(w, now))
-                                    .ttft_s()
+                                    .cost_s()
                             })
                             .collect();
                         let fl: Vec<f64> = (0..n).map(|w| self.load(w, now).in_flight).collect();
@@ -556,6 +562,8 @@ impl Sim<'_> {
                 let e = &mut self.engines[w];
                 e.free_at = end;
                 e.busy_s += onboard + prefill;
+                e.work
+                    .add(now, onboard + prefill, self.scoring.utilization_window_s);
                 e.active.push(Reverse(OrdF64(
                     end + r.output_length as f64 * self.cfg.decode_s_per_token,
                 )));
