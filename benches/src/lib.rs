@@ -7,11 +7,13 @@
 //! - `indexer`: a trace replayed as store/remove/lookup operations through
 //!   the router index ([`stream`], [`harness`], [`kvtier`]); the same
 //!   harness runs NVIDIA Dynamo's indexers side by side in `benches/dynamo`.
+//! - `gen_trace`: seeded synthetic traces of other shapes ([`traces`]).
 
 pub mod harness;
 pub mod inputs;
 pub mod kvtier;
 pub mod stream;
+pub mod traces;
 
 /// Percentile (0..=1) of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

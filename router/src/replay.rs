@@ -31,13 +31,15 @@
 //! # Policies
 //!
 //! - `kv`: the router's scoring (estimated TTFT from the index's per-tier
-//!   match and the worker's queued prefill tokens and running requests).
+//!   match and the worker's queued prefill tokens and running requests,
+//!   plus the congestion charge of the work routed to it recently).
 //! - `round_robin`; `least_loaded` (fewest requests queued or running);
 //! - `prefix_only`: longest indexed prefix, ties to the least loaded.
 //!
 //! # Figures
 //!
-//! Hit ratio: reused prompt tokens (any tier) / prompt tokens. TTFT p50/p99.
+//! Hit ratio: reused prompt tokens (any tier) / prompt tokens. TTFT mean,
+//! p50, p99.
 //! Load imbalance: max / mean over workers of busy time (onboard + prefill
 //! seconds). The ideal hit ratio: an unbounded shared cache, requests in
 //! timestamp order, leading run of seen ids.
@@ -52,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{EngineHash, Scope, Source, Tier, WorkerId};
 use crate::index::{chain_key, scope_seed, Index, IndexConfig};
-use crate::scoring::{Load, ScoringConfig};
+use crate::scoring::{Load, ScoringConfig, Utilization};
 
 /// Tokens per trace block.
 pub const TRACE_BLOCK: u64 = 512;
@@ -161,6 +163,7 @@ impl Policy {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PolicyResult {
     pub hit_ratio: f64,
+    pub ttft_mean_ms: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
     pub load_imbalance: f64,
@@ -247,6 +250,9 @@ struct Engine {
     tiers: [Lru; 3],
     free_at: f64,
     busy_s: f64,
+    /// Onboard and prefill seconds routed here per second, as the router
+    /// tracks them.
+    work: Utilization,
     /// Requests queued or running (finish times).
     active: BinaryHeap<Reverse<OrdF64>>,
 }
@@ -318,6 +324,7 @@ impl<'a> Sim<'a> {
                 ],
                 free_at: 0.0,
                 busy_s: 0.0,
+                work: Utilization::default(),
                 active: BinaryHeap::new(),
             })
             .collect();
@@ -400,6 +407,7 @@ impl<'a> Sim<'a> {
         Load {
             backlog_tokens: backlog,
             in_flight: running,
+            utilization: e.work.get(now, self.scoring.utilization_window_s),
             ..Load::default()
         }
     }
@@ -516,7 +524,7 @@ impl Sim<'_> {
                                 }
                                 self.scoring
                                     .estimate(r.input_length, m, &self.load(w, now))
-                                    .ttft_s()
+                                    .cost_s()
                             })
                             .collect();
                         let fl: Vec<f64> = (0..n).map(|w| self.load(w, now).in_flight).collect();
@@ -554,6 +562,8 @@ impl Sim<'_> {
                 let e = &mut self.engines[w];
                 e.free_at = end;
                 e.busy_s += onboard + prefill;
+                e.work
+                    .add(now, onboard + prefill, self.scoring.utilization_window_s);
                 e.active.push(Reverse(OrdF64(
                     end + r.output_length as f64 * self.cfg.decode_s_per_token,
                 )));
@@ -594,6 +604,7 @@ impl Sim<'_> {
             } else {
                 hit_tokens as f64 / total_tokens as f64
             },
+            ttft_mean_ms: sorted.iter().sum::<f64>() * 1e3 / sorted.len().max(1) as f64,
             ttft_p50_ms: pct(0.5),
             ttft_p99_ms: pct(0.99),
             load_imbalance: if mean > 0.0 { max / mean } else { 1.0 },
@@ -629,19 +640,21 @@ impl Report {
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "ideal hit ratio (unbounded shared cache): {:.3}\n{:<14} {:>9} {:>14} {:>14} {:>15}\n",
+            "ideal hit ratio (unbounded shared cache): {:.3}\n{:<14} {:>9} {:>14} {:>14} {:>14} {:>15}\n",
             self.ideal_hit_ratio,
             "policy",
             "hit ratio",
+            "TTFT mean ms",
             "TTFT p50 ms",
             "TTFT p99 ms",
             "load max/mean"
         );
         for (pol, r) in &self.policies {
             s.push_str(&format!(
-                "{:<14} {:>9.3} {:>14.1} {:>14.1} {:>15.3}\n",
+                "{:<14} {:>9.3} {:>14.1} {:>14.1} {:>14.1} {:>15.3}\n",
                 pol.name(),
                 r.hit_ratio,
+                r.ttft_mean_ms,
                 r.ttft_p50_ms,
                 r.ttft_p99_ms,
                 r.load_imbalance

@@ -73,7 +73,8 @@ pub struct Candidate {
     pub matched_blocks: TierBlocks,
     /// Matched prefix in tokens (blocks x the events' block size).
     pub matched_tokens: u64,
-    /// Estimated TTFT in milliseconds (lower is better).
+    /// Estimated TTFT plus the congestion charge, in milliseconds (lower
+    /// is better; see `scoring`).
     pub score: f64,
 }
 
@@ -216,27 +217,29 @@ impl Router {
             &tokens,
         );
         let rate = self.scoring.prefill_tokens_per_s;
+        let window = self.scoring.utilization_window_s;
         let ttl = Duration::from_secs(self.load.in_flight_ttl_s);
         let prompt = tokens.len() as u64;
         let mut scored = Vec::with_capacity(workers.len());
         for w in &workers {
             let m = matches.iter().find(|m| m.worker == w.id);
             let (blocks, tok) = m.map_or(([0; 4], [0; 4]), |m| (m.blocks, m.tokens()));
-            let load = w.load(rate, ttl);
+            let load = w.load(rate, window, ttl);
             let est = self.scoring.estimate(prompt, tok, &load);
-            scored.push((w.clone(), blocks, tok, est.ttft_s(), load.in_flight));
+            scored.push((w.clone(), blocks, tok, est, load.in_flight));
         }
-        let ttft: Vec<f64> = scored.iter().map(|s| s.3).collect();
+        let cost: Vec<f64> = scored.iter().map(|s| s.3.cost_s()).collect();
         let fl: Vec<f64> = scored.iter().map(|s| s.4).collect();
         let tie = self.next_id.load(Ordering::Relaxed) as usize;
         let pick = self
             .scoring
-            .choose(&ttft, &fl, tie, self.uniform())
+            .choose(&cost, &fl, tie, self.uniform())
             .ok_or_else(|| RouteError::NoWorkers(req.model.clone()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (chosen, blocks, tok, _, _) = &scored[pick];
+        let (chosen, blocks, tok, est, _) = &scored[pick];
         let held: u64 = tok.iter().sum();
-        chosen.begin(id, prompt.saturating_sub(held) as f64, rate);
+        let work = est.prefill_s + est.onboard_s;
+        chosen.begin(id, prompt.saturating_sub(held) as f64, work, rate, window);
         self.metrics.matched(*blocks);
         let mut candidates: Vec<Candidate> = scored
             .iter()
@@ -244,7 +247,7 @@ impl Router {
                 worker_id: w.id.to_string(),
                 matched_blocks: (*b).into(),
                 matched_tokens: t.iter().sum(),
-                score: s * 1e3,
+                score: s.cost_s() * 1e3,
             })
             .collect();
         candidates.sort_by(|a, b| a.score.total_cmp(&b.score));

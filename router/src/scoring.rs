@@ -9,6 +9,8 @@
 //!          + remote tokens * min(kv_bytes_per_token / remote_bandwidth, 1 / prefill_rate)
 //! decode   = max(router in flight, engine running) * decode_interference_s
 //! pressure = kv_pressure_s if engine kv_cache_usage >= kv_usage_threshold else 0
+//! cost       = ttft + congestion
+//! congestion = (prefill + onboard) * u / (1 - u),  u = min(utilization, 0.9)
 //! ```
 //!
 //! GPU-resident tokens cost nothing. What the engine loads from host memory
@@ -16,12 +18,30 @@
 //! (`kvtier_client::cost::CostModel::plan`, here with the configured rates):
 //! nothing, the host part, or host and disk, whichever saves the most, so the
 //! router scores a worker by what its engine will actually do. A remote tier
-//! slower than recomputing costs what recomputing costs. The worker with the
-//! lowest estimate wins (`temperature` 0), or one is drawn with probability
-//! `softmax(-ttft / (temperature * max(min ttft, 1 ms)))`. See `docs/router.md`.
+//! slower than recomputing costs what recomputing costs.
+//!
+//! The TTFT alone is one request's view: it sends a long conversation to an
+//! idle worker to recompute it rather than wait behind a short queue where
+//! its prefix lives, and that extra work then delays every request queued
+//! behind it. Under load those moves compound until the fleet recomputes
+//! more than it can serve. `congestion` charges the work a request adds to
+//! a worker with the delay it imposes on the requests that will queue behind
+//! it, about `u / (1 - u)` of them on a worker busy a share `u` of the time
+//! (the mean number in an M/M/1 queue), `u` measured from the work routed to
+//! the worker over the last `utilization_window_s`. The charge is per
+//! worker, so busy workers' prefixes cost more to reuse and idle workers
+//! draw new prefixes: the same term keeps the load even. The worker with the
+//! lowest cost wins (`temperature` 0), or one is drawn with probability
+//! `softmax(-cost / (temperature * max(min cost, 1 ms)))`. See
+//! `docs/router.md`.
 
 use kvtier_client::cost::{CostModel, Source};
 use serde::{Deserialize, Serialize};
+
+/// Utilization at which the congestion charge stops growing (9 times the
+/// work): past it, queues (which grow without bound on an overloaded
+/// worker) must still be able to move a request.
+const MAX_UTILIZATION: f64 = 0.9;
 
 /// Parameters of the TTFT model. Every default is the value after `=` in
 /// `docs/router.md` and below.
@@ -51,6 +71,9 @@ pub struct ScoringConfig {
     pub kv_pressure_s: f64,
     /// Softmax temperature; 0 picks the lowest estimate. Default 0.
     pub temperature: f64,
+    /// Window of the utilization behind the congestion charge (an
+    /// exponential moving average), seconds. Default 30.
+    pub utilization_window_s: f64,
 }
 
 impl Default for ScoringConfig {
@@ -66,6 +89,7 @@ impl Default for ScoringConfig {
             kv_usage_threshold: 0.95,
             kv_pressure_s: 1.0,
             temperature: 0.0,
+            utilization_window_s: 30.0,
         }
     }
 }
@@ -84,6 +108,33 @@ pub struct Load {
     pub engine_running: f64,
     /// `vllm:kv_cache_usage_perc`, 0..1.
     pub kv_usage: f64,
+    /// Share of the recent past the worker spends on the prefill and
+    /// onboard work routed to it ([`Utilization`]), 0..1 (above 1 when
+    /// overloaded).
+    pub utilization: f64,
+}
+
+/// Work routed to one worker per second: the prefill and onboard seconds of
+/// its requests, an exponential moving average over a window. Times are
+/// seconds from any fixed origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Utilization {
+    level: f64,
+    at_s: f64,
+}
+
+impl Utilization {
+    /// Counts `work_s` seconds of work routed at `now_s`.
+    pub fn add(&mut self, now_s: f64, work_s: f64, window_s: f64) {
+        self.level = self.get(now_s, window_s) + work_s.max(0.0) / window_s.max(1e-3);
+        self.at_s = now_s.max(self.at_s);
+    }
+
+    /// Work per second at `now_s`.
+    pub fn get(&self, now_s: f64, window_s: f64) -> f64 {
+        let dt = (now_s - self.at_s).max(0.0);
+        self.level * (-dt / window_s.max(1e-3)).exp()
+    }
 }
 
 /// The parts of one estimate, in seconds.
@@ -94,11 +145,19 @@ pub struct Estimate {
     pub onboard_s: f64,
     pub decode_s: f64,
     pub pressure_s: f64,
+    /// Not part of the TTFT: the delay the request's work imposes on the
+    /// worker's later requests (see the module documentation).
+    pub congestion_s: f64,
 }
 
 impl Estimate {
     pub fn ttft_s(&self) -> f64 {
         self.queue_s + self.prefill_s + self.onboard_s + self.decode_s + self.pressure_s
+    }
+
+    /// What the choice compares: the TTFT and the congestion charge.
+    pub fn cost_s(&self) -> f64 {
+        self.ttft_s() + self.congestion_s
     }
 }
 
@@ -159,16 +218,23 @@ impl ScoringConfig {
         } else {
             0.0
         };
+        let prefill_s = recompute / rate;
+        let u = if load.utilization.is_finite() {
+            load.utilization.clamp(0.0, MAX_UTILIZATION)
+        } else {
+            MAX_UTILIZATION
+        };
         Estimate {
             queue_s,
-            prefill_s: recompute / rate,
+            prefill_s,
             onboard_s,
             decode_s,
             pressure_s,
+            congestion_s: (prefill_s + onboard_s) * u / (1.0 - u),
         }
     }
 
-    /// Picks among estimates (seconds, one per candidate): the lowest with
+    /// Picks among costs (seconds, one per candidate): the lowest with
     /// temperature 0 (ties go to the fewest `in_flight`, then to the first
     /// at or after `tie_start`), else a softmax draw with `uniform` in
     /// `[0, 1)`. None when `ttft` is empty.
@@ -279,6 +345,47 @@ mod tests {
         let want = bytes / 25e9 + bytes * (1.0 / 5e9 + 1.0 / 25e9);
         assert!((e.onboard_s - want).abs() < 1e-9, "{e:?}");
         assert!((e.prefill_s - 0.1).abs() < 1e-9, "{e:?}");
+    }
+
+    /// A long conversation whose prefix sits behind a queue: by TTFT alone
+    /// an idle worker recomputing it all is a little faster; on a busy
+    /// fleet that recomputation delays the requests behind it, so it stays.
+    /// On an idle fleet the TTFT decides as before.
+    #[test]
+    fn busy_fleet_reuses_prefixes_behind_short_queues() {
+        let c = ScoringConfig::default();
+        let est = |matched: u64, backlog: f64, utilization: f64| {
+            let l = Load {
+                backlog_tokens: backlog,
+                utilization,
+                ..Load::default()
+            };
+            c.estimate(20_000, [matched, 0, 0, 0], &l)
+        };
+        let (warm, cold) = (est(19_000, 20_000.0, 0.0), est(0, 0.0, 0.0));
+        assert!(cold.ttft_s() < warm.ttft_s());
+        assert!(cold.cost_s() < warm.cost_s());
+        assert_eq!(cold.congestion_s, 0.0);
+        let (warm, cold) = (est(19_000, 20_000.0, 0.7), est(0, 0.0, 0.7));
+        assert!(cold.ttft_s() < warm.ttft_s());
+        assert!(warm.cost_s() < cold.cost_s(), "{warm:?} {cold:?}");
+        // per worker: an idle worker's work is not charged
+        assert!(est(0, 0.0, 0.0).cost_s() < warm.cost_s());
+        // overloaded (or unknown) counts as the cap, never infinite
+        let over = est(0, 0.0, 5.0);
+        assert!((over.congestion_s - 2.0 * 9.0).abs() < 1e-9, "{over:?}");
+        assert!(est(0, 0.0, f64::NAN).cost_s().is_finite());
+    }
+
+    #[test]
+    fn utilization_is_work_per_second_over_the_window() {
+        let mut u = Utilization::default();
+        u.add(0.0, 15.0, 30.0);
+        u.add(0.0, 15.0, 30.0);
+        assert!((u.get(0.0, 30.0) - 1.0).abs() < 1e-12);
+        assert!((u.get(30.0, 30.0) - (-1.0f64).exp()).abs() < 1e-12);
+        u.add(30.0, 3.0, 30.0);
+        assert!((u.get(30.0, 30.0) - (-1.0f64).exp() - 0.1).abs() < 1e-12);
     }
 
     #[test]

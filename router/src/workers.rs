@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::WorkerId;
 use crate::index::Index;
-use crate::scoring::Load;
+use crate::scoring::{Load, Utilization};
 
 /// A worker as registered (`POST /v1/workers`, `[[workers]]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +99,9 @@ struct InFlight {
     backlog: f64,
     last: Instant,
     requests: HashMap<u64, Instant>,
+    /// Work routed here per second, timed from `since`.
+    work: Utilization,
+    since: Instant,
 }
 
 /// Engine figures from the last scrape.
@@ -131,6 +134,8 @@ impl Worker {
                 backlog: 0.0,
                 last: Instant::now(),
                 requests: HashMap::new(),
+                work: Utilization::default(),
+                since: Instant::now(),
             }),
             engine: Mutex::new(EngineLoad::default()),
             guards: Mutex::new(Vec::new()),
@@ -150,29 +155,35 @@ impl Worker {
         *self.engine.lock()
     }
 
-    /// The load snapshot scoring uses.
-    pub fn load(&self, rate: f64, ttl: Duration) -> Load {
+    /// The load snapshot scoring uses (utilization over `window_s`).
+    pub fn load(&self, rate: f64, window_s: f64, ttl: Duration) -> Load {
         let now = Instant::now();
         let mut f = self.in_flight.lock();
         drain(&mut f, now, rate);
         f.requests.retain(|_, t| now.duration_since(*t) < ttl);
         let e = *self.engine.lock();
+        let at = now.duration_since(f.since).as_secs_f64();
         Load {
             backlog_tokens: f.backlog,
             in_flight: f.requests.len() as f64,
             engine_waiting: e.waiting,
             engine_running: e.running,
             kv_usage: e.kv_usage,
+            utilization: f.work.get(at, window_s),
         }
     }
 
-    /// Counts a routed request: `recompute` prefill tokens join the backlog.
-    pub fn begin(&self, id: u64, recompute: f64, rate: f64) {
+    /// Counts a routed request: `recompute` prefill tokens join the backlog,
+    /// `work_s` seconds (prefill and onboard) the utilization over
+    /// `window_s`.
+    pub fn begin(&self, id: u64, recompute: f64, work_s: f64, rate: f64, window_s: f64) {
         let now = Instant::now();
         let mut f = self.in_flight.lock();
         drain(&mut f, now, rate);
         f.backlog += recompute.max(0.0);
         f.requests.insert(id, now);
+        let at = now.duration_since(f.since).as_secs_f64();
+        f.work.add(at, work_s, window_s);
     }
 
     /// The request is done; false when it was not in flight here.
@@ -455,18 +466,20 @@ mod tests {
     #[test]
     fn in_flight_and_backlog() {
         let w = Worker::new(spec("a"));
-        w.begin(1, 1000.0, 0.0);
-        w.begin(2, 500.0, 0.0);
-        let l = w.load(0.0, Duration::from_secs(60));
+        w.begin(1, 1000.0, 0.1, 0.0, 30.0);
+        w.begin(2, 500.0, 0.05, 0.0, 30.0);
+        let l = w.load(0.0, 30.0, Duration::from_secs(60));
+        // 0.15 s of work over a 30 s window, barely decayed since
+        assert!(l.utilization > 0.0049 && l.utilization <= 0.005, "{l:?}");
         assert_eq!(l.in_flight, 2.0);
         assert_eq!(l.backlog_tokens, 1500.0);
         assert!(w.end(1));
         assert!(!w.end(1));
-        assert_eq!(w.load(0.0, Duration::from_secs(60)).in_flight, 1.0);
-        assert_eq!(w.load(0.0, Duration::ZERO).in_flight, 0.0);
+        assert_eq!(w.load(0.0, 30.0, Duration::from_secs(60)).in_flight, 1.0);
+        assert_eq!(w.load(0.0, 30.0, Duration::ZERO).in_flight, 0.0);
         // drains at the rate
         std::thread::sleep(Duration::from_millis(20));
-        assert!(w.load(1e6, Duration::ZERO).backlog_tokens < 1500.0);
+        assert!(w.load(1e6, 30.0, Duration::ZERO).backlog_tokens < 1500.0);
     }
 
     #[test]

@@ -151,7 +151,11 @@ async fn routes_follow_the_index() {
     assert_eq!(cand(&d, "a")["matched_blocks"]["host"], 10);
     assert_eq!(cand(&d, "a")["matched_blocks"]["remote"], 0);
     assert_eq!(cand(&d, "b")["matched_blocks"]["remote"], 0);
-    assert_eq!(d["worker_id"], "b");
+    // b's 32 GPU blocks beat a's 10 host blocks on equal loads, but b may
+    // still be draining the backlog of the first route (51 ms) and a was
+    // idle, so which wins depends on the clock: the choice follows the
+    // scores (candidates come sorted by score)
+    assert_eq!(d["worker_id"], d["candidates"][0]["worker_id"], "{d}");
 
     // deleting b purges its blocks
     let before = index.holdings();
