@@ -142,6 +142,10 @@ async fn routes_follow_the_index() {
         },
         tier: Some(Tier::Remote),
     });
+    // b's 32 GPU blocks beat a's 10 host blocks once loads are equal: b's
+    // backlog from the first route (512 tokens, 51 ms) has drained by now,
+    // and a and b each have one request in flight.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let d = tokio::task::spawn_blocking({
         let p = prompt.clone();
         move || route(addr, &p)
@@ -151,11 +155,7 @@ async fn routes_follow_the_index() {
     assert_eq!(cand(&d, "a")["matched_blocks"]["host"], 10);
     assert_eq!(cand(&d, "a")["matched_blocks"]["remote"], 0);
     assert_eq!(cand(&d, "b")["matched_blocks"]["remote"], 0);
-    // b's 32 GPU blocks beat a's 10 host blocks on equal loads, but b may
-    // still be draining the backlog of the first route (51 ms) and a was
-    // idle, so which wins depends on the clock: the choice follows the
-    // scores (candidates come sorted by score)
-    assert_eq!(d["worker_id"], d["candidates"][0]["worker_id"], "{d}");
+    assert_eq!(d["worker_id"], "b", "{d}");
 
     // deleting b purges its blocks
     let before = index.holdings();
