@@ -1078,6 +1078,8 @@ impl Index {
         // many probes as the walk has made.
         let mut lo = 0usize;
         let mut chunk = 4usize;
+        // Blocks in a row with the same holders, not yet counted.
+        let mut repeats = 0u32;
         'walk: while lo < keys.len() {
             let hi = (lo + chunk).min(keys.len());
             chunk = (chunk * 2).min(64);
@@ -1107,6 +1109,19 @@ impl Index {
                 let Some((st, en)) = sc.ranges[i - lo] else {
                     break 'walk;
                 };
+                // The same holders, in the same order, as the block before
+                // (a prefix many workers stored alike): every worker still
+                // alive gains one block in the tier it was counted in, so
+                // the block is counted in bulk when the holders change.
+                if i > lo {
+                    if let Some((ps, pe)) = sc.ranges[i - 1 - lo] {
+                        if same_holders(&sc.buf[ps..pe], &sc.buf[st..en]) {
+                            repeats += 1;
+                            continue;
+                        }
+                    }
+                }
+                count_repeats(&mut sc.counts, &sc.alive, std::mem::take(&mut repeats));
                 for h in sc.buf[st..en].iter().copied() {
                     let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
                         continue;
@@ -1140,22 +1155,23 @@ impl Index {
                     // this step); remote-group members may repeat them.
                     ever.sort_unstable();
                     ever.dedup();
-                    sc.alive.extend_from_slice(&ever);
+                    sc.alive.extend(ever.iter().map(|&w| (w, 0)));
                 }
                 let (stamp, best, gstamp, counts) =
                     (&sc.stamp, &sc.best, &sc.gstamp, &mut sc.counts);
-                sc.alive.retain(|&w| {
-                    let wi = w as usize;
+                sc.alive.retain_mut(|(w, counted)| {
+                    let wi = *w as usize;
                     if stamp[wi] == step {
-                        counts[wi][best[wi] as usize] += 1;
-                        return true;
+                        *counted = best[wi];
+                    } else {
+                        let g = topo.worker_group[wi];
+                        if g == NONE || gstamp[g as usize] != step {
+                            return false;
+                        }
+                        *counted = 3;
                     }
-                    let g = topo.worker_group[wi];
-                    if g != NONE && gstamp[g as usize] == step {
-                        counts[wi][3] += 1;
-                        return true;
-                    }
-                    false
+                    counts[wi][*counted as usize] += 1;
+                    true
                 });
                 if sc.alive.is_empty() {
                     break 'walk;
@@ -1163,8 +1179,24 @@ impl Index {
             }
             lo = hi;
         }
+        count_repeats(&mut sc.counts, &sc.alive, repeats);
         sc.base = sc.base.wrapping_add(keys.len() as u32 + 1);
         ever
+    }
+}
+
+/// Whether two blocks have the same holders in the same order.
+fn same_holders(a: &[Holder], b: &[Holder]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.slot_tier == y.slot_tier)
+}
+
+/// Counts `repeats` more blocks for every alive worker, each in the tier it
+/// was last counted in.
+fn count_repeats(counts: &mut [[u32; 4]], alive: &[(u32, u8)], repeats: u32) {
+    if repeats > 0 {
+        for &(w, t) in alive {
+            counts[w as usize][t as usize] += repeats;
+        }
     }
 }
 
@@ -1181,7 +1213,9 @@ struct LookupScratch {
     counts: Vec<[u32; 4]>,
     /// Steps of the next walk are numbered from here.
     base: u32,
-    alive: Vec<u32>,
+    /// Workers whose match is still growing, with the tier their last
+    /// block was counted in.
+    alive: Vec<(u32, u8)>,
     ever: Vec<u32>,
     buf: Vec<Holder>,
     ranges: Vec<Option<(usize, usize)>>,
