@@ -27,10 +27,11 @@
 //! # Concurrency and memory
 //!
 //! The key space is split over `shards` hash maps, each behind its own
-//! `RwLock`; a lookup takes one short read lock per block of the request and
-//! stops at the first block nobody holds, an event takes one short write lock
-//! per block. The per-source join tables sit behind per-source mutexes that
-//! lookups never touch. The index holds at most `max_blocks` holdings (a
+//! `RwLock`; a lookup probes the request's blocks in growing chunks, one short
+//! read lock per shard a chunk touches, and stops at the first block nobody
+//! holds; an event takes one short write lock per shard it touches. A writer
+//! holding a shard's lock still stalls that shard's readers. The per-source
+//! join tables sit behind per-source mutexes that lookups never touch. The index holds at most `max_blocks` holdings (a
 //! (block, worker source, tier) triple); past that each shard prunes its oldest
 //! holdings first.
 
