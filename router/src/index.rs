@@ -27,10 +27,11 @@
 //! # Concurrency and memory
 //!
 //! The key space is split over `shards` hash maps, each behind its own
-//! `RwLock`; a lookup takes one short read lock per block of the request and
-//! stops at the first block nobody holds, an event takes one short write lock
-//! per block. The per-source join tables sit behind per-source mutexes that
-//! lookups never touch. The index holds at most `max_blocks` holdings (a
+//! `RwLock`; a lookup probes the request's blocks in growing chunks, one short
+//! read lock per shard a chunk touches, and stops at the first block nobody
+//! holds; an event takes one short write lock per shard it touches. A writer
+//! holding a shard's lock still stalls that shard's readers. The per-source
+//! join tables sit behind per-source mutexes that lookups never touch. The index holds at most `max_blocks` holdings (a
 //! (block, worker source, tier) triple); past that each shard prunes its oldest
 //! holdings first.
 
@@ -198,6 +199,10 @@ struct Joined {
 struct SourceSlot {
     worker_slot: u32,
     join: Mutex<[FxHashMap<EngineHash, Joined>; 4]>,
+    /// The last (scope, block size) this source stored and its scope id: a
+    /// source keeps one scope for long, so a store skips the index-wide
+    /// scope and variant tables (and their locks) in the common case.
+    last_scope: Mutex<Option<(Scope, u32, u32)>>,
 }
 
 /// Sources, workers and remote groups; copied on change so lookups read a
@@ -216,7 +221,7 @@ struct Topology {
 
 #[derive(Default)]
 struct Registry {
-    sources: HashMap<Source, u32>,
+    sources: FxHashMap<Source, u32>,
     source_slots: Vec<Option<Arc<SourceSlot>>>,
     workers: HashMap<WorkerId, u32>,
     groups: HashMap<Arc<str>, u32>,
@@ -224,7 +229,7 @@ struct Registry {
 }
 
 /// (model, lora) -> set of (group, block_size) seen in events.
-type Variants = HashMap<(Arc<str>, Option<Arc<str>>), Vec<(u32, u32)>>;
+type Variants = FxHashMap<(Arc<str>, Option<Arc<str>>), Vec<(u32, u32)>>;
 
 /// Counters the index keeps; read by `/metrics`.
 #[derive(Default, Debug)]
@@ -271,12 +276,19 @@ pub struct Index {
     per_shard_limit: usize,
     registry: RwLock<Registry>,
     topo: RwLock<Arc<Topology>>,
+    /// Bumped after every topology change; lookups keep the topology they
+    /// last read per thread and re-read it only when this moved.
+    topo_gen: AtomicU64,
+    /// Tells indexes apart in per-thread caches.
+    id: u64,
     variants: RwLock<Variants>,
-    scopes: RwLock<HashMap<Scope, u32>>,
+    scopes: RwLock<FxHashMap<Scope, u32>>,
     pub stats: IndexStats,
 }
 
 const NONE: u32 = u32::MAX;
+
+static NEXT_INDEX_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The seed of a chain: scope, block size and tenant salt.
 pub fn scope_seed(
@@ -347,8 +359,10 @@ impl Index {
             per_shard_limit: (cfg.max_blocks / n).max(1),
             registry: RwLock::new(Registry::default()),
             topo: RwLock::new(Arc::new(Topology::default())),
-            variants: RwLock::new(HashMap::new()),
-            scopes: RwLock::new(HashMap::new()),
+            topo_gen: AtomicU64::new(0),
+            id: NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed),
+            variants: RwLock::new(Variants::default()),
+            scopes: RwLock::new(FxHashMap::default()),
             stats: IndexStats::default(),
         }
     }
@@ -389,6 +403,22 @@ impl Index {
 
     fn publish_topology(&self, reg: &Registry) {
         *self.topo.write() = Arc::new(reg.topo.clone());
+        self.topo_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// The current topology: a thread's cached copy unless the topology
+    /// changed since (no lock and no shared counter on the lookup path).
+    fn topology(&self, cache: Option<TopoCache>) -> TopoCache {
+        let gen = self.topo_gen.load(Ordering::Acquire);
+        match cache {
+            Some(c) if c.index == self.id && c.gen == gen => c,
+            // Read after the generation: at least as new as `gen`.
+            _ => TopoCache {
+                index: self.id,
+                gen,
+                topo: self.topo.read().clone(),
+            },
+        }
     }
 
     fn worker_slot_locked(reg: &mut Registry, worker: &WorkerId) -> u32 {
@@ -463,6 +493,7 @@ impl Index {
         let slot = Arc::new(SourceSlot {
             worker_slot,
             join: Mutex::new(Default::default()),
+            last_scope: Mutex::new(None),
         });
         reg.source_slots[s as usize] = Some(slot.clone());
         reg.topo.src_worker[s as usize] = worker_slot;
@@ -534,25 +565,19 @@ impl Index {
                 .collect()
         };
         for (ti, keys) in drained {
-            self.remove_holdings(s << 2 | ti, &keys);
+            self.remove_holdings(s << 2 | ti, &keys, &mut Vec::new());
         }
     }
 
-    /// Removes holder `slot_tier` from `keys`, grouped by shard.
-    fn remove_holdings(&self, slot_tier: u32, keys: &[ChainKey]) {
-        if keys.is_empty() {
-            return;
-        }
-        let mut by_shard: Vec<Vec<ChainKey>> = vec![Vec::new(); self.shards.len()];
-        for k in keys {
-            by_shard[self.shard_of(*k)].push(*k);
-        }
-        for (i, ks) in by_shard.into_iter().enumerate() {
-            if ks.is_empty() {
-                continue;
-            }
-            let mut sh = self.shards[i].write();
-            for k in ks {
+    /// Removes holder `slot_tier` from `keys`, one write lock per shard
+    /// touched; `order` is scratch.
+    fn remove_holdings(&self, slot_tier: u32, keys: &[ChainKey], order: &mut Vec<(u32, u64)>) {
+        order.clear();
+        order.extend(keys.iter().map(|k| (self.shard_of(*k) as u32, *k)));
+        order.sort_unstable_by_key(|x| x.0);
+        for run in order.chunk_by(|a, b| a.0 == b.0) {
+            let mut sh = self.shards[run[0].0 as usize].write();
+            for &(_, k) in run {
                 Self::remove_in_shard(&mut sh, k, |h| h.slot_tier == slot_tier);
             }
         }
@@ -584,6 +609,20 @@ impl Index {
         let mut w = self.scopes.write();
         let next = w.len() as u32;
         *w.entry(scope.clone()).or_insert(next)
+    }
+
+    /// The scope id of a store by `slot`, noting its variant.
+    fn scope_of(&self, slot: &SourceSlot, scope: &Scope, block_size: u32) -> u32 {
+        let mut last = slot.last_scope.lock();
+        if let Some((sc, bs, id)) = &*last {
+            if *bs == block_size && sc == scope {
+                return *id;
+            }
+        }
+        let id = self.scope_id(scope);
+        self.note_variant(scope, block_size);
+        *last = Some((scope.clone(), block_size, id));
+        id
     }
 
     fn note_variant(&self, scope: &Scope, block_size: u32) {
@@ -629,7 +668,7 @@ impl Index {
         if n == 0 {
             return 0;
         }
-        let (_, slot) = self.source_slot(source);
+        let (s, slot) = self.source_slot(source);
         let seed = match parent {
             None => scope_seed(
                 &scope.model,
@@ -646,15 +685,8 @@ impl Index {
                 }
             },
         };
-        self.store_with_seed(
-            source,
-            tier,
-            scope,
-            &hashes[..n],
-            seed,
-            token_ids,
-            block_size,
-        )
+        let chain = Chain::new(&hashes[..n], token_ids, block_size, seed);
+        self.store_in(s, &slot, tier, scope, chain)
     }
 
     /// Stores a chain whose first block's key is computed from `seed` (the
@@ -677,89 +709,107 @@ impl Index {
             return 0;
         }
         let (s, slot) = self.source_slot(source);
+        let chain = Chain::new(&hashes[..n], token_ids, block_size, seed);
+        self.store_in(s, &slot, tier, scope, chain)
+    }
+
+    /// [`Index::store_with_seed`] for a resolved source and one hash per
+    /// full block of `token_ids`; allocates nothing per event (per-thread
+    /// scratch).
+    fn store_in(
+        &self,
+        s: u32,
+        slot: &SourceSlot,
+        tier: Tier,
+        scope: &Scope,
+        chain: Chain<'_>,
+    ) -> usize {
+        let Chain {
+            hashes,
+            token_ids,
+            block_size,
+            seed,
+        } = chain;
+        let bs = block_size.max(1) as usize;
+        let n = hashes.len();
         let ti = tier_index(tier);
-        let scope_id = self.scope_id(scope);
-        self.note_variant(scope, block_size);
-        let mut keys = Vec::with_capacity(n);
+        let scope_id = self.scope_of(slot, scope, block_size);
+        // Taken, not borrowed: the calls below may use a scratch of their own.
+        let mut sc = EVENT_SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        sc.keys.clear();
         let mut prev = seed;
         for c in token_ids.chunks_exact(bs).take(n) {
             prev = chain_key(prev, c);
-            keys.push(prev);
+            sc.keys.push(prev);
         }
         // A hash this source placed elsewhere before (or twice in this
         // chain) now means the new place; the old holding would be out of
         // reach of the source's removes and clears, so it goes.
-        let mut superseded = Vec::new();
+        sc.superseded.clear();
         {
             let mut join = slot.join.lock();
-            for (h, k) in hashes.iter().zip(&keys) {
+            for (h, k) in hashes.iter().zip(&sc.keys) {
                 let new = Joined {
                     key: *k,
                     scope: scope_id,
                 };
                 if let Some(old) = join[ti].insert(*h, new) {
                     if old.key != *k {
-                        superseded.push(old.key);
+                        sc.superseded.push(old.key);
                     }
                 }
             }
-            if !superseded.is_empty() {
+            if !sc.superseded.is_empty() {
                 // Not a place that another hash of this chain holds now.
-                let live: HashSet<ChainKey> = hashes[..n]
+                let live: HashSet<ChainKey> = hashes
                     .iter()
                     .filter_map(|h| join[ti].get(h).map(|j| j.key))
                     .collect();
-                superseded.retain(|k| !live.contains(k));
+                sc.superseded.retain(|k| !live.contains(k));
             }
         }
         let slot_tier = s << 2 | ti as u32;
-        let mut pruned: Vec<(u32, EngineHash, ChainKey)> = Vec::new();
-        // One write lock per shard the event touches, not one per block:
-        // the blocks are grouped by shard (a counting sort, order kept
-        // within a shard, so stamps still follow the chain).
-        let shard_ids: Vec<usize> = keys.iter().map(|k| self.shard_of(*k)).collect();
-        let mut start = vec![0usize; self.shards.len() + 1];
-        for &sid in &shard_ids {
-            start[sid + 1] += 1;
+        sc.pruned.clear();
+        // One write lock per shard the event touches, not one per block;
+        // the sort is stable on chain position within a shard, so stamps
+        // still follow the chain.
+        sc.order.clear();
+        sc.order.extend(
+            sc.keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (self.shard_of(*k) as u32, i as u64)),
+        );
+        if n > 1 {
+            sc.order.sort_unstable();
         }
-        for i in 1..start.len() {
-            start[i] += start[i - 1];
-        }
-        let mut order = vec![0usize; n];
-        let mut next = start.clone();
-        for (i, &sid) in shard_ids.iter().enumerate() {
-            order[next[sid]] = i;
-            next[sid] += 1;
-        }
-        for (sid, shard) in self.shards.iter().enumerate() {
-            let group = &order[start[sid]..start[sid + 1]];
-            if group.is_empty() {
-                continue;
-            }
-            let mut sh = shard.write();
-            for &i in group {
+        for run in sc.order.chunk_by(|a, b| a.0 == b.0) {
+            let mut sh = self.shards[run[0].0 as usize].write();
+            for &(_, i) in run {
+                let i = i as usize;
                 Self::insert_in_shard(
                     &mut sh,
-                    keys[i],
+                    sc.keys[i],
                     slot_tier,
                     hashes[i],
                     self.per_shard_limit,
-                    &mut pruned,
+                    &mut sc.pruned,
                 );
             }
         }
         self.stats
             .block_events
             .fetch_add(n as u64, Ordering::Relaxed);
-        if !pruned.is_empty() {
+        if !sc.pruned.is_empty() {
             self.stats
                 .pruned
-                .fetch_add(pruned.len() as u64, Ordering::Relaxed);
-            self.forget_joins(&pruned);
+                .fetch_add(sc.pruned.len() as u64, Ordering::Relaxed);
+            self.forget_joins(&sc.pruned);
         }
-        if !superseded.is_empty() {
-            self.remove_holdings(slot_tier, &superseded);
+        if !sc.superseded.is_empty() {
+            self.remove_holdings(slot_tier, &sc.superseded, &mut sc.order);
         }
+        EVENT_SCRATCH.with(|c| *c.borrow_mut() = sc);
         n
     }
 
@@ -895,7 +945,9 @@ impl Index {
         };
         let scope_id = scope.map(|sc| self.scope_id(sc));
         let ti = tier_index(tier);
-        let mut keys = Vec::with_capacity(hashes.len());
+        let mut sc = EVENT_SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        let keys = &mut sc.keys;
+        keys.clear();
         {
             let mut join = slot.join.lock();
             for h in hashes {
@@ -914,7 +966,8 @@ impl Index {
         self.stats
             .block_events
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        self.remove_holdings(s << 2 | ti as u32, &keys);
+        self.remove_holdings(s << 2 | ti as u32, &sc.keys, &mut sc.order);
+        EVENT_SCRATCH.with(|c| *c.borrow_mut() = sc);
     }
 
     /// Forgets every block of `source` (in `tier`, or every tier).
@@ -980,13 +1033,20 @@ impl Index {
     /// reported. A lookup thus costs nothing per worker of the fleet, only per
     /// holder it meets.
     pub fn lookup_keys(&self, seed: u64, tokens: &[u32], block_size: u32) -> Vec<WorkerMatch> {
-        let topo = self.topo.read().clone();
-        let keys = chain_keys(seed, tokens, block_size);
         LOOKUP_SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
             let sc = &mut *guard;
-            sc.prepare(&topo, keys.len());
-            let counted = self.walk(&topo, &keys, sc);
+            let cache = self.topology(sc.topo.take());
+            let topo = &*cache.topo;
+            let mut keys = std::mem::take(&mut sc.keys);
+            keys.clear();
+            let mut prev = seed;
+            keys.extend(tokens.chunks_exact(block_size.max(1) as usize).map(|c| {
+                prev = chain_key(prev, c);
+                prev
+            }));
+            sc.prepare(topo, keys.len());
+            let counted = self.walk(topo, &keys, sc);
             let mut out = Vec::with_capacity(counted.len());
             for &wi in &counted {
                 let c = std::mem::take(&mut sc.counts[wi as usize]);
@@ -1001,6 +1061,8 @@ impl Index {
                 }
             }
             sc.ever = counted;
+            sc.keys = keys;
+            sc.topo = Some(cache);
             out
         })
     }
@@ -1017,6 +1079,8 @@ impl Index {
         // many probes as the walk has made.
         let mut lo = 0usize;
         let mut chunk = 4usize;
+        // Blocks in a row with the same holders, not yet counted.
+        let mut repeats = 0u32;
         'walk: while lo < keys.len() {
             let hi = (lo + chunk).min(keys.len());
             chunk = (chunk * 2).min(64);
@@ -1046,6 +1110,19 @@ impl Index {
                 let Some((st, en)) = sc.ranges[i - lo] else {
                     break 'walk;
                 };
+                // The same holders, in the same order, as the block before
+                // (a prefix many workers stored alike): every worker still
+                // alive gains one block in the tier it was counted in, so
+                // the block is counted in bulk when the holders change.
+                if i > lo {
+                    if let Some((ps, pe)) = sc.ranges[i - 1 - lo] {
+                        if same_holders(&sc.buf[ps..pe], &sc.buf[st..en]) {
+                            repeats += 1;
+                            continue;
+                        }
+                    }
+                }
+                count_repeats(&mut sc.counts, &sc.alive, std::mem::take(&mut repeats));
                 for h in sc.buf[st..en].iter().copied() {
                     let Some(&w) = topo.src_worker.get(h.slot() as usize) else {
                         continue;
@@ -1079,22 +1156,23 @@ impl Index {
                     // this step); remote-group members may repeat them.
                     ever.sort_unstable();
                     ever.dedup();
-                    sc.alive.extend_from_slice(&ever);
+                    sc.alive.extend(ever.iter().map(|&w| (w, 0)));
                 }
                 let (stamp, best, gstamp, counts) =
                     (&sc.stamp, &sc.best, &sc.gstamp, &mut sc.counts);
-                sc.alive.retain(|&w| {
-                    let wi = w as usize;
+                sc.alive.retain_mut(|(w, counted)| {
+                    let wi = *w as usize;
                     if stamp[wi] == step {
-                        counts[wi][best[wi] as usize] += 1;
-                        return true;
+                        *counted = best[wi];
+                    } else {
+                        let g = topo.worker_group[wi];
+                        if g == NONE || gstamp[g as usize] != step {
+                            return false;
+                        }
+                        *counted = 3;
                     }
-                    let g = topo.worker_group[wi];
-                    if g != NONE && gstamp[g as usize] == step {
-                        counts[wi][3] += 1;
-                        return true;
-                    }
-                    false
+                    counts[wi][*counted as usize] += 1;
+                    true
                 });
                 if sc.alive.is_empty() {
                     break 'walk;
@@ -1102,8 +1180,24 @@ impl Index {
             }
             lo = hi;
         }
+        count_repeats(&mut sc.counts, &sc.alive, repeats);
         sc.base = sc.base.wrapping_add(keys.len() as u32 + 1);
         ever
+    }
+}
+
+/// Whether two blocks have the same holders in the same order.
+fn same_holders(a: &[Holder], b: &[Holder]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.slot_tier == y.slot_tier)
+}
+
+/// Counts `repeats` more blocks for every alive worker, each in the tier it
+/// was last counted in.
+fn count_repeats(counts: &mut [[u32; 4]], alive: &[(u32, u8)], repeats: u32) {
+    if repeats > 0 {
+        for &(w, t) in alive {
+            counts[w as usize][t as usize] += repeats;
+        }
     }
 }
 
@@ -1120,11 +1214,22 @@ struct LookupScratch {
     counts: Vec<[u32; 4]>,
     /// Steps of the next walk are numbered from here.
     base: u32,
-    alive: Vec<u32>,
+    /// Workers whose match is still growing, with the tier their last
+    /// block was counted in.
+    alive: Vec<(u32, u8)>,
     ever: Vec<u32>,
     buf: Vec<Holder>,
     ranges: Vec<Option<(usize, usize)>>,
     order: Vec<(usize, usize)>,
+    keys: Vec<ChainKey>,
+    topo: Option<TopoCache>,
+}
+
+/// A thread's copy of one index's topology, as of generation `gen`.
+struct TopoCache {
+    index: u64,
+    gen: u64,
+    topo: Arc<Topology>,
 }
 
 impl LookupScratch {
@@ -1147,7 +1252,39 @@ impl LookupScratch {
     }
 }
 
+/// The blocks of one store: one engine hash per full block of `token_ids`,
+/// the first block's key computed from `seed`.
+struct Chain<'a> {
+    hashes: &'a [EngineHash],
+    token_ids: &'a [u32],
+    block_size: u32,
+    seed: u64,
+}
+
+impl<'a> Chain<'a> {
+    fn new(hashes: &'a [EngineHash], token_ids: &'a [u32], block_size: u32, seed: u64) -> Self {
+        Self {
+            hashes,
+            token_ids,
+            block_size,
+            seed,
+        }
+    }
+}
+
+/// Per-thread buffers of the event paths, reused across events.
+#[derive(Default)]
+struct EventScratch {
+    keys: Vec<ChainKey>,
+    /// (shard, chain position or key), sorted by shard.
+    order: Vec<(u32, u64)>,
+    superseded: Vec<ChainKey>,
+    pruned: Vec<(u32, EngineHash, ChainKey)>,
+}
+
 thread_local! {
+    static EVENT_SCRATCH: std::cell::RefCell<EventScratch> =
+        std::cell::RefCell::new(EventScratch::default());
     static LOOKUP_SCRATCH: std::cell::RefCell<LookupScratch> =
         std::cell::RefCell::new(LookupScratch::default());
 }
