@@ -26,5 +26,9 @@ fuzz_target!(|data: &[u8]| {
     batches.push(&a);
     batches.push(&b);
     apply_kvbm_batches("w", index.clone(), &batches);
-    assert_eq!(index.holdings(), 0, "a restarted daemon's blocks outlived it");
+    assert_eq!(
+        index.holdings(),
+        0,
+        "a restarted daemon's blocks outlived it"
+    );
 });

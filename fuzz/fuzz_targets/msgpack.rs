@@ -16,7 +16,11 @@ static ALLOC: PeakAlloc = PeakAlloc;
 fuzz_target!(|data: &[u8]| {
     let (res, peak) = peak_during(|| msgpack::decode(data));
     let bound = std::mem::size_of::<Value>() * data.len();
-    assert!(peak <= bound, "{peak} bytes allocated for {} input bytes", data.len());
+    assert!(
+        peak <= bound,
+        "{peak} bytes allocated for {} input bytes",
+        data.len()
+    );
     let Ok(v) = res else {
         return;
     };
