@@ -665,7 +665,10 @@ impl Store {
     // --- introspection -----------------------------------------------------
 
     pub fn stats(&self) -> pb::StatsResponse {
-        self.stats_of(self.core.lock().table.stats())
+        // The table lock is released before `stats_of` takes the namespace
+        // lock: `register_namespace` takes them in the other order.
+        let table = self.core.lock().table.stats();
+        self.stats_of(table)
     }
 
     fn stats_of(&self, s: crate::table::TableStats) -> pb::StatsResponse {
