@@ -371,9 +371,11 @@ def test_the_disk_rate_comes_from_kvbm_when_it_has_measured_it(tmp_path):
     a = eng.request("A", prompt(80))
     side._probe(a, 0, 0, 5)
     for _ in range(500):
-        if side.cost.knows_disk():
-            break
+        with side.promote_lock:  # the probe's outcome is written under it
+            if not side.promotions:
+                break
         time.sleep(0.01)
+    assert side.cost.knows_disk()
     assert side.stats["disk_rates_from_kvbm"] == 1
     assert side.stats["disk_probes"] == 0 and not side.promotions
     eng.shutdown()

@@ -19,8 +19,6 @@ from kvtier.config import KvtierSettings, LayoutInfo
 
 logger = logging.getLogger("kvtier.vllm")
 
-# Blocks per Acquire of a promotion: the leased prefix grows by this much
-# at a time (about 256 MiB of a Llama-3-8B-shaped engine's blocks).
 # Blocks leased per Acquire of a promotion: the first chunks are small, so
 # that the promotion's own pace is known early (a 2 MiB block reads in about
 # 1 ms from a 2 GB/s disk), then they grow to amortise the round trips.
@@ -264,7 +262,11 @@ class _SchedulerSide:
             self.promotions["probe:" + request.request_id] = p
 
     def _start_promotion(self, request, first, host, end, budget, probe=False) -> _Promotion:
-        """Under promote_lock."""
+        """Under promote_lock. A promotion a request waits for stops any
+        probe: two readers would share the disk."""
+        if not probe:
+            for key in [k for k, v in self.promotions.items() if v.probe]:
+                self._abandon(self.promotions.pop(key))
         p = _Promotion(
             first,
             list(request.block_hashes[first:end]),
@@ -295,7 +297,7 @@ class _SchedulerSide:
             self.cost.observe_disk_read(int(rate), 1.0)
             self.stats["disk_rates_from_kvbm"] += 1
             p.done = p.abandoned = True
-            self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
+            self._forget(p)
         logger.debug("kvtier: kvbm reads its disk at %.2f GB/s", rate / 1e9)
 
     def _promoted(self, request, first: int, host: int, end: int) -> int | None:
@@ -311,9 +313,6 @@ class _SchedulerSide:
                 self._abandon(self.promotions.pop(req_id))
                 p = None
             if p is None:
-                # A request waits for this one: a probe would share the disk.
-                for key in [k for k, v in self.promotions.items() if v.probe]:
-                    self._abandon(self.promotions.pop(key))
                 budget = self._recompute_secs(first, end)
                 if budget is None:
                     budget = self.settings.timeout_ms / 1000
@@ -351,8 +350,6 @@ class _SchedulerSide:
             if p is None:
                 if busy < WAIT_MIN_SECS:
                     return first
-                for key in [k for k, v in self.promotions.items() if v.probe]:
-                    self._abandon(self.promotions.pop(key))
                 self.promotions[req_id] = self._start_promotion(request, first, host, end, busy)
                 self.stats["promotions_while_busy"] += 1
                 logger.debug(
@@ -458,11 +455,16 @@ class _SchedulerSide:
             p.done = True
             if p.probe:
                 self.stats["disk_probes"] += 1
-                self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
+                self._forget(p)
                 p.abandoned = True
             if p.abandoned:
                 self._release(p.leases)
                 p.leases = []
+
+    def _forget(self, p: _Promotion) -> None:
+        """Under promote_lock: `p` leaves the promotions in flight (a probe's
+        key is not the request's)."""
+        self.promotions = {k: v for k, v in self.promotions.items() if v is not p}
 
     def _abandon(self, p: _Promotion) -> None:
         """Under promote_lock: the promotion stops, its leases go."""
