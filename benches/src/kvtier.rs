@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use kvrouter::event::{EngineHash, Scope, Source, Tier};
-use kvrouter::index::{scope_seed, Index, IndexConfig, WorkerMatch};
+use kvrouter::index::{scope_seed, Index, IndexConfig, Matches};
 
 use crate::harness::Subject;
 use crate::stream::Op;
@@ -57,7 +57,7 @@ impl Kvtier {
 
 impl Subject for Kvtier {
     type Event = KvEvent;
-    type Answer = Vec<WorkerMatch>;
+    type Answer = Matches;
 
     fn name(&self) -> String {
         "kvtier Index".into()
@@ -106,11 +106,11 @@ impl Subject for Kvtier {
 
     fn drain(&self) {}
 
-    fn lookup(&self, prompt: &[u32]) -> Vec<WorkerMatch> {
+    fn lookup(&self, prompt: &[u32]) -> Matches {
         self.index.lookup_keys(self.seed, prompt, 1)
     }
 
-    fn depths(&self, a: &Vec<WorkerMatch>) -> Vec<(u32, u32)> {
+    fn depths(&self, a: &Matches) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = a
             .iter()
             .filter_map(|m| {

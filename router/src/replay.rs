@@ -495,8 +495,7 @@ impl Sim<'_> {
                     let matched = |w: usize| -> [u64; 4] {
                         let id = &self.ids[w];
                         matches
-                            .iter()
-                            .find(|m| &m.worker == id)
+                            .get(id)
                             .map_or([0; 4], |m| m.blocks.map(|b| u64::from(b) * TRACE_BLOCK))
                     };
                     if policy == Policy::PrefixOnly {

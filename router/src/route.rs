@@ -222,7 +222,7 @@ impl Router {
         let prompt = tokens.len() as u64;
         let mut scored = Vec::with_capacity(workers.len());
         for w in &workers {
-            let m = matches.iter().find(|m| m.worker == w.id);
+            let m = matches.get(&w.id);
             let (blocks, tok) = m.map_or(([0; 4], [0; 4]), |m| (m.blocks, m.tokens()));
             let load = w.load(rate, window, ttl);
             let est = self.scoring.estimate(prompt, tok, &load);
