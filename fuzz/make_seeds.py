@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed inputs under fuzz/corpus/<target>/: valid encodings of
 each format, built from the layouts the decoders document (docs/wire.md,
-kvbm/src/disk/entry.rs, kvbm/src/catalog/mod.rs) and the recorded vLLM
+kvbm/src/disk/entry.rs, kvbm/src/catalog/mod.rs, kvbm/src/remote/segment.rs) and the recorded vLLM
 batches in router/tests/fixtures. The seeds are committed; run this again
 only when a format changes."""
 
@@ -154,3 +154,27 @@ write("kvbm_events", "snapshot_then_live",
       + batch(b"inc-2", 6, [cleared(3), removed(2, k[3:])]))
 write("kvbm_events", "gap_and_restart", batch(b"inc-1", 1, [stored(4, k[:1], b"", range(16), 16)])
       + batch(b"inc-1", 3, [removed(4, k[:1])]) + batch(b"inc-9", 1, [stored(1, k[:1], b"", range(16), 16)]))
+
+
+# --- remote_segment: [mode]; mode 1: [footer_at u64][footer]; mode 0: an
+# object's tail (footer + trailer; the trailer's checksum is not computed here,
+# so mode 0 seeds reach the trailer checks only) ----------------------------
+def footer(names, blocks):
+    out = struct.pack("<H", len(names)) + b"".join(struct.pack("<H", len(n)) + n for n in names)
+    out += struct.pack("<I", len(blocks))
+    for ns, off, length, key, parent, tokens in blocks:
+        out += struct.pack("<HQIQ", ns, off, length, 0x1234) + bytes([len(key)]) + key
+        out += bytes([len(parent)]) + parent + struct.pack("<I", len(tokens))
+        out += b"".join(struct.pack("<I", t) for t in tokens)
+    return out
+
+
+chain = [(i % 2, 4096 * (i + 1), 4000 + i, k[i], k[i - 1] if i else b"", range(16 * i, 16 * i + 16))
+         for i in range(4)]
+body = footer([b"llama/tp0", b"llama/tp1"], chain)
+write("remote_segment", "footer", b"\x01" + struct.pack("<Q", 5 * 4096) + body)
+write("remote_segment", "footer_one", b"\x01" + struct.pack("<Q", 2 * 4096)
+      + footer([b"n"], [(0, 4096, 1, b"\x01", b"", [])]))
+empty = footer([b"n"], [])  # blocks would not fit under -max_len=8192
+trailer = struct.pack("<QIIQ", 4096, len(empty), 1, 0) + b"KVTG4END"
+write("remote_segment", "tail", b"\x00" + b"\x00" * 4096 + empty + trailer)

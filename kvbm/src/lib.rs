@@ -14,6 +14,7 @@
 //! - [`pool`]: the shared-memory host pool and its slot allocator.
 //! - [`disk`]: the NVMe tier (io_uring, `O_DIRECT`, append-only regions).
 //! - [`catalog`]: durable metadata (RocksDB behind a trait).
+//! - [`remote`]: the shared object-store tier (G4): its segment format.
 //! - [`events`]: numbered block-event batches and their replay ring.
 //! - [`server`]: gRPC, the pool socket, HTTP metrics and health (with the
 //!   default `rocksdb` feature: the daemon needs its catalog).
@@ -28,6 +29,7 @@ pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod pool;
+pub mod remote;
 #[cfg(feature = "rocksdb")]
 pub mod server;
 pub mod store;

@@ -10,11 +10,13 @@
 //! - [`TlsFiles`], [`BearerToken`]: TLS (mutual with a client CA) and bearer
 //!   tokens for TCP listeners.
 //! - [`clock::Utc`]: wall-clock time as a UTC date.
+//! - [`backoff::Backoff`]: exponential delays with jitter.
 //! - [`FixAuthority`]: lets grpc-core clients, which send a socket path as
 //!   `:authority`, reach a tonic server on a Unix socket.
 
 mod accept;
 mod authority;
+pub mod backoff;
 pub mod clock;
 mod http;
 mod limits;

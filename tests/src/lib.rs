@@ -262,3 +262,149 @@ impl Drop for Kvbm {
         let _ = self.child.wait();
     }
 }
+
+/// A single-node Garage (the S3-compatible server the G4 tests run against)
+/// in a temporary directory, on free ports, with bucket `kvtier` and a
+/// static key. Killed on drop.
+pub struct Garage {
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+}
+
+/// The test key Garage is given (a key id is "GK" and 24 hex digits).
+pub const GARAGE_KEY_ID: &str = "GK0123456789abcdef01234567";
+pub const GARAGE_SECRET: &str = "5555555555555555555555555555555555555555555555555555555555555555";
+
+impl Garage {
+    /// Starts a node. `None` when no `garage` is on PATH outside CI (a
+    /// developer machine; `scripts/test-all` installs it); under CI its
+    /// absence is a failure.
+    pub fn start() -> Option<Garage> {
+        let found = std::process::Command::new("garage")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "garage is not on PATH under CI: run the tests through scripts/test-all"
+            );
+            eprintln!("skipping: no garage on PATH (scripts/test-all installs it)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = |()| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port")
+        };
+        let (s3, rpc) = (port(()), port(()));
+        let d = dir.path().display();
+        let conf = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"lmdb\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{}\"\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n",
+            "7".repeat(64)
+        );
+        std::fs::write(dir.path().join("garage.toml"), conf).expect("write garage.toml");
+        let mut g = Garage {
+            child: None,
+            dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+        };
+        g.restart();
+        let node = g.cli(&["node", "id", "-q"]);
+        let node = node.trim().get(..64).expect("node id").to_string();
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        g.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "kvtier",
+            GARAGE_KEY_ID,
+            GARAGE_SECRET,
+        ]);
+        g.cli(&["bucket", "create", "kvtier"]);
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", "kvtier", "--key", "kvtier",
+        ]);
+        Some(g)
+    }
+
+    /// Runs a `garage` command against this node; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("garage")
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .args(args)
+            .output()
+            .expect("run garage");
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The `AWS_*` environment a client needs to reach this node.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "garage".into()),
+            ("AWS_ACCESS_KEY_ID", GARAGE_KEY_ID.into()),
+            ("AWS_SECRET_ACCESS_KEY", GARAGE_SECRET.into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// SIGKILL: the server disappears.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same data and ports; returns once it
+    /// answers.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let log = std::fs::File::create(self.dir.path().join("garage.log")).expect("log");
+        let child = std::process::Command::new("garage")
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .arg("server")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn garage");
+        self.child = Some(child);
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        for _ in 0..300 {
+            let up = std::process::Command::new("garage")
+                .arg("-c")
+                .arg(self.dir.path().join("garage.toml"))
+                .arg("status")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if up && std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("garage did not start: {}", self.dir.path().display());
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

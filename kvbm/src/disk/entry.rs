@@ -131,13 +131,13 @@ impl Header {
 // Slices handed to these are always exactly 4 / 8 bytes long (fixed ranges
 // above), so copying instead of `try_into().unwrap()` keeps the decoder free
 // of panicking paths without changing behaviour.
-fn le4(s: &[u8]) -> [u8; 4] {
+pub(crate) fn le4(s: &[u8]) -> [u8; 4] {
     let mut b = [0u8; 4];
     b.copy_from_slice(&s[..4]);
     b
 }
 
-fn le8(s: &[u8]) -> [u8; 8] {
+pub(crate) fn le8(s: &[u8]) -> [u8; 8] {
     let mut b = [0u8; 8];
     b.copy_from_slice(&s[..8]);
     b

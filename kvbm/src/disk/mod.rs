@@ -36,7 +36,7 @@
 //! entries; their locations are stale (they would read as `Stale` anyway).
 
 mod admission;
-mod entry;
+pub(crate) mod entry;
 mod rate;
 mod region;
 mod uring;

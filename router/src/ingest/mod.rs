@@ -22,6 +22,7 @@ pub mod zmtp;
 
 use std::time::Duration;
 
+use kvtier_net::backoff::Backoff;
 use tokio::task::JoinHandle;
 
 #[cfg(fuzzing)]
@@ -132,54 +133,5 @@ struct AbortOnDrop<T>(JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Exponential reconnect delays with jitter.
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        let initial = initial.max(Duration::from_millis(1));
-        Backoff {
-            initial,
-            max: max.max(initial),
-            next: initial,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // up to 25% jitter, without a random number generator dependency
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.subsec_nanos())
-            .unwrap_or(0);
-        d + d.mul_f64((nanos % 1000) as f64 / 4000.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let d: Vec<_> = (0..4).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(125));
-        assert!(d[1] >= Duration::from_millis(200));
-        assert!(d[3] <= Duration::from_millis(500));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(125));
     }
 }

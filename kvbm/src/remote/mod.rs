@@ -1,0 +1,11 @@
+//! The shared object-store tier (G4): blocks every kvbm daemon of a cluster
+//! writes to and reads from one S3-compatible bucket, so a prefix computed on
+//! one node is reused on every other.
+//!
+//! - [`segment`]: the object format — blocks packed in chain order into
+//!   immutable segments with a footer that lists them.
+//! - [`bucket`]: the S3 client under kvtier's failure policy (deadlines,
+//!   short retries, a circuit breaker; every failure a miss).
+#[cfg(feature = "remote")]
+pub mod bucket;
+pub mod segment;

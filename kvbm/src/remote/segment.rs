@@ -1,0 +1,680 @@
+//! Segments: the immutable objects of the G4 tier. A segment packs blocks in
+//! prefix-chain order, each at a 4 KiB boundary, so a chain comes back with
+//! one coalesced range GET, and ends with a footer that says, per block, what
+//! it is and where it lies:
+//!
+//! ```text
+//! offset         size  what
+//!      0         4096  header page
+//!   4096            …  blocks, each at a 4 KiB boundary, zero padded
+//!   footer_at       …  footer
+//!   len - 32       32  trailer
+//!
+//! header page
+//!      0    8  magic              b"KVTG4SEG"
+//!      8    4  format version     u32 LE
+//!     12    4  block count        u32 LE
+//!     16    8  node id            u64 LE (the writing daemon)
+//!     24    8  sequence number    u64 LE (per node)
+//!     32    8  created            u64 LE, Unix milliseconds
+//!     40    8  footer offset      u64 LE
+//!     48   72  zero
+//!    120    8  header checksum    xxh3-64 of bytes 0..120
+//!
+//! footer (all integers LE)
+//!   u16 namespace count, then per namespace: u16 length, UTF-8 name
+//!   u32 block count, then per block:
+//!     u16 namespace (index into the names), u64 offset, u32 length,
+//!     u64 xxh3-64 of the block's bytes, u8 key length, key,
+//!     u8 parent length, parent (empty: a root), u32 token count, u32 tokens
+//!
+//! trailer
+//!      0    8  footer offset      u64 LE
+//!      8    4  footer length      u32 LE
+//!     12    4  format version     u32 LE
+//!     16    8  footer checksum    xxh3-64 of the footer
+//!     24    8  magic              b"KVTG4END"
+//! ```
+//!
+//! A reader needs only the trailer and the footer (the object's tail) to
+//! learn every block, and one range per run of adjacent blocks to read them.
+//! The footer is the part read from other nodes' objects, so its decoder
+//! treats every byte as hostile: limits are checked before anything is
+//! allocated, blocks must lie in the data area in ascending order without
+//! overlapping, and a version it does not know is refused (the caller counts
+//! the segment as a miss).
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::disk::entry::{le4, le8};
+
+/// Alignment of every block and the size of the header page.
+pub const PAGE: u64 = 4096;
+/// Current format version.
+pub const VERSION: u32 = 1;
+/// Bytes of the trailer.
+pub const TRAILER: u64 = 32;
+
+const MAGIC: [u8; 8] = *b"KVTG4SEG";
+const END_MAGIC: [u8; 8] = *b"KVTG4END";
+const HDR_SUM_AT: usize = 120;
+
+/// Longest key or parent (kvbm's keys are engine block hashes, ≤ 32 bytes).
+pub const MAX_KEY: usize = 32;
+/// Most tokens one block may carry.
+pub const MAX_TOKENS: u32 = 1 << 16;
+/// Most blocks in one segment.
+pub const MAX_BLOCKS: u32 = 1 << 16;
+/// Most namespaces in one segment, and the longest name.
+pub const MAX_NAMESPACES: u16 = 1024;
+pub const MAX_NAME: u16 = 1024;
+/// Largest segment a reader accepts, and largest footer.
+pub const MAX_OBJECT: u64 = 1 << 32;
+pub const MAX_FOOTER: u32 = 64 << 20;
+
+/// Bytes a footer entry takes at least (no key, parent or tokens).
+const MIN_ENTRY: usize = 2 + 8 + 4 + 8 + 1 + 1 + 4;
+
+static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+
+/// Why bytes were refused as (part of) a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A format version this reader does not know.
+    Version(u32),
+    /// The tail given does not reach back to the footer's start: read at
+    /// least this many bytes from the end of the object and try again.
+    Short(u64),
+    /// Not a segment, or a damaged one: wrong magic, checksum or geometry,
+    /// a field past its limit.
+    Invalid,
+}
+
+/// Who wrote a segment, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub node: u64,
+    pub seq: u64,
+    pub created_ms: u64,
+}
+
+/// One block of a segment, as its footer lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Index into [`Footer::namespaces`].
+    pub namespace: u16,
+    pub offset: u64,
+    pub len: u32,
+    /// xxh3-64 of the block's bytes.
+    pub checksum: u64,
+    pub key: Vec<u8>,
+    /// The parent block's key; empty for the first block of a chain.
+    pub parent: Vec<u8>,
+    pub tokens: Vec<u32>,
+}
+
+impl Block {
+    /// Where the block's bytes lie in the object.
+    pub fn range(&self) -> Range<u64> {
+        self.offset..self.offset + u64::from(self.len)
+    }
+
+    /// Whether `data` is this block's content (length and checksum).
+    pub fn verify(&self, data: &[u8]) -> bool {
+        data.len() as u64 == u64::from(self.len) && xxh3_64(data) == self.checksum
+    }
+}
+
+/// What a segment holds: its namespaces and blocks, in object order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footer {
+    pub namespaces: Vec<String>,
+    pub blocks: Vec<Block>,
+}
+
+/// A segment laid out by [`Builder::finish`]: the object's bytes as parts
+/// (header page, each block and its padding, footer and trailer), ready for
+/// one PUT without copying the blocks.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    pub origin: Origin,
+    pub footer: Footer,
+    pub parts: Vec<Bytes>,
+    /// Bytes of the whole object.
+    pub len: u64,
+}
+
+/// Packs blocks into a segment, in the order they are pushed (a chain's
+/// blocks parent first, so the chain is one range).
+#[derive(Debug)]
+pub struct Builder {
+    origin: Origin,
+    namespaces: Vec<String>,
+    blocks: Vec<Block>,
+    data: Vec<Bytes>,
+    /// End of the data area so far (a multiple of [`PAGE`]).
+    end: u64,
+}
+
+impl Builder {
+    pub fn new(origin: Origin) -> Self {
+        Builder {
+            origin,
+            namespaces: Vec::new(),
+            blocks: Vec::new(),
+            data: Vec::new(),
+            end: PAGE,
+        }
+    }
+
+    /// Appends a block; returns its offset. Refuses what a reader would
+    /// refuse (limits), so every sealed segment decodes.
+    pub fn push(
+        &mut self,
+        namespace: &str,
+        key: &[u8],
+        parent: &[u8],
+        tokens: &[u32],
+        data: Bytes,
+    ) -> Result<u64, Fault> {
+        let len = u32::try_from(data.len()).map_err(|_| Fault::Invalid)?;
+        if key.len() > MAX_KEY
+            || parent.len() > MAX_KEY
+            || tokens.len() > MAX_TOKENS as usize
+            || self.blocks.len() >= MAX_BLOCKS as usize
+            || namespace.is_empty()
+            || namespace.len() > usize::from(MAX_NAME)
+            || len == 0
+        {
+            return Err(Fault::Invalid);
+        }
+        let ns = match self.namespaces.iter().position(|n| n == namespace) {
+            Some(i) => i,
+            None if self.namespaces.len() < usize::from(MAX_NAMESPACES) => {
+                self.namespaces.push(namespace.to_owned());
+                self.namespaces.len() - 1
+            }
+            None => return Err(Fault::Invalid),
+        };
+        let offset = self.end;
+        self.end = offset + round_up(u64::from(len));
+        self.blocks.push(Block {
+            namespace: ns as u16,
+            offset,
+            len,
+            checksum: xxh3_64(&data),
+            key: key.to_vec(),
+            parent: parent.to_vec(),
+            tokens: tokens.to_vec(),
+        });
+        self.data.push(data);
+        Ok(offset)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Bytes of the object without its footer: what sealing decisions
+    /// (segment size) are made on.
+    pub fn data_len(&self) -> u64 {
+        self.end
+    }
+
+    /// Lays the segment out.
+    pub fn finish(self) -> Sealed {
+        let footer = Footer {
+            namespaces: self.namespaces,
+            blocks: self.blocks,
+        };
+        let footer_at = self.end;
+        let body = footer.encode();
+        let mut tail = body.clone();
+        tail.extend_from_slice(&footer_at.to_le_bytes());
+        tail.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        tail.extend_from_slice(&VERSION.to_le_bytes());
+        tail.extend_from_slice(&xxh3_64(&body).to_le_bytes());
+        tail.extend_from_slice(&END_MAGIC);
+        let mut parts = Vec::with_capacity(2 + 2 * self.data.len());
+        parts.push(Bytes::from(header_page(
+            &self.origin,
+            footer.blocks.len() as u32,
+            footer_at,
+        )));
+        for d in self.data {
+            let pad = (round_up(d.len() as u64) - d.len() as u64) as usize;
+            parts.push(d);
+            if pad > 0 {
+                parts.push(Bytes::from_static(&ZEROS[..pad]));
+            }
+        }
+        let len = footer_at + tail.len() as u64;
+        parts.push(Bytes::from(tail));
+        Sealed {
+            origin: self.origin,
+            footer,
+            parts,
+            len,
+        }
+    }
+}
+
+/// Rounds `n` up to the next multiple of [`PAGE`].
+pub const fn round_up(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+fn header_page(origin: &Origin, blocks: u32, footer_at: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE as usize];
+    p[0..8].copy_from_slice(&MAGIC);
+    p[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    p[12..16].copy_from_slice(&blocks.to_le_bytes());
+    p[16..24].copy_from_slice(&origin.node.to_le_bytes());
+    p[24..32].copy_from_slice(&origin.seq.to_le_bytes());
+    p[32..40].copy_from_slice(&origin.created_ms.to_le_bytes());
+    p[40..48].copy_from_slice(&footer_at.to_le_bytes());
+    let sum = xxh3_64(&p[..HDR_SUM_AT]);
+    p[HDR_SUM_AT..HDR_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
+    p
+}
+
+/// Reads a segment's header page: who wrote it, and where its footer starts.
+pub fn decode_header(page: &[u8]) -> Result<(Origin, u64), Fault> {
+    let mut r = Reader(page.get(..HDR_SUM_AT + 8).ok_or(Fault::Invalid)?);
+    if r.bytes(8)? != MAGIC {
+        return Err(Fault::Invalid);
+    }
+    if xxh3_64(&page[..HDR_SUM_AT]) != u64::from_le_bytes(le8(&page[HDR_SUM_AT..])) {
+        return Err(Fault::Invalid);
+    }
+    let version = r.u32()?;
+    if version != VERSION {
+        return Err(Fault::Version(version));
+    }
+    let _blocks = r.u32()?;
+    let origin = Origin {
+        node: r.u64()?,
+        seq: r.u64()?,
+        created_ms: r.u64()?,
+    };
+    let footer_at = r.u64()?;
+    if footer_at < PAGE || !footer_at.is_multiple_of(PAGE) || footer_at >= MAX_OBJECT {
+        return Err(Fault::Invalid);
+    }
+    Ok((origin, footer_at))
+}
+
+/// Reads the footer of an object of `object_len` bytes from `tail`, its last
+/// `tail.len()` bytes. [`Fault::Short`] says how much tail is needed when
+/// `tail` does not reach back to the footer.
+pub fn decode_tail(tail: &[u8], object_len: u64) -> Result<Footer, Fault> {
+    if object_len > MAX_OBJECT || (tail.len() as u64) > object_len {
+        return Err(Fault::Invalid);
+    }
+    let t = tail
+        .len()
+        .checked_sub(TRAILER as usize)
+        .map(|at| &tail[at..])
+        .ok_or(Fault::Short(TRAILER))?;
+    if t[24..32] != END_MAGIC {
+        return Err(Fault::Invalid);
+    }
+    let version = u32::from_le_bytes(le4(&t[12..16]));
+    if version != VERSION {
+        return Err(Fault::Version(version));
+    }
+    let footer_at = u64::from_le_bytes(le8(&t[0..8]));
+    let footer_len = u32::from_le_bytes(le4(&t[8..12]));
+    if footer_len > MAX_FOOTER
+        || footer_at < PAGE
+        || !footer_at.is_multiple_of(PAGE)
+        || footer_at.checked_add(u64::from(footer_len) + TRAILER) != Some(object_len)
+    {
+        return Err(Fault::Invalid);
+    }
+    let need = u64::from(footer_len) + TRAILER;
+    if (tail.len() as u64) < need {
+        return Err(Fault::Short(need));
+    }
+    let body = &tail[tail.len() - need as usize..tail.len() - TRAILER as usize];
+    if xxh3_64(body) != u64::from_le_bytes(le8(&t[16..24])) {
+        return Err(Fault::Invalid);
+    }
+    Footer::decode(body, footer_at)
+}
+
+impl Footer {
+    /// The footer's bytes (without the trailer).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.namespaces.len() as u16).to_le_bytes());
+        for n in &self.namespaces {
+            out.extend_from_slice(&(n.len() as u16).to_le_bytes());
+            out.extend_from_slice(n.as_bytes());
+        }
+        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for b in &self.blocks {
+            out.extend_from_slice(&b.namespace.to_le_bytes());
+            out.extend_from_slice(&b.offset.to_le_bytes());
+            out.extend_from_slice(&b.len.to_le_bytes());
+            out.extend_from_slice(&b.checksum.to_le_bytes());
+            out.push(b.key.len() as u8);
+            out.extend_from_slice(&b.key);
+            out.push(b.parent.len() as u8);
+            out.extend_from_slice(&b.parent);
+            out.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
+            for t in &b.tokens {
+                out.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes a footer whose data area ends at `footer_at`. Exposed for the
+    /// fuzz target; readers go through [`decode_tail`].
+    pub fn decode(body: &[u8], footer_at: u64) -> Result<Footer, Fault> {
+        let mut r = Reader(body);
+        let nns = r.u16()?;
+        if nns > MAX_NAMESPACES {
+            return Err(Fault::Invalid);
+        }
+        // Names are at least 3 bytes each (length and one byte).
+        let mut namespaces = Vec::with_capacity(usize::from(nns).min(r.0.len() / 3));
+        for _ in 0..nns {
+            let len = r.u16()?;
+            if len == 0 || len > MAX_NAME {
+                return Err(Fault::Invalid);
+            }
+            let name =
+                std::str::from_utf8(r.bytes(usize::from(len))?).map_err(|_| Fault::Invalid)?;
+            namespaces.push(name.to_owned());
+        }
+        let n = r.u32()?;
+        // Every entry takes at least MIN_ENTRY bytes: a count the rest of the
+        // input cannot hold is refused before anything is reserved for it.
+        if n > MAX_BLOCKS || n as usize > r.0.len() / MIN_ENTRY {
+            return Err(Fault::Invalid);
+        }
+        let mut blocks = Vec::with_capacity(n as usize);
+        let mut end = PAGE;
+        for _ in 0..n {
+            let namespace = r.u16()?;
+            let offset = r.u64()?;
+            let len = r.u32()?;
+            let checksum = r.u64()?;
+            let klen = usize::from(r.u8()?);
+            if klen > MAX_KEY {
+                return Err(Fault::Invalid);
+            }
+            let key = r.bytes(klen)?.to_vec();
+            let plen = usize::from(r.u8()?);
+            if plen > MAX_KEY {
+                return Err(Fault::Invalid);
+            }
+            let parent = r.bytes(plen)?.to_vec();
+            let ntok = r.u32()?;
+            if ntok > MAX_TOKENS {
+                return Err(Fault::Invalid);
+            }
+            let raw = r.bytes(ntok as usize * 4)?;
+            let tokens = raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(le4(c)))
+                .collect();
+            // In the data area, in order, page aligned, not overlapping.
+            let stop = offset.checked_add(round_up(u64::from(len)));
+            if namespace >= nns
+                || len == 0
+                || offset < end
+                || !offset.is_multiple_of(PAGE)
+                || stop.is_none_or(|s| s > footer_at)
+            {
+                return Err(Fault::Invalid);
+            }
+            end = stop.unwrap_or(footer_at);
+            blocks.push(Block {
+                namespace,
+                offset,
+                len,
+                checksum,
+                key,
+                parent,
+                tokens,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(Fault::Invalid);
+        }
+        Ok(Footer { namespaces, blocks })
+    }
+
+    /// Byte ranges covering `blocks` (indexes into [`Footer::blocks`]),
+    /// adjacent blocks merged into one range.
+    pub fn ranges(&self, blocks: &[usize]) -> Vec<Range<u64>> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for b in blocks.iter().filter_map(|&i| self.blocks.get(i)) {
+            let r = b.offset..b.offset + round_up(u64::from(b.len));
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+}
+
+/// A cursor over untrusted bytes: every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Fault> {
+        if n > self.0.len() {
+            return Err(Fault::Invalid);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, Fault> {
+        Ok(self.bytes(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Fault> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, Fault> {
+        Ok(u32::from_le_bytes(le4(self.bytes(4)?)))
+    }
+    fn u64(&mut self) -> Result<u64, Fault> {
+        Ok(u64::from_le_bytes(le8(self.bytes(8)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            node: 7,
+            seq: 42,
+            created_ms: 1_764_000_000_000,
+        }
+    }
+
+    fn object(s: &Sealed) -> Vec<u8> {
+        s.parts.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    fn sealed_chain(n: usize) -> (Sealed, Vec<Vec<u8>>) {
+        let mut b = Builder::new(origin());
+        let mut datas = Vec::new();
+        for i in 0..n {
+            // Lengths on and off page boundaries.
+            let len = [4096, 5000, 1, 8192 + 17][i % 4];
+            let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            let key = [i as u8; 16];
+            let parent = if i == 0 {
+                vec![]
+            } else {
+                vec![i as u8 - 1; 16]
+            };
+            let ns = if i % 2 == 0 { "llama/tp0" } else { "llama/tp1" };
+            let tokens: Vec<u32> = (0..16).map(|t| (i * 16 + t) as u32).collect();
+            let off = b
+                .push(ns, &key, &parent, &tokens, Bytes::from(data.clone()))
+                .unwrap();
+            assert_eq!(off % PAGE, 0);
+            datas.push(data);
+        }
+        (b.finish(), datas)
+    }
+
+    #[test]
+    fn round_trip_every_block_bit_exact() {
+        let (s, datas) = sealed_chain(9);
+        let obj = object(&s);
+        assert_eq!(obj.len() as u64, s.len);
+        let (o, footer_at) = decode_header(&obj[..PAGE as usize]).unwrap();
+        assert_eq!(o, origin());
+        let f = decode_tail(&obj, s.len).unwrap();
+        assert_eq!(f, s.footer);
+        assert_eq!(f.namespaces, ["llama/tp0", "llama/tp1"]);
+        for (b, d) in f.blocks.iter().zip(&datas) {
+            let r = b.range();
+            assert!(b.verify(&obj[r.start as usize..r.end as usize]));
+            assert_eq!(&obj[r.start as usize..r.end as usize], &d[..]);
+            assert!(r.end <= footer_at);
+        }
+        // A chain of adjacent blocks is one range.
+        let all: Vec<usize> = (0..9).collect();
+        assert_eq!(f.ranges(&all), vec![PAGE..footer_at]);
+        assert_eq!(f.ranges(&[0, 2]).len(), 2);
+    }
+
+    #[test]
+    fn a_short_tail_says_how_much_is_needed() {
+        let (s, _) = sealed_chain(5);
+        let obj = object(&s);
+        let Err(Fault::Short(need)) = decode_tail(&obj[obj.len() - 40..], s.len) else {
+            panic!("a 40-byte tail cannot hold the footer");
+        };
+        let f = decode_tail(&obj[obj.len() - need as usize..], s.len).unwrap();
+        assert_eq!(f, s.footer);
+        assert_eq!(
+            decode_tail(&obj[obj.len() - 8..], s.len),
+            Err(Fault::Short(TRAILER))
+        );
+    }
+
+    #[test]
+    fn damage_is_refused_never_misread() {
+        let (s, _) = sealed_chain(4);
+        let obj = object(&s);
+        let footer_at = decode_header(&obj).unwrap().1 as usize;
+        // Every single flipped bit in the footer or trailer is caught.
+        for i in footer_at..obj.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = obj.clone();
+                bad[i] ^= bit;
+                let r = decode_tail(&bad, s.len);
+                assert!(
+                    matches!(r, Err(Fault::Invalid) | Err(Fault::Version(_))),
+                    "byte {i}: {r:?}"
+                );
+            }
+        }
+        // A flipped bit in a block is caught by its checksum.
+        let f = decode_tail(&obj, s.len).unwrap();
+        let b = &f.blocks[1];
+        let mut bad = obj.clone();
+        bad[b.offset as usize + 3] ^= 1;
+        assert!(!b.verify(&bad[b.offset as usize..b.range().end as usize]));
+        // A damaged header page.
+        let mut bad = obj.clone();
+        bad[20] ^= 1;
+        assert_eq!(decode_header(&bad), Err(Fault::Invalid));
+        // Wrong object length.
+        assert!(decode_tail(&obj, s.len + 1).is_err());
+        assert!(decode_tail(&obj[1..], s.len - 1).is_err());
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused() {
+        let (s, _) = sealed_chain(2);
+        let mut obj = object(&s);
+        let at = obj.len() - 20;
+        obj[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(decode_tail(&obj, s.len), Err(Fault::Version(2)));
+        let mut page = obj[..PAGE as usize].to_vec();
+        page[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let sum = xxh3_64(&page[..HDR_SUM_AT]);
+        page[HDR_SUM_AT..HDR_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(decode_header(&page), Err(Fault::Version(2)));
+    }
+
+    #[test]
+    fn geometry_is_checked_on_decode() {
+        let f = |blocks: Vec<(u64, u32)>| Footer {
+            namespaces: vec!["n".into()],
+            blocks: blocks
+                .into_iter()
+                .map(|(offset, len)| Block {
+                    namespace: 0,
+                    offset,
+                    len,
+                    checksum: 0,
+                    key: vec![1],
+                    parent: vec![],
+                    tokens: vec![],
+                })
+                .collect(),
+        };
+        let at = 4 * PAGE;
+        let ok = f(vec![(PAGE, 10), (2 * PAGE, 4096), (3 * PAGE, 1)]).encode();
+        assert!(Footer::decode(&ok, at).is_ok());
+        for bad in [
+            vec![(0, 10)],                     // inside the header page
+            vec![(PAGE + 1, 10)],              // unaligned
+            vec![(2 * PAGE, 10), (PAGE, 10)],  // out of order
+            vec![(PAGE, 4097), (2 * PAGE, 1)], // overlapping
+            vec![(3 * PAGE, 4097)],            // into the footer
+            vec![(PAGE, 0)],                   // empty
+            vec![(u64::MAX - 100, 1)],         // overflowing
+        ] {
+            assert_eq!(
+                Footer::decode(&f(bad.clone()).encode(), at),
+                Err(Fault::Invalid),
+                "{bad:?}"
+            );
+        }
+        // Trailing bytes, a namespace out of range, an absurd count.
+        let mut extra = ok.clone();
+        extra.push(0);
+        assert_eq!(Footer::decode(&extra, at), Err(Fault::Invalid));
+        let mut bad_ns = f(vec![(PAGE, 10)]);
+        bad_ns.blocks[0].namespace = 1;
+        assert_eq!(Footer::decode(&bad_ns.encode(), at), Err(Fault::Invalid));
+        let mut huge = vec![0u8, 0];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Footer::decode(&huge, at), Err(Fault::Invalid));
+    }
+
+    #[test]
+    fn the_builder_refuses_what_readers_refuse() {
+        let mut b = Builder::new(origin());
+        let d = || Bytes::from_static(b"x");
+        assert!(b.push("n", &[0; 33], &[], &[], d()).is_err());
+        assert!(b.push("n", &[1], &[0; 33], &[], d()).is_err());
+        assert!(b.push("n", &[1], &[], &[], Bytes::new()).is_err());
+        assert!(b.push(&"n".repeat(2000), &[1], &[], &[], d()).is_err());
+        assert!(b.push("", &[1], &[], &[], d()).is_err());
+        assert!(b.is_empty());
+        assert_eq!(b.push("n", &[1], &[], &[], d()), Ok(PAGE));
+        assert_eq!(b.push("n", &[2], &[1], &[], d()), Ok(2 * PAGE));
+        assert_eq!(b.data_len(), 3 * PAGE);
+    }
+}
