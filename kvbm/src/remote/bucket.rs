@@ -255,8 +255,13 @@ impl Bucket {
             .collect()
     }
 
+    /// The deadline of a small request.
+    pub fn timeout(&self) -> Duration {
+        self.cfg.timeout
+    }
+
     /// Runs one request under the breaker and a deadline.
-    async fn guarded<T>(
+    pub(super) async fn guarded<T>(
         &self,
         deadline: Duration,
         f: impl std::future::Future<Output = object_store::Result<T>>,

@@ -6,6 +6,10 @@
 //!   immutable segments with a footer that lists them.
 //! - [`bucket`]: the S3 client under kvtier's failure policy (deadlines,
 //!   short retries, a circuit breaker; every failure a miss).
+//! - [`discovery`]: index objects, and how a node lists other nodes'
+//!   segments incrementally.
 #[cfg(feature = "remote")]
 pub mod bucket;
+#[cfg(feature = "remote")]
+pub mod discovery;
 pub mod segment;
