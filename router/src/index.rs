@@ -892,8 +892,7 @@ impl Index {
             token_ids,
             block_size,
             seed,
-            parent,
-            rooted: parent.is_none(),
+            first: parent.map_or(First::Root, First::Parent),
         };
         self.store_in(s, &slot, tier, scope, chain)
     }
@@ -923,8 +922,7 @@ impl Index {
             token_ids,
             block_size,
             seed,
-            parent: None,
-            rooted: false,
+            first: First::Seeded,
         };
         self.store_in(s, &slot, tier, scope, chain)
     }
@@ -945,8 +943,7 @@ impl Index {
             token_ids,
             block_size,
             seed,
-            parent,
-            rooted,
+            first,
         } = chain;
         let bs = block_size.max(1) as usize;
         let n = hashes.len();
@@ -967,8 +964,14 @@ impl Index {
         {
             let mut join = slot.join.lock();
             let table = &mut join[ti];
-            // From a bare seed, the first block's parent is not known here.
-            table.tainted |= parent.is_none() && !rooted;
+            let parent = match first {
+                First::Root => None,
+                First::Parent(p) => Some(p),
+                First::Seeded => {
+                    table.tainted = true;
+                    None
+                }
+            };
             let parents = std::iter::once(parent).chain(hashes.iter().copied().map(Some));
             for ((h, k), p) in hashes.iter().zip(&sc.keys).zip(parents) {
                 if let Some(old) = table.insert(*h, *k, p, scope_id) {
@@ -1585,11 +1588,18 @@ struct Chain<'a> {
     token_ids: &'a [u32],
     block_size: u32,
     seed: u64,
-    /// The first block's parent, if it has one ...
-    parent: Option<EngineHash>,
-    /// ... and, without one, whether `seed` is a scope seed (a root chain)
-    /// rather than some chain key.
-    rooted: bool,
+    first: First,
+}
+
+/// What precedes a chain's first block.
+#[derive(Clone, Copy)]
+enum First {
+    /// Nothing: `seed` is a scope seed.
+    Root,
+    /// This block of the same source.
+    Parent(EngineHash),
+    /// Some chain key given as `seed`, its block not known here.
+    Seeded,
 }
 
 /// Per-thread buffers of the event paths, reused across events.

@@ -337,14 +337,16 @@ impl Garage {
         Some(g)
     }
 
+    /// `garage -c <this node's config>`.
+    fn command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("garage");
+        c.arg("-c").arg(self.dir.path().join("garage.toml"));
+        c
+    }
+
     /// Runs a `garage` command against this node; panics on failure.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("garage")
-            .arg("-c")
-            .arg(self.dir.path().join("garage.toml"))
-            .args(args)
-            .output()
-            .expect("run garage");
+        let out = self.command().args(args).output().expect("run garage");
         assert!(
             out.status.success(),
             "garage {args:?}: {}",
@@ -377,9 +379,8 @@ impl Garage {
     pub fn restart(&mut self) {
         self.kill9();
         let log = std::fs::File::create(self.dir.path().join("garage.log")).expect("log");
-        let child = std::process::Command::new("garage")
-            .arg("-c")
-            .arg(self.dir.path().join("garage.toml"))
+        let child = self
+            .command()
             .arg("server")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -388,9 +389,8 @@ impl Garage {
         self.child = Some(child);
         let addr = self.endpoint.trim_start_matches("http://").to_string();
         for _ in 0..300 {
-            let up = std::process::Command::new("garage")
-                .arg("-c")
-                .arg(self.dir.path().join("garage.toml"))
+            let up = self
+                .command()
                 .arg("status")
                 .output()
                 .is_ok_and(|o| o.status.success());

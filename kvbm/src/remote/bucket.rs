@@ -345,21 +345,24 @@ impl Bucket {
         if got.len() != ranges.len() {
             return Err(Miss::Store("short range answer".into()));
         }
+        // `ranges` follow `which` in order, so each block lies in the range
+        // under the cursor or in a later one: one forward pass.
         let mut out = Vec::with_capacity(which.len());
+        let mut r = 0;
         for &i in which {
             let Some(b) = footer.blocks.get(i) else {
                 out.push(None);
                 continue;
             };
-            let slice = ranges
-                .iter()
-                .zip(&got)
-                .find(|(r, _)| r.start <= b.offset && b.range().end <= r.end)
-                .and_then(|(r, data)| {
-                    let at = (b.offset - r.start) as usize;
-                    data.get(at..at + b.len as usize)
-                        .map(|_| data.slice(at..at + b.len as usize))
-                });
+            let inside = |r: &std::ops::Range<u64>| r.start <= b.offset && b.range().end <= r.end;
+            while r < ranges.len() && !inside(&ranges[r]) {
+                r += 1;
+            }
+            let slice = ranges.get(r).zip(got.get(r)).and_then(|(range, data)| {
+                let at = (b.offset - range.start) as usize;
+                data.get(at..at + b.len as usize)
+                    .map(|_| data.slice(at..at + b.len as usize))
+            });
             out.push(slice.filter(|d| b.verify(d)));
         }
         Ok(out)

@@ -70,21 +70,26 @@ impl Discovery {
         // Exclusive start: every name of `from` or later sorts after it.
         let offset = bucket.path(&format!("{INDEX_DIR}/{:013}", from.saturating_sub(1)));
         let store = bucket.store().clone();
-        let metas = bucket
+        // S3 lists in key order, so the first PER_POLL unseen names are the
+        // oldest; the listing stops there (what other nodes wrote bounds
+        // neither memory nor time).
+        let seen = &self.seen;
+        let fresh = bucket
             .guarded(bucket.timeout(), async {
-                store
-                    .list_with_offset(Some(&dir), &offset)
-                    .try_collect::<Vec<_>>()
-                    .await
+                let mut list = store.list_with_offset(Some(&dir), &offset);
+                let mut fresh = Vec::new();
+                while let Some(m) = list.try_next().await? {
+                    if !seen.contains_key(m.location.as_ref()) {
+                        fresh.push(m);
+                        if fresh.len() == PER_POLL {
+                            break;
+                        }
+                    }
+                }
+                Ok(fresh)
             })
             .await?;
         let mut found = Found::default();
-        let mut fresh: Vec<_> = metas
-            .into_iter()
-            .filter(|m| !self.seen.contains_key(m.location.as_ref()))
-            .collect();
-        fresh.sort_by(|a, b| a.location.cmp(&b.location));
-        fresh.truncate(PER_POLL);
         for m in fresh {
             let name = m.location.to_string();
             let ms = index_time(&name).unwrap_or(0);
