@@ -75,6 +75,78 @@ pub struct Config {
     /// Tenants (`[[tenants]]` in the file only; see [`crate::tenant`]).
     /// Default none: every client is the operator.
     pub tenants: Vec<TenantConfig>,
+    /// The shared object-store tier (G4). Default none: off.
+    pub remote: Option<RemoteConfig>,
+}
+
+/// The object-store tier (G4): where its bucket is and how much of it this
+/// node may fill. Endpoint, region, credentials and `allow_http` left unset
+/// come from the usual `AWS_*` environment.
+#[derive(Clone)]
+pub struct RemoteConfig {
+    /// `s3://BUCKET/PREFIX`: every daemon given the same one shares blocks.
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Virtual-hosted-style requests; path-style otherwise. Default false.
+    pub virtual_hosted: bool,
+    /// Bytes of segments this node keeps in the bucket; its oldest go
+    /// first. Default 64 GiB.
+    pub bytes: u64,
+    /// Sightings (the commit, then each read) before a block is uploaded;
+    /// 1 uploads every block. Default 2.
+    pub admit: u32,
+    /// A segment is sealed and uploaded at this size. Default 32 MiB.
+    pub segment_bytes: u64,
+    /// ... or when its first block waited this long. Default 500 ms.
+    pub linger: Duration,
+    /// Block bytes waiting for upload before new ones are dropped. Default
+    /// 512 MiB.
+    pub queue_bytes: u64,
+    /// How often other nodes' index objects are listed. Default 500 ms.
+    pub poll: Duration,
+    /// Deadline of one request; data transfers add their bytes at
+    /// `min_bytes_per_s`. Defaults 2 s and 50 MB/s.
+    pub timeout: Duration,
+    pub min_bytes_per_s: u64,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    // The secret stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bytes", &self.bytes)
+            .field("admit", &self.admit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteConfig {
+    pub fn new(url: impl Into<String>) -> RemoteConfig {
+        RemoteConfig {
+            url: url.into(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: None,
+            virtual_hosted: false,
+            bytes: 64 << 30,
+            admit: 2,
+            segment_bytes: 32 << 20,
+            linger: Duration::from_millis(500),
+            queue_bytes: 512 << 20,
+            poll: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            min_bytes_per_s: 50_000_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -100,6 +172,7 @@ impl Default for Config {
             tls: None,
             auth_token_file: None,
             tenants: Vec::new(),
+            remote: None,
         }
     }
 }
@@ -130,6 +203,21 @@ pub struct FileConfig {
     pub auth_token_file: Option<PathBuf>,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    pub remote_url: Option<String>,
+    pub remote_endpoint: Option<String>,
+    pub remote_region: Option<String>,
+    pub remote_access_key_id: Option<String>,
+    pub remote_secret_access_key: Option<String>,
+    pub remote_allow_http: Option<bool>,
+    pub remote_virtual_hosted: Option<bool>,
+    pub remote_bytes: Option<Size>,
+    pub remote_admit: Option<u32>,
+    pub remote_segment_bytes: Option<Size>,
+    pub remote_linger_ms: Option<u64>,
+    pub remote_queue_bytes: Option<Size>,
+    pub remote_poll_ms: Option<u64>,
+    pub remote_timeout_ms: Option<u64>,
+    pub remote_min_bytes_per_s: Option<Size>,
 }
 
 /// Command-line flags; each also read from the environment variable named.
@@ -188,6 +276,16 @@ pub struct Flags {
     /// Bearer token file for requests on the TCP listeners [default: none].
     #[arg(long, env = "KVBM_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Object-store tier (G4) bucket, s3://BUCKET/PREFIX; endpoint, region
+    /// and credentials from AWS_* [default: none, off].
+    #[arg(long, env = "KVBM_REMOTE_URL")]
+    pub remote_url: Option<String>,
+    /// Bytes this node keeps in the bucket [default: 64GiB].
+    #[arg(long, env = "KVBM_REMOTE_BYTES")]
+    pub remote_bytes: Option<Size>,
+    /// Sightings before a block goes to the bucket; 1: every block [default: 2].
+    #[arg(long, env = "KVBM_REMOTE_ADMIT")]
+    pub remote_admit: Option<u32>,
 }
 
 impl Config {
@@ -254,6 +352,36 @@ impl Config {
         };
         c.auth_token_file = flags.auth_token_file.or(file.auth_token_file);
         c.tenants = file.tenants;
+        if let Some(url) = flags.remote_url.or(file.remote_url) {
+            let mut r = RemoteConfig::new(url);
+            r.endpoint = file.remote_endpoint;
+            r.region = file.remote_region;
+            r.access_key_id = file.remote_access_key_id;
+            r.secret_access_key = file.remote_secret_access_key;
+            r.allow_http = file.remote_allow_http;
+            set(&mut r.virtual_hosted, file.remote_virtual_hosted);
+            set(
+                &mut r.bytes,
+                flags.remote_bytes.or(file.remote_bytes).map(|s| s.0),
+            );
+            set(&mut r.admit, flags.remote_admit.or(file.remote_admit));
+            set(&mut r.segment_bytes, file.remote_segment_bytes.map(|s| s.0));
+            set(
+                &mut r.linger,
+                file.remote_linger_ms.map(Duration::from_millis),
+            );
+            set(&mut r.queue_bytes, file.remote_queue_bytes.map(|s| s.0));
+            set(&mut r.poll, file.remote_poll_ms.map(Duration::from_millis));
+            set(
+                &mut r.timeout,
+                file.remote_timeout_ms.map(Duration::from_millis),
+            );
+            set(
+                &mut r.min_bytes_per_s,
+                file.remote_min_bytes_per_s.map(|s| s.0),
+            );
+            c.remote = Some(r);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -284,6 +412,32 @@ impl Config {
             return Err(Error::invalid(
                 "max_block_bytes must be between 4KiB and 1GiB",
             ));
+        }
+        if let Some(r) = &self.remote {
+            if !r.url.starts_with("s3://") || r.url.len() <= "s3://".len() {
+                return Err(Error::invalid(format!(
+                    "remote-url must be s3://BUCKET/PREFIX, got {:?}",
+                    r.url
+                )));
+            }
+            if r.admit == 0 {
+                return Err(Error::invalid("remote-admit must be at least 1"));
+            }
+            if !(1 << 20..=1 << 30).contains(&r.segment_bytes) {
+                return Err(Error::invalid(
+                    "remote_segment_bytes must be between 1MiB and 1GiB",
+                ));
+            }
+            if r.bytes < r.segment_bytes || r.queue_bytes < r.segment_bytes {
+                return Err(Error::invalid(
+                    "remote-bytes and remote_queue_bytes must hold at least one segment",
+                ));
+            }
+            if r.poll.is_zero() || r.timeout.is_zero() || r.min_bytes_per_s == 0 {
+                return Err(Error::invalid(
+                    "remote_poll_ms, remote_timeout_ms and remote_min_bytes_per_s must be positive",
+                ));
+            }
         }
         crate::tenant::Tenants::validate(&self.tenants)?;
         let quotas: u64 = self

@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 pub enum TierLabel {
     host,
     disk,
+    remote,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +41,7 @@ pub struct Metrics {
     pub misses: Counter,
     pub evictions: Family<TierLabels, Counter>,
     pub dropped_writes: Counter,
+    pub remote_dropped_uploads: Counter,
     pub lost_writes: Counter,
     pub checksum_failures: Counter,
     pub degraded: Family<TierLabels, Gauge>,
@@ -63,6 +65,7 @@ impl Metrics {
             misses: Counter::default(),
             evictions: Family::default(),
             dropped_writes: Counter::default(),
+            remote_dropped_uploads: Counter::default(),
             lost_writes: Counter::default(),
             checksum_failures: Counter::default(),
             degraded: Family::default(),
@@ -92,6 +95,11 @@ impl Metrics {
             "dropped_writes",
             "Write-behind blocks dropped (queue full, degraded disk) or failed",
             m.dropped_writes.clone(),
+        );
+        registry.register(
+            "remote_dropped_uploads",
+            "Blocks offered to the object store that never reached it (queue full, failed upload)",
+            m.remote_dropped_uploads.clone(),
         );
         registry.register(
             "lost_writes",

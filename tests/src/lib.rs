@@ -140,6 +140,15 @@ impl Kvbm {
     /// Starts `kvbm --data-dir DIR` with `args` (e.g. `--host-bytes 8MiB`),
     /// on free ports, and waits for its "kvbm listening" line.
     pub fn start(data_dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Kvbm> {
+        Kvbm::start_env(data_dir, args, &[])
+    }
+
+    /// [`Kvbm::start`] with more environment (e.g. [`Garage::env`]).
+    pub fn start_env(
+        data_dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Kvbm> {
         use std::io::BufRead;
         let socket = data_dir.join("kvbm.sock");
         let mut child = std::process::Command::new(bin("kvbm"))
@@ -147,6 +156,7 @@ impl Kvbm {
             .arg(data_dir)
             .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KVBM_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()?;

@@ -6,13 +6,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvbm::remote::bucket::{Bucket, BucketConfig, Miss};
+use kvbm::config::RemoteConfig;
+use kvbm::remote::bucket::{Bucket, Miss};
 use kvbm::remote::segment::{Builder, Origin, Sealed};
 use kvtier_e2e::{rt, Garage, GARAGE_KEY_ID, GARAGE_SECRET};
 use object_store::{ObjectStoreExt, PutPayload};
 
 fn bucket(g: &Garage, prefix: &str) -> Bucket {
-    let mut c = BucketConfig::new(format!("s3://kvtier/{prefix}"));
+    let mut c = RemoteConfig::new(format!("s3://kvtier/{prefix}"));
     c.endpoint = Some(g.endpoint.clone());
     c.region = Some("garage".into());
     c.access_key_id = Some(GARAGE_KEY_ID.into());

@@ -1,4 +1,5 @@
-//! The catalog: durable metadata of namespaces, blocks and disk regions.
+//! The catalog: durable metadata of namespaces, blocks, disk regions and
+//! object-store segments.
 //!
 //! Behind the [`Catalog`] trait so the store does not depend on RocksDB (the
 //! one implementation, [`rocks::RocksCatalog`]). Block bytes never go here:
@@ -78,6 +79,12 @@ pub trait Catalog: Send + Sync {
     fn put_region(&self, region: RegionRecord) -> Result<()>;
     fn delete_region(&self, region: u32) -> Result<()>;
     fn regions(&self) -> Result<Vec<RegionRecord>>;
+
+    /// The object-store tier's records (segments this node knows, its node
+    /// id), opaque to the catalog: [`crate::remote::tier`] encodes them.
+    fn put_remote(&self, key: &[u8], value: &[u8]) -> Result<()>;
+    fn delete_remote(&self, key: &[u8]) -> Result<()>;
+    fn scan_remote(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()>;
 
     /// Makes every durable write so far survive a crash.
     fn sync(&self) -> Result<()>;

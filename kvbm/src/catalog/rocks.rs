@@ -15,6 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 const CF_BLOCKS: &str = "blocks";
 const CF_NAMESPACES: &str = "namespaces";
 const CF_REGIONS: &str = "regions";
+const CF_REMOTE: &str = "remote";
 
 pub struct RocksCatalog {
     db: DB,
@@ -89,7 +90,7 @@ impl RocksCatalog {
         // footprint modest.
         opts.set_max_background_jobs(2);
         opts.set_write_buffer_size(32 << 20);
-        let cfs = [CF_BLOCKS, CF_NAMESPACES, CF_REGIONS]
+        let cfs = [CF_BLOCKS, CF_NAMESPACES, CF_REGIONS, CF_REMOTE]
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
@@ -299,6 +300,29 @@ impl Catalog for RocksCatalog {
             });
         }
         Ok(out)
+    }
+
+    fn put_remote(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_REMOTE)?, key, value);
+        self.write(batch, true)
+    }
+
+    fn delete_remote(&self, key: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_REMOTE)?, key);
+        self.write(batch, true)
+    }
+
+    fn scan_remote(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_REMOTE)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            f(&k, &v);
+        }
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {
@@ -572,7 +596,7 @@ mod tests {
             assert_eq!(held.namespaces().unwrap(), vec![namespace()]);
         }
         // Held through RocksDB's LOCK alone, as another daemon holds it.
-        let cfs = [CF_BLOCKS, CF_NAMESPACES, CF_REGIONS];
+        let cfs = [CF_BLOCKS, CF_NAMESPACES, CF_REGIONS, CF_REMOTE];
         let held = DB::open_cf(&Options::default(), &dir, cfs).unwrap();
         let e = RocksCatalog::open_or_start_cold(&dir).err().unwrap();
         assert!(e.to_string().contains("LOCK"), "{e}");

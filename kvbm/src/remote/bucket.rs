@@ -26,6 +26,7 @@ use object_store::{
 use parking_lot::Mutex;
 
 use super::segment::{self, decode_tail, Fault, Footer, Sealed};
+use crate::config::RemoteConfig;
 use kvtier_net::backoff::Backoff;
 
 /// Failures in a row that open the breaker.
@@ -34,60 +35,6 @@ pub const BREAKER_FAILURES: u32 = 3;
 /// Bytes read from a segment's end first: enough for the footer of a
 /// segment of a few hundred blocks; a longer footer costs a second read.
 const TAIL_GUESS: u64 = 64 << 10;
-
-/// How to reach the bucket. Fields left `None` come from the usual `AWS_*`
-/// environment (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT`, `AWS_REGION`,
-/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`).
-#[derive(Clone)]
-pub struct BucketConfig {
-    /// `s3://BUCKET/PREFIX`.
-    pub url: String,
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub allow_http: Option<bool>,
-    /// Virtual-hosted-style requests (`BUCKET.host`); path-style otherwise,
-    /// as S3-compatible servers expect.
-    pub virtual_hosted: bool,
-    /// Deadline of one request (data reads add time for their bytes at
-    /// `min_bytes_per_s`).
-    pub timeout: Duration,
-    /// The slowest transfer rate a read is allowed before it counts as
-    /// failed.
-    pub min_bytes_per_s: u64,
-}
-
-impl std::fmt::Debug for BucketConfig {
-    // The secret stays out of logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BucketConfig")
-            .field("url", &self.url)
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id)
-            .field("allow_http", &self.allow_http)
-            .field("virtual_hosted", &self.virtual_hosted)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BucketConfig {
-    pub fn new(url: impl Into<String>) -> Self {
-        BucketConfig {
-            url: url.into(),
-            endpoint: None,
-            region: None,
-            access_key_id: None,
-            secret_access_key: None,
-            allow_http: None,
-            virtual_hosted: false,
-            timeout: Duration::from_secs(2),
-            min_bytes_per_s: 50 << 20,
-        }
-    }
-}
 
 /// Why a bucket operation did not succeed; every one is a miss to callers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,7 +123,7 @@ impl Default for Breaker {
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
-    cfg: BucketConfig,
+    cfg: RemoteConfig,
     breaker: Breaker,
 }
 
@@ -184,7 +131,7 @@ impl Bucket {
     /// Builds the client: the URL names bucket and prefix; endpoint, region,
     /// credentials and `AWS_ALLOW_HTTP` come from the usual `AWS_*`
     /// environment. Nothing is sent yet.
-    pub fn open(cfg: BucketConfig) -> Result<Bucket, Miss> {
+    pub fn open(cfg: RemoteConfig) -> Result<Bucket, Miss> {
         let rest = cfg
             .url
             .strip_prefix("s3://")

@@ -8,8 +8,12 @@
 //!   short retries, a circuit breaker; every failure a miss).
 //! - [`discovery`]: index objects, and how a node lists other nodes'
 //!   segments incrementally.
+//! - [`tier`]: the tier driver the store uses — its catalog, write-behind,
+//!   discovery, chain reads and capacity.
 #[cfg(feature = "remote")]
 pub mod bucket;
 #[cfg(feature = "remote")]
 pub mod discovery;
 pub mod segment;
+#[cfg(feature = "remote")]
+pub mod tier;

@@ -11,6 +11,8 @@
 
 mod disk;
 mod journal;
+#[cfg(feature = "remote")]
+mod remote;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -120,6 +122,9 @@ pub struct Store {
     inflight: Mutex<Inflight>,
     inflight_done: Condvar,
     journal: Journal,
+    /// The object-store tier (G4), when configured.
+    #[cfg(feature = "remote")]
+    remote: Option<crate::remote::tier::RemoteTier>,
 }
 
 impl Store {
@@ -214,6 +219,21 @@ impl Store {
         }
         tracing::info!(blocks = recovered, "recovered disk blocks");
 
+        #[cfg(feature = "remote")]
+        let hook = Arc::new(std::sync::OnceLock::new());
+        #[cfg(feature = "remote")]
+        let remote = cfg
+            .remote
+            .as_ref()
+            .map(|r| remote::open_remote(r, catalog.clone(), hook.clone()))
+            .transpose()?;
+        #[cfg(not(feature = "remote"))]
+        if cfg.remote.is_some() {
+            return Err(Error::invalid(
+                "remote-url given, but this kvbm was built without the object-store tier",
+            ));
+        }
+
         let store = Arc::new_cyclic(|me: &std::sync::Weak<Store>| Store {
             me: me.clone(),
             events: EventBus::new(cfg.event_ring),
@@ -234,6 +254,8 @@ impl Store {
             pool,
             tenants,
             cfg,
+            #[cfg(feature = "remote")]
+            remote,
         });
         let m = &store.metrics;
         m.capacity_bytes
@@ -243,6 +265,14 @@ impl Store {
             .get_or_create(&tier(TierLabel::disk))
             .set(store.cfg.disk_bytes as i64);
         store.journal.start()?;
+        #[cfg(feature = "remote")]
+        if let Some(r) = &store.remote {
+            let _ = hook.set(Arc::downgrade(&store));
+            m.capacity_bytes
+                .get_or_create(&tier(TierLabel::remote))
+                .set(r.capacity() as i64);
+            r.start();
+        }
         Ok(store)
     }
 
@@ -416,6 +446,14 @@ impl Store {
         let keys = parse_keys(keys)?;
         let committed = self.with_table(|c| c.table.commit(session, ns.id, &keys))?;
         let n = committed.len() as u32;
+        #[cfg(feature = "remote")]
+        if self.remote.as_ref().is_some_and(|r| r.admit() <= 1) {
+            let offers = committed
+                .iter()
+                .map(|b| (b.key, Some((b.parent.clone(), b.tokens.clone()))))
+                .collect();
+            self.offer_remote(&ns, offers, 1);
+        }
         for b in committed {
             let (id, key) = (b.id, b.key);
             self.write_behind(&ns, id, key, memory_record(&ns, b));
@@ -455,23 +493,26 @@ impl Store {
                 }
             }
         }
+        let mut tiers = vec![
+            pb::TierPrefix {
+                tier: pb::Tier::Host as i32,
+                blocks: found.host,
+            },
+            pb::TierPrefix {
+                tier: pb::Tier::Disk as i32,
+                blocks: found.disk,
+            },
+        ];
+        let mut locations: Vec<i32> = found
+            .locations
+            .iter()
+            .map(|&t| pb_tier(Some(t)) as i32)
+            .collect();
+        self.extend_lookup(&ns, &keys, &mut tiers, &mut locations);
         Ok(pb::LookupResponse {
-            matched: found.locations.len() as u32,
-            tiers: vec![
-                pb::TierPrefix {
-                    tier: pb::Tier::Host as i32,
-                    blocks: found.host,
-                },
-                pb::TierPrefix {
-                    tier: pb::Tier::Disk as i32,
-                    blocks: found.disk,
-                },
-            ],
-            locations: found
-                .locations
-                .into_iter()
-                .map(|t| pb_tier(Some(t)) as i32)
-                .collect(),
+            matched: locations.len() as u32,
+            tiers,
+            locations,
         })
     }
 
@@ -486,6 +527,8 @@ impl Store {
     ) -> Result<(u64, Vec<SlotGrant>, u32)> {
         let ns = self.namespace(namespace)?;
         let keys = parse_keys(keys)?;
+        #[cfg(feature = "remote")]
+        self.promote_remote(&ns, &keys).await;
         let now = Instant::now();
         let (acquire, waits) = self.with_table(|c| {
             let a = c.table.acquire(session, ns.id, &keys, now)?;
@@ -508,7 +551,15 @@ impl Store {
                 good = good.min(pos);
             }
         }
-        self.with_table(|c| c.table.finish_acquire(session, &acquire, keys.len(), good))
+        let out =
+            self.with_table(|c| c.table.finish_acquire(session, &acquire, keys.len(), good))?;
+        // A read is a sighting: blocks seen often enough go to the bucket.
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.remote {
+            let offers = keys[..out.1.len()].iter().map(|&k| (k, None)).collect();
+            self.offer_remote(&ns, offers, r.admit());
+        }
+        Ok(out)
     }
 
     /// Ends a lease of `session`. Someone else's lease is as unknown as a
@@ -546,7 +597,7 @@ impl Store {
     pub async fn get(&self, namespace: &str, key: &[u8]) -> Result<(Vec<u8>, pb::Tier)> {
         let ns = self.namespace(namespace)?;
         let k = key_of(key)?;
-        let was_host = self.core.lock().table.lookup(ns.id, &[k]).host == 1;
+        let was = self.core.lock().table.lookup(ns.id, &[k]);
         let s = self.daemon_session();
         let (_, grants, _) = self.acquire(s.session, namespace, &[key.to_vec()]).await?;
         let Some(g) = grants.first() else {
@@ -555,10 +606,12 @@ impl Store {
         // SAFETY: leased by this call's session until it is dropped.
         let data = unsafe { self.pool.slice(g.offset, g.length) }.to_vec();
         drop(s);
-        let tier = if was_host {
+        let tier = if was.host == 1 {
             pb::Tier::Host
-        } else {
+        } else if was.disk == 1 {
             pb::Tier::Disk
+        } else {
+            pb::Tier::Remote
         };
         Ok((data, tier))
     }
@@ -586,7 +639,14 @@ impl Store {
         let tier = match t {
             pb::Tier::Host => Some(Tier::Host),
             pb::Tier::Disk => Some(Tier::Disk),
-            _ => None,
+            pb::Tier::Unspecified => None,
+            // The bucket is shared with other nodes: not one daemon's to
+            // empty.
+            pb::Tier::Gpu | pb::Tier::Remote => {
+                return Err(Error::invalid(
+                    "only the host and disk tiers (or all local tiers) can be cleared",
+                ))
+            }
         };
         Ok(self.with_table(|c| c.table.clear(tier, ns.map(|n| n.id))))
     }
@@ -657,6 +717,10 @@ impl Store {
     /// journal thread.
     pub fn shutdown(&self) -> Result<()> {
         let r = self.sync(false, false);
+        #[cfg(feature = "remote")]
+        if let Some(remote) = &self.remote {
+            remote.shutdown(Duration::from_secs(10));
+        }
         self.journal.stop();
         // The disk tier's ring threads stop when the store is dropped.
         r.map(|_| ())
@@ -702,6 +766,7 @@ impl Store {
                 write_bytes_per_s: ds.write_bytes_per_s.unwrap_or(0.0) as u64,
             });
         }
+        tiers.extend(self.remote_stats());
         pb::StatsResponse {
             incarnation: self.events.incarnation().to_string(),
             event_seq: self.events.seq(),
@@ -719,10 +784,10 @@ impl Store {
         let s = self.stats_of(table);
         let m = &self.metrics;
         for t in &s.tiers {
-            let label = if t.tier == pb::Tier::Host as i32 {
-                TierLabel::host
-            } else {
-                TierLabel::disk
+            let label = match pb::Tier::try_from(t.tier) {
+                Ok(pb::Tier::Host) => TierLabel::host,
+                Ok(pb::Tier::Remote) => TierLabel::remote,
+                _ => TierLabel::disk,
             };
             m.bytes.get_or_create(&tier(label)).set(t.used_bytes as i64);
             m.blocks.get_or_create(&tier(label)).set(t.blocks as i64);
@@ -745,6 +810,14 @@ impl Store {
         set(&m.hits.get_or_create(&tier(TierLabel::host)), c.host_hits);
         set(&m.hits.get_or_create(&tier(TierLabel::disk)), c.disk_hits);
         set(&m.misses, c.misses);
+        if let Some(r) = s.tiers.iter().find(|t| t.tier == pb::Tier::Remote as i32) {
+            set(&m.hits.get_or_create(&tier(TierLabel::remote)), r.hits);
+            set(
+                &m.evictions.get_or_create(&tier(TierLabel::remote)),
+                r.evictions,
+            );
+            set(&m.remote_dropped_uploads, r.dropped_writes);
+        }
         set(
             &m.evictions.get_or_create(&tier(TierLabel::host)),
             c.host_evictions,
@@ -760,11 +833,17 @@ impl Store {
 
     /// Degraded tiers and why (for `/healthz`).
     pub fn degraded(&self) -> Vec<(String, String)> {
-        self.disk
+        let mut out: Vec<(String, String)> = self
+            .disk
             .as_ref()
             .and_then(|d| d.stats().degraded)
-            .map(|r| vec![("disk".to_string(), r)])
-            .unwrap_or_default()
+            .map(|r| ("disk".to_string(), r))
+            .into_iter()
+            .collect();
+        if let Some(t) = self.remote_stats().filter(|t| t.degraded) {
+            out.push(("remote".to_string(), t.degraded_reason));
+        }
+        out
     }
 
     /// The present content as events (for a subscriber's snapshot): what
@@ -794,7 +873,30 @@ impl Store {
                 }
             }
         }
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.remote {
+            for c in r.blocks() {
+                out.extend(self.remote_events(c));
+            }
+        }
         out
+    }
+}
+
+/// Without the object-store tier, nothing extends the local tiers.
+#[cfg(not(feature = "remote"))]
+impl Store {
+    fn extend_lookup(
+        &self,
+        _: &Namespace,
+        _: &[Key],
+        _: &mut Vec<pb::TierPrefix>,
+        _: &mut Vec<i32>,
+    ) {
+    }
+
+    fn remote_stats(&self) -> Option<pb::TierStats> {
+        None
     }
 }
 

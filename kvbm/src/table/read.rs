@@ -36,6 +36,30 @@ impl BlockTable {
         out
     }
 
+    /// Pins the host copies of those `keys` that are readable and were seen
+    /// at least `min_seen` times (the commit is the first sighting, each
+    /// acquire one more), so their bytes can be copied outside the lock;
+    /// [`BlockTable::unhold`] unpins them. Returns `(id, key, slot)`.
+    pub fn hold(&mut self, ns: u32, keys: &[Key], min_seen: u32) -> Vec<(u32, Key, u64)> {
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(id) = self.readable(ns, key) else {
+                continue;
+            };
+            let e = self.index.get_mut(id);
+            if e.has_host() && !e.loading && e.hits.saturating_add(1) >= min_seen {
+                e.pins += 1;
+                out.push((id, *key, e.host));
+            }
+        }
+        out
+    }
+
+    /// Ends what [`BlockTable::hold`] pinned.
+    pub fn unhold(&mut self, ids: &[u32]) {
+        self.unpin_all(ids);
+    }
+
     /// Leases the longest present prefix of `keys`, starting disk reads
     /// into host slots for blocks only on disk. The lease exists from now
     /// on (closing the session releases it); [`BlockTable::finish_acquire`]

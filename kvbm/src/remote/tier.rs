@@ -1,0 +1,867 @@
+//! The G4 tier driver: what this node knows of the bucket, and the tasks
+//! that move blocks to and from it.
+//!
+//! - The *catalog* of the tier is in memory ([`RemoteTier::locate`] never
+//!   touches the network) and in the RocksDB catalog (one record per
+//!   segment, so a restart is warm and then catches up by listing).
+//! - Uploads are write-behind: [`RemoteTier::offer`] queues a copy of a
+//!   block and returns; a full queue drops the block (counted). A writer
+//!   task packs queued blocks, in the order offered, into segments of
+//!   `segment_bytes` (or what waited `linger`), and publishes them.
+//! - A discovery task lists other nodes' index objects every `poll` and
+//!   adds their segments.
+//! - Reads ([`RemoteTier::fetch`]) take a chain in one coalesced read per
+//!   segment, all under one deadline, and return the verified prefix. A
+//!   segment that is gone or damaged (404, bad footer, a block failing its
+//!   checksum) leaves the catalog; a slow or failing server (timeout, 5xx,
+//!   open breaker) is a miss that keeps the entries, since the data is
+//!   likely fine and dropping it would forget other nodes' segments for
+//!   good.
+//! - Capacity: this node's own segments past `bytes` are deleted, oldest
+//!   first; other nodes' segments are never deleted here.
+//!
+//! The network runs on the tier's own runtime, so callers on any runtime
+//! (or none) can use it, and it is stopped with the tier.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::bucket::{Bucket, Miss};
+use super::discovery::Discovery;
+use super::segment::{Announcement, Builder, Footer, Origin};
+use crate::catalog::Catalog;
+use crate::config::RemoteConfig;
+use crate::error::{Error, Result};
+use crate::index::Key;
+
+/// Uploads in flight at once.
+const UPLOADS: usize = 4;
+/// How far back each listing reaches behind the newest index object seen:
+/// covers clocks that disagree and a segment upload that outlasts the
+/// next poll.
+const SKEW: Duration = Duration::from_secs(30);
+/// Blocks the catalog of the tier holds at most; segments past that are
+/// refused (a bucket filled by a hostile node bounds nothing else).
+const MAX_BLOCKS: usize = 8 << 20;
+/// Catalog record keys: segments, and the node id.
+const SEGMENT_KEY: &[u8] = b"s/";
+const NODE_KEY: &[u8] = b"node";
+
+/// A block to upload, copied out of the host pool.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub namespace: String,
+    pub key: Key,
+    pub parent: Vec<u8>,
+    pub tokens: Vec<u32>,
+    pub data: Bytes,
+}
+
+/// A block read back from the bucket, verified.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub key: Key,
+    pub parent: Vec<u8>,
+    pub tokens: Vec<u32>,
+    pub data: Bytes,
+}
+
+/// What changed in the tier, for the event stream: blocks of `namespace`
+/// became readable from the bucket, or stopped being.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Stored {
+        namespace: String,
+        /// `(key, parent, tokens)`, in segment order.
+        blocks: Vec<(Vec<u8>, Vec<u8>, Vec<u32>)>,
+    },
+    Removed {
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+    },
+}
+
+/// The tier's figures, for stats and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RemoteStats {
+    /// Blocks readable from the bucket (every node's).
+    pub blocks: u64,
+    /// Segments known, and this node's share of them.
+    pub segments: u64,
+    pub own_segments: u64,
+    pub own_bytes: u64,
+    /// Blocks read from the bucket, and reads that came back short.
+    pub hits: u64,
+    pub misses: u64,
+    pub uploaded_blocks: u64,
+    /// Blocks offered that never reached the bucket (full queue, failed
+    /// upload).
+    pub dropped_uploads: u64,
+    pub evicted_segments: u64,
+    pub checksum_failures: u64,
+    /// Index objects of other nodes that could not be read or decoded.
+    pub refused_index: u64,
+    /// The breaker is open: the bucket is not used until a probe succeeds.
+    pub degraded: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    uploaded: AtomicU64,
+    dropped: AtomicU64,
+    evicted: AtomicU64,
+    checksum: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A segment the tier knows.
+struct Segment {
+    name: String,
+    origin: Origin,
+    len: u64,
+    footer: Arc<Footer>,
+    /// Written by this node (its capacity counts it; eviction may delete it).
+    own: bool,
+    /// Catalog namespace ids of the footer's namespaces.
+    ns: Vec<u32>,
+}
+
+/// The in-memory catalog of the tier.
+#[derive(Default)]
+struct Index {
+    /// Namespace name → id (ids are this catalog's own, not the store's).
+    namespaces: HashMap<String, u32>,
+    segments: HashMap<u64, Segment>,
+    by_name: HashMap<String, u64>,
+    /// `(namespace, key)` → `(segment, index in its footer)`.
+    blocks: HashMap<(u32, Key), (u64, u32)>,
+    /// This node's segments, oldest first, and their bytes.
+    own: VecDeque<u64>,
+    own_bytes: u64,
+    next: u64,
+}
+
+impl Index {
+    fn namespace(&self, name: &str) -> Option<u32> {
+        self.namespaces.get(name).copied()
+    }
+
+    fn intern(&mut self, name: &str) -> u32 {
+        let next = self.namespaces.len() as u32;
+        *self.namespaces.entry(name.to_owned()).or_insert(next)
+    }
+
+    /// Adds a segment; `None` when it is known already or would overfill
+    /// the catalog. A key already held by another segment keeps it.
+    fn add(&mut self, name: String, a: Announcement, own: bool) -> Option<Vec<Change>> {
+        if self.by_name.contains_key(&name)
+            || self.blocks.len() + a.footer.blocks.len() > MAX_BLOCKS
+        {
+            return None;
+        }
+        let id = self.next;
+        self.next += 1;
+        let ns: Vec<u32> = a.footer.namespaces.iter().map(|n| self.intern(n)).collect();
+        let mut changes: Vec<Change> = Vec::new();
+        for (i, b) in a.footer.blocks.iter().enumerate() {
+            let Some(key) = Key::new(&b.key) else {
+                continue;
+            };
+            let nsid = ns[usize::from(b.namespace)];
+            if self.blocks.contains_key(&(nsid, key)) {
+                continue;
+            }
+            self.blocks.insert((nsid, key), (id, i as u32));
+            let namespace = &a.footer.namespaces[usize::from(b.namespace)];
+            let entry = (b.key.clone(), b.parent.clone(), b.tokens.clone());
+            match changes.last_mut() {
+                Some(Change::Stored {
+                    namespace: n,
+                    blocks,
+                }) if n == namespace => blocks.push(entry),
+                _ => changes.push(Change::Stored {
+                    namespace: namespace.clone(),
+                    blocks: vec![entry],
+                }),
+            }
+        }
+        if own {
+            self.own.push_back(id);
+            self.own_bytes += a.len;
+        }
+        self.by_name.insert(name.clone(), id);
+        self.segments.insert(
+            id,
+            Segment {
+                name,
+                origin: a.origin,
+                len: a.len,
+                footer: Arc::new(a.footer),
+                own,
+                ns,
+            },
+        );
+        Some(changes)
+    }
+
+    /// Forgets a segment and the entries that point to it.
+    fn remove(&mut self, id: u64) -> Option<(Segment, Vec<Change>)> {
+        let seg = self.segments.remove(&id)?;
+        self.by_name.remove(&seg.name);
+        if seg.own {
+            self.own.retain(|&s| s != id);
+            self.own_bytes -= seg.len;
+        }
+        let mut changes: Vec<Change> = Vec::new();
+        for b in &seg.footer.blocks {
+            let Some(key) = Key::new(&b.key) else {
+                continue;
+            };
+            let nsid = seg.ns[usize::from(b.namespace)];
+            if self.blocks.get(&(nsid, key)).is_some_and(|&(s, _)| s == id) {
+                self.blocks.remove(&(nsid, key));
+                let namespace = &seg.footer.namespaces[usize::from(b.namespace)];
+                match changes.last_mut() {
+                    Some(Change::Removed { namespace: n, keys }) if n == namespace => {
+                        keys.push(b.key.clone())
+                    }
+                    _ => changes.push(Change::Removed {
+                        namespace: namespace.clone(),
+                        keys: vec![b.key.clone()],
+                    }),
+                }
+            }
+        }
+        Some((seg, changes))
+    }
+}
+
+/// What the tasks share.
+struct Shared {
+    cfg: RemoteConfig,
+    node: u64,
+    bucket: Bucket,
+    catalog: Arc<dyn Catalog>,
+    index: RwLock<Index>,
+    /// Blocks offered and not yet uploaded (or dropped): not offered twice.
+    pending: Mutex<HashSet<(String, Key)>>,
+    queued_bytes: AtomicU64,
+    next_seq: AtomicU64,
+    counters: Counters,
+    on_change: Box<dyn Fn(Vec<Change>) + Send + Sync>,
+    stopping: AtomicBool,
+}
+
+/// See the module documentation.
+pub struct RemoteTier {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    tx: Mutex<Option<mpsc::UnboundedSender<Upload>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn segment_key(name: &str) -> Vec<u8> {
+    [SEGMENT_KEY, name.as_bytes()].concat()
+}
+
+impl RemoteTier {
+    /// Opens the tier: the client (nothing sent yet), the node id and the
+    /// segments from the catalog. [`RemoteTier::start`] starts the tasks.
+    /// `on_change` receives what became readable or went away.
+    pub fn open(
+        cfg: RemoteConfig,
+        catalog: Arc<dyn Catalog>,
+        on_change: Box<dyn Fn(Vec<Change>) + Send + Sync>,
+    ) -> Result<RemoteTier> {
+        let bucket =
+            Bucket::open(cfg.clone()).map_err(|e| Error::invalid(format!("remote tier: {e}")))?;
+        let mut node = None;
+        let mut index = Index::default();
+        let mut undecodable = Vec::new();
+        catalog.scan_remote(&mut |k, v| {
+            if k == NODE_KEY {
+                node = v.try_into().ok().map(u64::from_le_bytes);
+                return;
+            }
+            let (Some(name), Some((&own, body))) = (k.strip_prefix(SEGMENT_KEY), v.split_first())
+            else {
+                return undecodable.push(k.to_vec());
+            };
+            match (std::str::from_utf8(name), Announcement::decode(body)) {
+                (Ok(name), Ok(a)) => {
+                    index.add(name.to_owned(), a, own == 1);
+                }
+                _ => undecodable.push(k.to_vec()),
+            }
+        })?;
+        for k in undecodable {
+            catalog.delete_remote(&k)?;
+        }
+        // The node id is this data directory's for good: what it wrote
+        // before a restart is still its own (capacity, cleanup).
+        let node = match node {
+            Some(n) => n,
+            None => {
+                let n = rand::random::<u64>() | 1;
+                catalog.put_remote(NODE_KEY, &n.to_le_bytes())?;
+                n
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kvbm-g4")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the remote tier's runtime", e))?;
+        let handle = runtime.handle().clone();
+        tracing::info!(
+            url = %cfg.url,
+            node = format!("{node:016x}"),
+            segments = index.segments.len(),
+            blocks = index.blocks.len(),
+            "remote tier (G4) open"
+        );
+        Ok(RemoteTier {
+            shared: Arc::new(Shared {
+                // Sequence numbers start at the clock (microseconds), so a
+                // restart never reuses one (a name is written once).
+                next_seq: AtomicU64::new(now_ms() * 1000),
+                cfg,
+                node,
+                bucket,
+                catalog,
+                index: RwLock::new(index),
+                pending: Mutex::new(HashSet::new()),
+                queued_bytes: AtomicU64::new(0),
+                counters: Counters::default(),
+                on_change,
+                stopping: AtomicBool::new(false),
+            }),
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            tx: Mutex::new(None),
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// Starts the writer and discovery tasks.
+    pub fn start(&self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tx.lock() = Some(tx);
+        let shared = self.shared.clone();
+        *self.writer.lock() = Some(self.handle.spawn(write_loop(shared, rx)));
+        let since = {
+            let index = self.shared.index.read();
+            index
+                .segments
+                .values()
+                .map(|s| s.origin.created_ms)
+                .max()
+                .unwrap_or(0)
+        };
+        self.handle.spawn(discover_loop(
+            self.shared.clone(),
+            Discovery::new(since, SKEW),
+        ));
+        let shared = self.shared.clone();
+        // Segments over capacity at start (a smaller `bytes` than before).
+        self.handle.spawn(async move { enforce_capacity(&shared) });
+    }
+
+    /// The node id segment names carry.
+    pub fn node(&self) -> u64 {
+        self.shared.node
+    }
+
+    /// The admission threshold (sightings).
+    pub fn admit(&self) -> u32 {
+        self.shared.cfg.admit
+    }
+
+    /// Length of the prefix of `keys` readable from the bucket. Never
+    /// touches the network.
+    pub fn locate(&self, namespace: &str, keys: &[Key]) -> usize {
+        let index = self.shared.index.read();
+        let Some(ns) = index.namespace(namespace) else {
+            return 0;
+        };
+        keys.iter()
+            .take_while(|k| index.blocks.contains_key(&(ns, **k)))
+            .count()
+    }
+
+    /// Whether `key` is worth offering: neither in the bucket nor queued.
+    pub fn wants(&self, namespace: &str, key: &Key) -> bool {
+        if self.locate(namespace, std::slice::from_ref(key)) == 1 {
+            return false;
+        }
+        !self
+            .shared
+            .pending
+            .lock()
+            .contains(&(namespace.to_owned(), *key))
+    }
+
+    /// Queues a block for upload. Never blocks: past `queue_bytes` waiting,
+    /// the block is dropped and counted. Returns whether it was queued.
+    pub fn offer(&self, up: Upload) -> bool {
+        let s = &self.shared;
+        let len = up.data.len() as u64;
+        let queued = s.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        let tx = self.tx.lock();
+        let fits = queued <= s.cfg.queue_bytes && !s.stopping.load(Ordering::Relaxed);
+        let Some(tx) = tx.as_ref().filter(|_| fits) else {
+            s.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        if !s.pending.lock().insert((up.namespace.clone(), up.key)) {
+            s.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        let key = (up.namespace.clone(), up.key);
+        if tx.send(up).is_err() {
+            s.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            s.pending.lock().remove(&key);
+            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Reads the chain `keys` of `namespace` (blocks of `block_bytes`) from
+    /// the bucket: the longest prefix that arrived whole and verified,
+    /// within one deadline for the whole chain.
+    pub async fn fetch(&self, namespace: &str, keys: &[Key], block_bytes: u64) -> Vec<Fetched> {
+        let shared = self.shared.clone();
+        let (namespace, keys) = (namespace.to_owned(), keys.to_vec());
+        let task = self
+            .handle
+            .spawn(async move { fetch(&shared, &namespace, &keys, block_bytes).await });
+        task.await.unwrap_or_default()
+    }
+
+    /// Runs `f` on the tier's blocking pool (copies out of the host pool).
+    pub fn spawn_blocking(&self, f: impl FnOnce() + Send + 'static) {
+        self.handle.spawn_blocking(f);
+    }
+
+    pub fn stats(&self) -> RemoteStats {
+        let s = &self.shared;
+        let c = &s.counters;
+        let index = s.index.read();
+        RemoteStats {
+            blocks: index.blocks.len() as u64,
+            segments: index.segments.len() as u64,
+            own_segments: index.own.len() as u64,
+            own_bytes: index.own_bytes,
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            uploaded_blocks: c.uploaded.load(Ordering::Relaxed),
+            dropped_uploads: c.dropped.load(Ordering::Relaxed),
+            evicted_segments: c.evicted.load(Ordering::Relaxed),
+            checksum_failures: c.checksum.load(Ordering::Relaxed),
+            refused_index: c.refused.load(Ordering::Relaxed),
+            degraded: s.bucket.breaker().is_open(),
+        }
+    }
+
+    /// Capacity this node may fill.
+    pub fn capacity(&self) -> u64 {
+        self.shared.cfg.bytes
+    }
+
+    /// Every block readable from the bucket, for a subscriber's snapshot.
+    pub fn blocks(&self) -> Vec<Change> {
+        let index = self.shared.index.read();
+        let mut ids: Vec<&u64> = index.segments.keys().collect();
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            let seg = &index.segments[id];
+            for (i, b) in seg.footer.blocks.iter().enumerate() {
+                let Some(key) = Key::new(&b.key) else {
+                    continue;
+                };
+                let nsid = seg.ns[usize::from(b.namespace)];
+                if index.blocks.get(&(nsid, key)) == Some(&(*id, i as u32)) {
+                    out.push(Change::Stored {
+                        namespace: seg.footer.namespaces[usize::from(b.namespace)].clone(),
+                        blocks: vec![(b.key.clone(), b.parent.clone(), b.tokens.clone())],
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Uploads what is queued (up to `timeout`), then stops the tasks.
+    pub fn shutdown(&self, timeout: Duration) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        drop(self.tx.lock().take());
+        if let Some(w) = self.writer.lock().take() {
+            let _ = self
+                .handle
+                .block_on(async { tokio::time::timeout(timeout, w).await });
+        }
+    }
+}
+
+impl Drop for RemoteTier {
+    fn drop(&mut self) {
+        // Dropping a runtime from inside another one's worker would panic.
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Adds a segment to the catalog (durable first) and tells the store.
+fn admit_segment(s: &Shared, name: String, a: Announcement, own: bool) {
+    let mut record = vec![own as u8];
+    record.extend_from_slice(&a.encode());
+    if let Err(e) = s.catalog.put_remote(&segment_key(&name), &record) {
+        tracing::warn!(error = %e, "catalog write of a G4 segment failed");
+        return;
+    }
+    let added = s.index.write().add(name.clone(), a, own);
+    match added {
+        Some(changes) => (s.on_change)(changes),
+        // Known already, or the catalog is full: nothing of it is used.
+        None => {
+            if !s.index.read().by_name.contains_key(&name) {
+                let _ = s.catalog.delete_remote(&segment_key(&name));
+                s.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Forgets a segment (a read found it gone or damaged, or it is evicted).
+fn forget_segment(s: &Shared, id: u64) -> Option<Segment> {
+    let (seg, changes) = s.index.write().remove(id)?;
+    if let Err(e) = s.catalog.delete_remote(&segment_key(&seg.name)) {
+        tracing::warn!(error = %e, "catalog delete of a G4 segment failed");
+    }
+    (s.on_change)(changes);
+    Some(seg)
+}
+
+/// Deletes this node's oldest segments while it holds more than allowed.
+fn enforce_capacity(s: &Arc<Shared>) {
+    loop {
+        let oldest = {
+            let index = s.index.read();
+            if index.own_bytes <= s.cfg.bytes {
+                return;
+            }
+            index.own.front().copied()
+        };
+        let Some(id) = oldest else { return };
+        let Some(seg) = forget_segment(s, id) else {
+            return;
+        };
+        s.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        let shared = s.clone();
+        tokio::spawn(async move {
+            if let Err(e) = shared.bucket.retract(&seg.origin).await {
+                // Left behind: orphan collection finds it again.
+                tracing::debug!(error = %e, segment = %seg.name, "segment delete failed");
+            }
+        });
+    }
+}
+
+async fn write_loop(s: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Upload>) {
+    let permits = Arc::new(Semaphore::new(UPLOADS));
+    let mut batch: Vec<Upload> = Vec::new();
+    let mut bytes = 0u64;
+    let mut first = Instant::now();
+    let mut closed = false;
+    while !closed {
+        // Wait for a block; with blocks waiting, no longer than `linger`
+        // after the first of them.
+        let got = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            let until = tokio::time::Instant::from_std(first + s.cfg.linger);
+            tokio::select! {
+                up = rx.recv() => up,
+                _ = tokio::time::sleep_until(until) => None,
+            }
+        };
+        match got {
+            Some(up) => {
+                s.queued_bytes
+                    .fetch_sub(up.data.len() as u64, Ordering::Relaxed);
+                if batch.is_empty() {
+                    first = Instant::now();
+                }
+                bytes += super::segment::round_up(up.data.len() as u64);
+                batch.push(up);
+                if bytes < s.cfg.segment_bytes {
+                    continue;
+                }
+            }
+            // Closed (the tier stops) or lingered long enough.
+            None => closed = rx.is_closed() && rx.is_empty(),
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let ups = std::mem::take(&mut batch);
+        bytes = 0;
+        let shared = s.clone();
+        tokio::spawn(async move {
+            upload(&shared, ups).await;
+            drop(permit);
+        });
+    }
+    // Wait for the uploads still out.
+    let _ = permits.acquire_many(UPLOADS as u32).await;
+}
+
+/// Seals `ups` into one segment and publishes it.
+async fn upload(s: &Arc<Shared>, ups: Vec<Upload>) {
+    let origin = Origin {
+        node: s.node,
+        seq: s.next_seq.fetch_add(1, Ordering::Relaxed),
+        created_ms: now_ms(),
+    };
+    let mut b = Builder::new(origin);
+    let mut keys = Vec::with_capacity(ups.len());
+    for up in ups {
+        keys.push((up.namespace.clone(), up.key));
+        if b.push(
+            &up.namespace,
+            up.key.as_bytes(),
+            &up.parent,
+            &up.tokens,
+            up.data,
+        )
+        .is_err()
+        {
+            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let n = keys.len() as u64;
+    if b.is_empty() {
+        return unpend(s, &keys);
+    }
+    let sealed = b.finish();
+    match s.bucket.publish(&sealed).await {
+        Ok(name) => {
+            s.counters
+                .uploaded
+                .fetch_add(sealed.footer.blocks.len() as u64, Ordering::Relaxed);
+            admit_segment(s, name, Announcement::of(&sealed), true);
+            enforce_capacity(s);
+        }
+        Err(e) => {
+            s.counters.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(error = %e, blocks = n, "segment upload failed; blocks dropped");
+        }
+    }
+    unpend(s, &keys);
+}
+
+fn unpend(s: &Shared, keys: &[(String, Key)]) {
+    let mut p = s.pending.lock();
+    for k in keys {
+        p.remove(k);
+    }
+}
+
+async fn discover_loop(s: Arc<Shared>, mut d: Discovery) {
+    let mut tick = tokio::time::interval(s.cfg.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(found) = d.poll(&s.bucket).await else {
+            continue;
+        };
+        s.counters
+            .refused
+            .fetch_add(found.refused as u64, Ordering::Relaxed);
+        for (name, a) in found.segments {
+            if s.index.read().by_name.contains_key(&name) {
+                continue;
+            }
+            // One of ours the catalog missed (a crash between the upload
+            // and the catalog write) is ours again.
+            let own = a.origin.node == s.node;
+            admit_segment(&s, name, a, own);
+        }
+        if found.refused > 0 {
+            tracing::debug!(refused = found.refused, "unreadable index objects skipped");
+        }
+    }
+}
+
+/// One segment's share of a chain read: positions in the chain and block
+/// indexes in the footer, ascending.
+struct Part {
+    seg: u64,
+    name: String,
+    footer: Arc<Footer>,
+    blocks: Vec<usize>,
+}
+
+async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64) -> Vec<Fetched> {
+    let mut parts: Vec<Part> = Vec::new();
+    {
+        let index = s.index.read();
+        let Some(ns) = index.namespace(namespace) else {
+            return Vec::new();
+        };
+        for key in keys {
+            let Some(&(seg, i)) = index.blocks.get(&(ns, *key)) else {
+                break;
+            };
+            let i = i as usize;
+            match parts.last_mut() {
+                Some(p) if p.seg == seg && p.blocks.last().is_some_and(|&l| l < i) => {
+                    p.blocks.push(i)
+                }
+                _ => {
+                    let Some(sg) = index.segments.get(&seg) else {
+                        break;
+                    };
+                    parts.push(Part {
+                        seg,
+                        name: sg.name.clone(),
+                        footer: sg.footer.clone(),
+                        blocks: vec![i],
+                    });
+                }
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    let total: u64 = parts.iter().map(|p| p.blocks.len() as u64).sum::<u64>() * block_bytes;
+    let deadline =
+        s.cfg.timeout + Duration::from_secs_f64(total as f64 / s.cfg.min_bytes_per_s as f64);
+    let reads = futures::future::join_all(
+        parts
+            .iter()
+            .map(|p| s.bucket.read_blocks(&p.name, &p.footer, &p.blocks)),
+    );
+    let results = match tokio::time::timeout(deadline, reads).await {
+        Ok(r) => r,
+        Err(_) => {
+            s.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    let mut damaged = Vec::new();
+    'parts: for (p, r) in parts.iter().zip(results) {
+        let datas = match r {
+            Ok(d) => d,
+            Err(Miss::NotFound | Miss::Segment(_)) => {
+                damaged.push(p.seg);
+                break;
+            }
+            Err(_) => break,
+        };
+        for (&i, data) in p.blocks.iter().zip(datas) {
+            let b = &p.footer.blocks[i];
+            match data {
+                Some(d) if d.len() as u64 == block_bytes => out.push(Fetched {
+                    key: Key::new(&b.key).expect("indexed keys are valid"),
+                    parent: b.parent.clone(),
+                    tokens: b.tokens.clone(),
+                    data: d,
+                }),
+                // Another layout under the same namespace name: not ours
+                // to use, not damage.
+                Some(_) => break 'parts,
+                None => {
+                    s.counters.checksum.fetch_add(1, Ordering::Relaxed);
+                    damaged.push(p.seg);
+                    break 'parts;
+                }
+            }
+        }
+    }
+    for id in damaged {
+        if let Some(seg) = forget_segment(s, id) {
+            tracing::warn!(segment = %seg.name, "G4 segment gone or damaged; its blocks are forgotten");
+        }
+    }
+    s.counters
+        .hits
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    if out.len() < keys.len() {
+        s.counters.misses.fetch_add(1, Ordering::Relaxed);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::segment::Builder;
+
+    fn announcement(node: u64, seq: u64, keys: &[u8]) -> Announcement {
+        let mut b = Builder::new(Origin {
+            node,
+            seq,
+            created_ms: seq,
+        });
+        for &k in keys {
+            b.push(
+                "ns",
+                &[k; 8],
+                &[],
+                &[u32::from(k)],
+                Bytes::from(vec![k; 100]),
+            )
+            .unwrap();
+        }
+        Announcement::of(&b.finish())
+    }
+
+    #[test]
+    fn a_key_stays_with_its_first_segment_and_goes_with_it() {
+        let mut ix = Index::default();
+        let a = announcement(1, 1, &[1, 2]);
+        let b = announcement(2, 1, &[2, 3]);
+        let ch = ix.add("a".into(), a.clone(), true).unwrap();
+        assert!(matches!(&ch[0], Change::Stored { blocks, .. } if blocks.len() == 2));
+        let ch = ix.add("b".into(), b, false).unwrap();
+        // Key 2 is a's already: b brings only key 3.
+        assert!(matches!(&ch[0], Change::Stored { blocks, .. } if blocks.len() == 1));
+        assert!(ix.add("a".into(), a.clone(), true).is_none(), "known");
+        assert_eq!(ix.own_bytes, a.len);
+        let ns = ix.namespace("ns").unwrap();
+        let id_a = ix.by_name["a"];
+        let (_, ch) = ix.remove(id_a).unwrap();
+        assert!(matches!(&ch[0], Change::Removed { keys, .. } if keys.len() == 2));
+        assert_eq!(ix.own_bytes, 0);
+        assert!(ix.own.is_empty());
+        let k = |b: u8| Key::new(&[b; 8]).unwrap();
+        assert!(!ix.blocks.contains_key(&(ns, k(2))));
+        assert!(ix.blocks.contains_key(&(ns, k(3))));
+    }
+}
