@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvtier_client::Client;
-use kvtier_e2e::{bin, put_chain, Kvbm};
+use kvtier_e2e::{bin, put_chain, Garage, Kvbm};
 
 struct Router {
     child: Child,
@@ -130,4 +130,67 @@ fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
         !resp.contains(r#""host":4"#),
         "deleted worker's blocks purged: {resp}"
     );
+}
+
+/// The route's JSON entry of worker `id` (the candidates list names each
+/// worker once).
+fn candidate<'a>(resp: &'a str, id: &str) -> Option<&'a str> {
+    let at = resp.find(&format!(r#""worker_id":"{id}""#))?;
+    let rest = &resp[at..];
+    Some(&rest[..rest.find('}').map_or(rest.len(), |e| e + 1)])
+}
+
+/// G4 is shared: a chain one worker's kvbm uploaded counts, at G4's price,
+/// for a worker whose kvbm on the same bucket never saw it (it learnt the
+/// blocks from the bucket and published them as its own G4 holdings).
+#[test]
+fn a_chain_in_the_shared_bucket_counts_for_every_worker_on_it() {
+    let Some(g) = Garage::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("kvbm.toml");
+    std::fs::write(
+        &conf,
+        "remote_url = \"s3://kvtier/route\"\nremote_admit = 1\nremote_linger_ms = 100\n\
+         remote_poll_ms = 250\nremote_timeout_ms = 3000\nremote_segment_bytes = \"1MiB\"\n",
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    let args = ["--config", &conf, "--host-bytes", "8MiB", "--disk-bytes", "0"];
+    let a = Kvbm::start_env(&dir.path().join("a"), &args, &g.env()).unwrap();
+    let b = Kvbm::start_env(&dir.path().join("b"), &args, &g.env()).unwrap();
+    let router = start_router();
+    for (id, d) in [("wa", &a), ("wb", &b)] {
+        let body = format!(
+            r#"{{"worker_id":"{id}","endpoint":"http://{id}:8000","model":"m","kvbm":"unix:{}"}}"#,
+            d.socket.display()
+        );
+        let (status, resp) = http(&router.http, "POST", "/v1/workers", &body);
+        assert!(status == 200 || status == 201, "{status} {resp}");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tokens = rt.block_on(async {
+        // B's engine uses the same model (namespace) but never this prompt.
+        let cb = Client::connect(&b.socket_str()).await.unwrap();
+        put_chain(&cb, "m", BLOCK_TOKENS, 0).await;
+        let ca = Client::connect(&a.socket_str()).await.unwrap();
+        put_chain(&ca, "m", BLOCK_TOKENS, 4).await
+    });
+    let body = format!(r#"{{"model":"m","token_ids":{:?}}}"#, tokens);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, resp) = http(&router.http, "POST", "/v1/route", &body);
+        assert_eq!(status, 200, "{resp}");
+        let (ca, cb) = (candidate(&resp, "wa"), candidate(&resp, "wb"));
+        if ca.is_some_and(|c| c.contains(r#""host":4"#))
+            && cb.is_some_and(|c| c.contains(r#""remote":4"#))
+        {
+            assert!(cb.is_some_and(|c| c.contains(r#""host":0"#)), "{resp}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never credited wb with the G4 chain: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
