@@ -243,3 +243,34 @@ fn a_node_finds_what_another_published_and_only_once() {
         assert_eq!(b.read_footer(name).await, Err(Miss::NotFound));
     });
 }
+
+#[test]
+fn orphans_are_this_nodes_unknown_segments_only() {
+    use kvbm::remote::segment::segment_name;
+    let Some(g) = Garage::start() else { return };
+    rt().block_on(async {
+        let b = bucket(&g, "sweep");
+        let mut names = Vec::new();
+        for (node, seq) in [(0xA, 1), (0xA, 2), (0xB, 1)] {
+            let (s, _) = announced(node, seq, 1_764_000_000_000 + seq);
+            let name = segment_name(&s.origin);
+            b.put_segment(&name, &s).await.expect("put");
+            names.push(name);
+        }
+        let known = |n: &str| n == names[0];
+        // Too young to be an orphan (an upload whose announcement is on its
+        // way).
+        let young = b
+            .orphans(0xA, Duration::from_secs(600), &known)
+            .await
+            .expect("sweep");
+        assert!(young.is_empty(), "{young:?}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let old = b
+            .orphans(0xA, Duration::from_secs(1), &known)
+            .await
+            .expect("sweep");
+        // Node A's unknown segment; never A's known one, never B's.
+        assert_eq!(old, [names[1].clone()]);
+    });
+}

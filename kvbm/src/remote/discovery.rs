@@ -25,6 +25,12 @@ const PER_POLL: usize = 4096;
 /// header, nothing more).
 const MAX_INDEX: u64 = MAX_FOOTER as u64 + 4096;
 
+/// Segment names one orphan sweep looks at, at most.
+const SWEEP_MAX: usize = 1 << 20;
+
+/// Deadline of one orphan sweep's listing (many pages).
+const SWEEP_DEADLINE: Duration = Duration::from_secs(120);
+
 /// What one poll found.
 #[derive(Debug, Default)]
 pub struct Found {
@@ -130,6 +136,45 @@ impl Bucket {
         )
         .await?;
         Ok(name)
+    }
+
+    /// Segments `node` wrote that `known` does not list and that are older
+    /// than `min_age`: uploads whose writer died before it announced or
+    /// recorded them, which nothing will read. Lists `seg/` (every node's
+    /// segments; at most a million names per sweep). Names are relative to
+    /// the bucket's prefix, as [`segment_name`] makes them.
+    pub async fn orphans(
+        &self,
+        node: u64,
+        min_age: Duration,
+        known: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Vec<String>, Miss> {
+        let dir = self.path("seg");
+        let skip = self.path("").as_ref().len();
+        let store = self.store().clone();
+        let mine = format!("/{node:016x}-");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let cutoff_ms = now.saturating_sub(min_age).as_millis() as i64;
+        self.guarded(SWEEP_DEADLINE, async {
+            let mut list = store.list(Some(&dir));
+            let (mut out, mut seen) = (Vec::new(), 0usize);
+            while let Some(m) = list.try_next().await? {
+                seen += 1;
+                if seen > SWEEP_MAX {
+                    break;
+                }
+                let full = m.location.as_ref();
+                let name = full.get(skip..).unwrap_or(full).trim_start_matches('/');
+                let old = m.last_modified.timestamp_millis() < cutoff_ms;
+                if name.contains(&mine) && old && !known(name) {
+                    out.push(name.to_owned());
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Deletes a segment this node wrote and its index object (index first:
