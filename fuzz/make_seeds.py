@@ -159,22 +159,27 @@ write("kvbm_events", "gap_and_restart", batch(b"inc-1", 1, [stored(4, k[:1], b""
 # --- remote_segment: [mode]; mode 1: [footer_at u64][footer]; mode 0: an
 # object's tail (footer + trailer; the trailer's checksum is not computed here,
 # so mode 0 seeds reach the trailer checks only) ----------------------------
+# Format version 2: each entry has a codec byte (bits 0-1: none, lz4, zstd;
+# bit 7: encrypted) and the raw length (equal to the stored length for codec 0).
 def footer(names, blocks):
     out = struct.pack("<H", len(names)) + b"".join(struct.pack("<H", len(n)) + n for n in names)
     out += struct.pack("<I", len(blocks))
-    for ns, off, length, key, parent, tokens in blocks:
-        out += struct.pack("<HQIQ", ns, off, length, 0x1234) + bytes([len(key)]) + key
+    for ns, off, length, codec, raw_len, key, parent, tokens in blocks:
+        out += struct.pack("<HQIQBI", ns, off, length, 0x1234, codec, raw_len)
+        out += bytes([len(key)]) + key
         out += bytes([len(parent)]) + parent + struct.pack("<I", len(tokens))
         out += b"".join(struct.pack("<I", t) for t in tokens)
     return out
 
 
-chain = [(i % 2, 4096 * (i + 1), 4000 + i, k[i], k[i - 1] if i else b"", range(16 * i, 16 * i + 16))
+codecs = [(0x00, None), (0x01, 8192), (0x82, 8192), (0x80, 4003 - 36)]
+chain = [(i % 2, 4096 * (i + 1), 4000 + i, codecs[i][0], codecs[i][1] or 4000 + i, k[i],
+          k[i - 1] if i else b"", range(16 * i, 16 * i + 16))
          for i in range(4)]
 body = footer([b"llama/tp0", b"llama/tp1"], chain)
 write("remote_segment", "footer", b"\x01" + struct.pack("<Q", 5 * 4096) + body)
 write("remote_segment", "footer_one", b"\x01" + struct.pack("<Q", 2 * 4096)
-      + footer([b"n"], [(0, 4096, 1, b"\x01", b"", [])]))
+      + footer([b"n"], [(0, 4096, 1, 0, 1, b"\x01", b"", [])]))
 empty = footer([b"n"], [])  # blocks would not fit under -max_len=8192
-trailer = struct.pack("<QIIQ", 4096, len(empty), 1, 0) + b"KVTG4END"
+trailer = struct.pack("<QIIQ", 4096, len(empty), 2, 0) + b"KVTG4END"
 write("remote_segment", "tail", b"\x00" + b"\x00" * 4096 + empty + trailer)

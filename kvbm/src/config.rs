@@ -22,6 +22,19 @@ pub enum Admission {
     Frequency,
 }
 
+/// How the object-store tier (G4) compresses blocks at rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Blocks are stored as they are.
+    #[default]
+    None,
+    /// lz4 (block format): fast, modest ratio.
+    Lz4,
+    /// zstd at `remote_zstd_level`: slower, better ratio.
+    Zstd,
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -112,6 +125,16 @@ pub struct RemoteConfig {
     /// `min_bytes_per_s`. Defaults 2 s and 50 MB/s.
     pub timeout: Duration,
     pub min_bytes_per_s: u64,
+    /// Compression of each block (kept only where it makes the block
+    /// smaller). Default none.
+    pub compression: Compression,
+    /// zstd's level, 1 to 19. Default 3.
+    pub zstd_level: i32,
+    /// File holding the key blocks are encrypted with (AES-256-GCM): 32 raw
+    /// bytes or 64 hex digits. With a key, only blocks encrypted under it
+    /// are read. Default none: blocks stored in the clear, and encrypted
+    /// ones never read.
+    pub key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RemoteConfig {
@@ -123,6 +146,8 @@ impl std::fmt::Debug for RemoteConfig {
             .field("region", &self.region)
             .field("bytes", &self.bytes)
             .field("admit", &self.admit)
+            .field("compression", &self.compression)
+            .field("key_file", &self.key_file)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +170,9 @@ impl RemoteConfig {
             poll: Duration::from_millis(500),
             timeout: Duration::from_secs(2),
             min_bytes_per_s: 50_000_000,
+            compression: Compression::None,
+            zstd_level: 3,
+            key_file: None,
         }
     }
 }
@@ -218,6 +246,9 @@ pub struct FileConfig {
     pub remote_poll_ms: Option<u64>,
     pub remote_timeout_ms: Option<u64>,
     pub remote_min_bytes_per_s: Option<Size>,
+    pub remote_compression: Option<Compression>,
+    pub remote_zstd_level: Option<i32>,
+    pub remote_key_file: Option<PathBuf>,
 }
 
 /// Command-line flags; each also read from the environment variable named.
@@ -380,6 +411,9 @@ impl Config {
                 &mut r.min_bytes_per_s,
                 file.remote_min_bytes_per_s.map(|s| s.0),
             );
+            set(&mut r.compression, file.remote_compression);
+            set(&mut r.zstd_level, file.remote_zstd_level);
+            r.key_file = file.remote_key_file;
             c.remote = Some(r);
         }
         c.validate()?;
@@ -437,6 +471,9 @@ impl Config {
                 return Err(Error::invalid(
                     "remote_poll_ms, remote_timeout_ms and remote_min_bytes_per_s must be positive",
                 ));
+            }
+            if !(1..=19).contains(&r.zstd_level) {
+                return Err(Error::invalid("remote_zstd_level must be between 1 and 19"));
             }
         }
         crate::tenant::Tenants::validate(&self.tenants)?;
@@ -565,6 +602,46 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from("/srv/kv/kvbm.sock"));
         assert_eq!(c.host_bytes, 64 << 20);
         assert_eq!(c.disk_admit, Admission::Frequency);
+    }
+
+    #[test]
+    fn remote_compression_and_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvbm.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Config::load(Flags {
+                config: Some(path.clone()),
+                ..Flags::default()
+            })
+        };
+        let r = load("remote_url = \"s3://b/p\"\n").unwrap().remote.unwrap();
+        assert_eq!(
+            (r.compression, r.zstd_level, r.key_file),
+            (Compression::None, 3, None)
+        );
+        let r = load(
+            "remote_url = \"s3://b/p\"\nremote_compression = \"zstd\"\n\
+             remote_zstd_level = 9\nremote_key_file = \"/etc/kvtier/g4.key\"\n",
+        )
+        .unwrap()
+        .remote
+        .unwrap();
+        assert_eq!(r.compression, Compression::Zstd);
+        assert_eq!(r.zstd_level, 9);
+        assert_eq!(r.key_file, Some(PathBuf::from("/etc/kvtier/g4.key")));
+        assert_eq!(
+            load("remote_url = \"s3://b/p\"\nremote_compression = \"lz4\"\n")
+                .unwrap()
+                .remote
+                .unwrap()
+                .compression,
+            Compression::Lz4
+        );
+        let err = load("remote_url = \"s3://b/p\"\nremote_compression = \"gzip\"\n").unwrap_err();
+        assert!(err.to_string().contains("gzip"), "{err}");
+        let err = load("remote_url = \"s3://b/p\"\nremote_zstd_level = 30\n").unwrap_err();
+        assert!(err.to_string().contains("remote_zstd_level"), "{err}");
     }
 
     #[test]

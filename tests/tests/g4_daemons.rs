@@ -4,7 +4,9 @@
 //! misses, never errors or hangs, and is used again when it returns; damaged
 //! segments are never served; a daemon killed mid-upload comes back with
 //! what reached the bucket; a node's share of the bucket stays within its
-//! capacity.
+//! capacity; compressed, encrypted blocks are shared by the nodes holding
+//! the key, stored without their plaintext and never served under another
+//! key.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -33,6 +35,17 @@ fn data(i: u64, len: usize) -> Vec<u8> {
 /// keep the test quick; deadlines generous for a debug Garage on a loaded
 /// CI machine). `extra` are more flags.
 fn daemon(g: &Garage, dir: &std::path::Path, prefix: &str, extra: &[&str]) -> Kvbm {
+    daemon_toml(g, dir, prefix, "", extra)
+}
+
+/// [`daemon`] with more lines for its TOML file.
+fn daemon_toml(
+    g: &Garage,
+    dir: &std::path::Path,
+    prefix: &str,
+    toml: &str,
+    extra: &[&str],
+) -> Kvbm {
     std::fs::create_dir_all(dir).unwrap();
     let conf = dir.join("kvbm.toml");
     std::fs::write(
@@ -40,7 +53,7 @@ fn daemon(g: &Garage, dir: &std::path::Path, prefix: &str, extra: &[&str]) -> Kv
         format!(
             "remote_url = \"s3://kvtier/{prefix}\"\nremote_linger_ms = 100\n\
              remote_poll_ms = 250\nremote_timeout_ms = 3000\n\
-             remote_min_bytes_per_s = \"5MiB\"\nremote_segment_bytes = \"1MiB\"\n"
+             remote_min_bytes_per_s = \"5MiB\"\nremote_segment_bytes = \"1MiB\"\n{toml}"
         ),
     )
     .unwrap();
@@ -224,10 +237,31 @@ fn a_dead_object_store_costs_misses_and_is_used_again_when_it_returns() {
     });
 }
 
+/// The bucket under `prefix`, as a client of the test's own (to look at or
+/// damage objects).
+fn bucket(g: &Garage, prefix: &str) -> kvbm::remote::bucket::Bucket {
+    let mut c = kvbm::config::RemoteConfig::new(format!("s3://kvtier/{prefix}"));
+    c.endpoint = Some(g.endpoint.clone());
+    c.region = Some("garage".into());
+    c.access_key_id = Some(GARAGE_KEY_ID.into());
+    c.secret_access_key = Some(GARAGE_SECRET.into());
+    c.allow_http = Some(true);
+    kvbm::remote::bucket::Bucket::open(c).unwrap()
+}
+
+/// Every segment object under the bucket's prefix.
+async fn segments(bucket: &kvbm::remote::bucket::Bucket) -> Vec<object_store::ObjectMeta> {
+    use futures::TryStreamExt;
+    bucket
+        .store()
+        .list(Some(&bucket.path("seg")))
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 #[test]
 fn a_damaged_segment_is_never_served_and_leaves_the_catalog() {
-    use kvbm::config::RemoteConfig;
-    use kvbm::remote::bucket::Bucket;
     use object_store::{ObjectStoreExt, PutPayload};
     let Some(g) = Garage::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -237,22 +271,8 @@ fn a_damaged_segment_is_never_served_and_leaves_the_catalog() {
         let (ca, cb) = (client(&a).await, client(&b).await);
         store_and_find(&ca, &cb, 4).await;
         // Flip one byte inside block 0's data in every segment.
-        let mut c = RemoteConfig::new("s3://kvtier/bad");
-        c.endpoint = Some(g.endpoint.clone());
-        c.region = Some("garage".into());
-        c.access_key_id = Some(GARAGE_KEY_ID.into());
-        c.secret_access_key = Some(GARAGE_SECRET.into());
-        c.allow_http = Some(true);
-        let bucket = Bucket::open(c).unwrap();
-        let segs: Vec<_> = {
-            use futures::TryStreamExt;
-            bucket
-                .store()
-                .list(Some(&bucket.path("seg")))
-                .try_collect()
-                .await
-                .unwrap()
-        };
+        let bucket = bucket(&g, "bad");
+        let segs = segments(&bucket).await;
         assert!(!segs.is_empty());
         for m in segs {
             let mut obj = bucket
@@ -368,5 +388,124 @@ fn a_nodes_share_of_the_bucket_stays_within_its_capacity() {
             .map(|t| (t.tier, t.blocks))
             .collect();
         assert_eq!(tiers.get(&REMOTE), Some(&0), "block 0's segment evicted");
+    });
+}
+
+/// Compressible, distinctive block content: 256-byte runs of random bytes,
+/// each followed by a copy of itself (lz4 about halves it; a 64-byte window
+/// of one block occurs nowhere else but in that copy).
+fn kv(i: u64) -> Vec<u8> {
+    let mut v = data(1_000_000 + i, BLOCK);
+    for c in (256..BLOCK).step_by(512) {
+        v.copy_within(c - 256..c, c);
+    }
+    v
+}
+
+async fn put_kv(c: &Client, i: u64) {
+    c.rpc()
+        .put(v1::PutRequest {
+            namespace: NS.into(),
+            block: Some(v1::BlockMeta {
+                key: key(i),
+                parent: if i == 0 { vec![] } else { key(i - 1) },
+                token_ids: (0..16).map(|t| (i * 16 + t) as u32).collect(),
+            }),
+            data: kv(i),
+        })
+        .await
+        .expect("put");
+}
+
+#[test]
+fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_another() {
+    use object_store::ObjectStoreExt;
+    use std::os::unix::fs::PermissionsExt;
+    let Some(g) = Garage::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = |name: &str, content: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    // The fleet's key as hex (with a newline), the stranger's as raw bytes.
+    let fleet = key_file("fleet.key", format!("{}\n", "5a".repeat(32)).as_bytes());
+    let other = key_file("other.key", &[0xa5; 32]);
+    let conf = |compression: &str, key: &str| {
+        format!("remote_compression = \"{compression}\"\nremote_key_file = \"{key}\"\n")
+    };
+    let (a_conf, c_conf) = (conf("lz4", &fleet), conf("zstd", &other));
+    let a = daemon_toml(
+        &g,
+        &dir.path().join("a"),
+        "sealed",
+        &a_conf,
+        &["--remote-admit", "1"],
+    );
+    let b = daemon_toml(&g, &dir.path().join("b"), "sealed", &a_conf, &[]);
+    let c = daemon_toml(&g, &dir.path().join("c"), "sealed", &c_conf, &[]);
+    let n = 8;
+    rt().block_on(async {
+        let (ca, cb, cc) = (client(&a).await, client(&b).await, client(&c).await);
+        for i in 0..n {
+            put_kv(&ca, i).await;
+        }
+        for (who, cl) in [("B", &cb), ("C", &cc)] {
+            within(
+                Duration::from_secs(15),
+                &format!("{who} finds A's chain"),
+                || async { lookup(cl, 0..n).await.matched == n as u32 },
+            )
+            .await;
+        }
+        // B, holding the same key, serves the chain bit-exact.
+        for i in 0..n {
+            let (d, _) = get(&cb, i).await.expect("get from G4 on B");
+            assert!(d == kv(i), "block {i} differs");
+        }
+        // C lists the blocks (the footers are in the clear) but serves
+        // none, and forgets them: not damage, just not its key's.
+        for i in 0..n {
+            let r = get(&cc, i).await;
+            assert_eq!(
+                r.unwrap_err().code(),
+                tonic::Code::NotFound,
+                "block {i} on C"
+            );
+        }
+        let s = remote_stats(&cc).await;
+        assert_eq!(s.checksum_failures, 0, "{s:?}");
+        assert_eq!(lookup(&cc, 0..n).await.matched, 0, "C forgot the chain");
+        // The objects are compressed and hold none of the plaintext.
+        let bucket = bucket(&g, "sealed");
+        let segs = segments(&bucket).await;
+        assert!(!segs.is_empty());
+        let mut stored = 0;
+        for m in segs {
+            let obj = bucket
+                .store()
+                .get(&m.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            stored += obj.len();
+            for i in 0..n {
+                let plain = kv(i);
+                for at in [0, 4096, BLOCK - 64] {
+                    let run = &plain[at..at + 64];
+                    assert!(
+                        !obj.windows(64).any(|w| w == run),
+                        "{}: block {i}'s bytes at {at} in the clear",
+                        m.location
+                    );
+                }
+            }
+        }
+        let raw = n as usize * BLOCK;
+        eprintln!("{raw} bytes of blocks stored in {stored} bytes of segments");
+        assert!(stored < raw * 3 / 4, "lz4 was used: {stored} of {raw}");
     });
 }

@@ -155,7 +155,14 @@ fn a_chain_in_the_shared_bucket_counts_for_every_worker_on_it() {
     )
     .unwrap();
     let conf = conf.display().to_string();
-    let args = ["--config", &conf, "--host-bytes", "8MiB", "--disk-bytes", "0"];
+    let args = [
+        "--config",
+        &conf,
+        "--host-bytes",
+        "8MiB",
+        "--disk-bytes",
+        "0",
+    ];
     let a = Kvbm::start_env(&dir.path().join("a"), &args, &g.env()).unwrap();
     let b = Kvbm::start_env(&dir.path().join("b"), &args, &g.env()).unwrap();
     let router = start_router();

@@ -4,6 +4,8 @@
 //!
 //! - [`segment`]: the object format — blocks packed in chain order into
 //!   immutable segments with a footer that lists them.
+//! - [`codec`]: how each block is stored at rest — optional compression
+//!   (lz4, zstd) and encryption (AES-256-GCM).
 //! - [`bucket`]: the S3 client under kvtier's failure policy (deadlines,
 //!   short retries, a circuit breaker; every failure a miss).
 //! - [`discovery`]: index objects, and how a node lists other nodes'
@@ -12,6 +14,8 @@
 //!   discovery, chain reads and capacity.
 #[cfg(feature = "remote")]
 pub mod bucket;
+#[cfg(feature = "remote")]
+pub mod codec;
 #[cfg(feature = "remote")]
 pub mod discovery;
 pub mod segment;

@@ -12,7 +12,7 @@
 //!
 //! header page
 //!      0    8  magic              b"KVTG4SEG"
-//!      8    4  format version     u32 LE
+//!      8    4  format version     u32 LE (2)
 //!     12    4  block count        u32 LE
 //!     16    8  node id            u64 LE (the writing daemon)
 //!     24    8  sequence number    u64 LE (per node)
@@ -24,14 +24,26 @@
 //! footer (all integers LE)
 //!   u16 namespace count, then per namespace: u16 length, UTF-8 name
 //!   u32 block count, then per block:
-//!     u16 namespace (index into the names), u64 offset, u32 length,
-//!     u64 xxh3-64 of the block's bytes, u8 key length, key,
-//!     u8 parent length, parent (empty: a root), u32 token count, u32 tokens
+//!     u16 namespace (index into the names), u64 offset, u32 stored length,
+//!     u64 xxh3-64 of the stored bytes, u8 codec, u32 raw length,
+//!     u8 key length, key, u8 parent length, parent (empty: a root),
+//!     u32 token count, u32 tokens
+//!
+//! codec (how the stored bytes become the block's raw bytes)
+//!   bits 0-1  compression: 0 none, 1 lz4 block, 2 zstd frame (3: refused)
+//!   bit  7    encrypted, after compression: the stored bytes are a key
+//!             id (8), a random nonce (12), the AES-256-GCM ciphertext
+//!             and its tag (16); key and key id derive from the key file
+//!             by HKDF-SHA256; the associated data binds codec, raw
+//!             length, namespace and key (`remote::codec`)
+//!   bits 2-6  zero
+//! raw length: the block's length once decoded, 1 to 1 GiB; with codec 0
+//!   it equals the stored length
 //!
 //! trailer
 //!      0    8  footer offset      u64 LE
 //!      8    4  footer length      u32 LE
-//!     12    4  format version     u32 LE
+//!     12    4  format version     u32 LE (2)
 //!     16    8  footer checksum    xxh3-64 of the footer
 //!     24    8  magic              b"KVTG4END"
 //! ```
@@ -41,8 +53,11 @@
 //! The footer is the part read from other nodes' objects, so its decoder
 //! treats every byte as hostile: limits are checked before anything is
 //! allocated, blocks must lie in the data area in ascending order without
-//! overlapping, and a version it does not know is refused (the caller counts
-//! the segment as a miss).
+//! overlapping, a codec byte or raw length out of range is refused, and a
+//! version it does not know is refused (the caller counts the segment as a
+//! miss). Version 2 added the codec and the raw length; version 1 is no
+//! longer read. What the codec means is `remote::codec`'s business; the
+//! checksum covers the stored bytes, so damage is found before decoding.
 
 use std::ops::Range;
 
@@ -53,8 +68,9 @@ use crate::disk::entry::{le4, le8};
 
 /// Alignment of every block and the size of the header page.
 pub const PAGE: u64 = 4096;
-/// Current format version.
-pub const VERSION: u32 = 1;
+/// Current format version (2: per-block codec and raw length). The only
+/// one read.
+pub const VERSION: u32 = 2;
 /// Bytes of the trailer.
 pub const TRAILER: u64 = 32;
 
@@ -75,8 +91,25 @@ pub const MAX_NAME: u16 = 1024;
 pub const MAX_OBJECT: u64 = 1 << 32;
 pub const MAX_FOOTER: u32 = 64 << 20;
 
+/// Largest raw (decoded) block length.
+pub const MAX_RAW: u32 = 1 << 30;
+
+/// Codec byte: stored as is.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte, bits 0-1: the compression.
+pub const CODEC_COMPRESSION: u8 = 0x03;
+pub const CODEC_LZ4: u8 = 1;
+pub const CODEC_ZSTD: u8 = 2;
+/// Codec byte, bit 7: encrypted.
+pub const CODEC_ENCRYPTED: u8 = 0x80;
+
+/// Whether a reader knows codec byte `c`.
+pub const fn codec_known(c: u8) -> bool {
+    c & !(CODEC_COMPRESSION | CODEC_ENCRYPTED) == 0 && c & CODEC_COMPRESSION != 3
+}
+
 /// Bytes a footer entry takes at least (no key, parent or tokens).
-const MIN_ENTRY: usize = 2 + 8 + 4 + 8 + 1 + 1 + 4;
+const MIN_ENTRY: usize = 2 + 8 + 4 + 8 + 1 + 4 + 1 + 1 + 4;
 
 static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
 
@@ -107,9 +140,14 @@ pub struct Block {
     /// Index into [`Footer::namespaces`].
     pub namespace: u16,
     pub offset: u64,
+    /// Bytes stored in the object.
     pub len: u32,
-    /// xxh3-64 of the block's bytes.
+    /// xxh3-64 of the stored bytes.
     pub checksum: u64,
+    /// How the stored bytes encode the block (`CODEC_*` bits).
+    pub codec: u8,
+    /// The block's length once decoded.
+    pub raw_len: u32,
     pub key: Vec<u8>,
     /// The parent block's key; empty for the first block of a chain.
     pub parent: Vec<u8>,
@@ -122,7 +160,8 @@ impl Block {
         self.offset..self.offset + u64::from(self.len)
     }
 
-    /// Whether `data` is this block's content (length and checksum).
+    /// Whether `data` is this block's stored content (length and checksum):
+    /// integrity, checked before anything decodes it.
     pub fn verify(&self, data: &[u8]) -> bool {
         data.len() as u64 == u64::from(self.len) && xxh3_64(data) == self.checksum
     }
@@ -170,8 +209,8 @@ impl Builder {
         }
     }
 
-    /// Appends a block; returns its offset. Refuses what a reader would
-    /// refuse (limits), so every sealed segment decodes.
+    /// Appends a block stored as is; returns its offset. See
+    /// [`Builder::push_encoded`].
     pub fn push(
         &mut self,
         namespace: &str,
@@ -180,8 +219,27 @@ impl Builder {
         tokens: &[u32],
         data: Bytes,
     ) -> Result<u64, Fault> {
+        let raw_len = u32::try_from(data.len()).map_err(|_| Fault::Invalid)?;
+        self.push_encoded(namespace, key, parent, tokens, data, CODEC_RAW, raw_len)
+    }
+
+    /// Appends a block whose stored bytes `data` decode (by `codec`) to
+    /// `raw_len` bytes; returns its offset. Refuses what a reader would
+    /// refuse (limits), so every sealed segment decodes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_encoded(
+        &mut self,
+        namespace: &str,
+        key: &[u8],
+        parent: &[u8],
+        tokens: &[u32],
+        data: Bytes,
+        codec: u8,
+        raw_len: u32,
+    ) -> Result<u64, Fault> {
         let len = u32::try_from(data.len()).map_err(|_| Fault::Invalid)?;
-        if key.len() > MAX_KEY
+        if !entry_codec_ok(codec, len, raw_len)
+            || key.len() > MAX_KEY
             || parent.len() > MAX_KEY
             || tokens.len() > MAX_TOKENS as usize
             || self.blocks.len() >= MAX_BLOCKS as usize
@@ -206,6 +264,8 @@ impl Builder {
             offset,
             len,
             checksum: xxh3_64(&data),
+            codec,
+            raw_len,
             key: key.to_vec(),
             parent: parent.to_vec(),
             tokens: tokens.to_vec(),
@@ -260,6 +320,12 @@ impl Builder {
             len,
         }
     }
+}
+
+/// Whether a footer entry's codec byte and raw length are possible for
+/// `len` stored bytes.
+fn entry_codec_ok(codec: u8, len: u32, raw_len: u32) -> bool {
+    codec_known(codec) && (1..=MAX_RAW).contains(&raw_len) && (codec != CODEC_RAW || raw_len == len)
 }
 
 /// Rounds `n` up to the next multiple of [`PAGE`].
@@ -361,6 +427,8 @@ impl Footer {
             out.extend_from_slice(&b.offset.to_le_bytes());
             out.extend_from_slice(&b.len.to_le_bytes());
             out.extend_from_slice(&b.checksum.to_le_bytes());
+            out.push(b.codec);
+            out.extend_from_slice(&b.raw_len.to_le_bytes());
             out.push(b.key.len() as u8);
             out.extend_from_slice(&b.key);
             out.push(b.parent.len() as u8);
@@ -405,6 +473,11 @@ impl Footer {
             let offset = r.u64()?;
             let len = r.u32()?;
             let checksum = r.u64()?;
+            let codec = r.u8()?;
+            let raw_len = r.u32()?;
+            if !entry_codec_ok(codec, len, raw_len) {
+                return Err(Fault::Invalid);
+            }
             let klen = usize::from(r.u8()?);
             if klen > MAX_KEY {
                 return Err(Fault::Invalid);
@@ -440,6 +513,8 @@ impl Footer {
                 offset,
                 len,
                 checksum,
+                codec,
+                raw_len,
                 key,
                 parent,
                 tokens,
@@ -471,7 +546,7 @@ impl Footer {
 ///
 /// ```text
 ///      0    8  magic              b"KVTG4IDX"
-///      8    4  format version     u32 LE
+///      8    4  format version     u32 LE (the segment format's, 2)
 ///     12    8  node id            u64 LE
 ///     20    8  sequence number    u64 LE
 ///     28    8  created            u64 LE, Unix milliseconds
@@ -732,16 +807,88 @@ mod tests {
 
     #[test]
     fn an_unknown_version_is_refused() {
-        let (s, _) = sealed_chain(2);
-        let mut obj = object(&s);
-        let at = obj.len() - 20;
-        obj[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(decode_tail(&obj, s.len), Err(Fault::Version(2)));
-        let mut page = obj[..PAGE as usize].to_vec();
-        page[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let sum = xxh3_64(&page[..HDR_SUM_AT]);
-        page[HDR_SUM_AT..HDR_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
-        assert_eq!(decode_header(&page), Err(Fault::Version(2)));
+        // 1: the format before codecs (no longer read); 3: a future one.
+        for v in [1u32, 3] {
+            let (s, _) = sealed_chain(2);
+            let mut obj = object(&s);
+            let at = obj.len() - 20;
+            obj[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(decode_tail(&obj, s.len), Err(Fault::Version(v)));
+            let mut page = obj[..PAGE as usize].to_vec();
+            page[8..12].copy_from_slice(&v.to_le_bytes());
+            let sum = xxh3_64(&page[..HDR_SUM_AT]);
+            page[HDR_SUM_AT..HDR_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
+            assert_eq!(decode_header(&page), Err(Fault::Version(v)));
+            let mut idx = Announcement::of(&s).encode();
+            idx[8..12].copy_from_slice(&v.to_le_bytes());
+            let at = idx.len() - 8;
+            let sum = xxh3_64(&idx[..at]);
+            idx[at..].copy_from_slice(&sum.to_le_bytes());
+            assert_eq!(Announcement::decode(&idx), Err(Fault::Version(v)));
+        }
+    }
+
+    #[test]
+    fn codec_and_raw_length_round_trip_and_are_checked() {
+        let mut b = Builder::new(origin());
+        let stored = Bytes::from(vec![9u8; 300]);
+        let lz4_enc = CODEC_LZ4 | CODEC_ENCRYPTED;
+        b.push_encoded("n", &[1], &[], &[5], stored.clone(), lz4_enc, 4096)
+            .unwrap();
+        b.push_encoded("n", &[2], &[1], &[6], stored.clone(), CODEC_ZSTD, 8192)
+            .unwrap();
+        b.push("n", &[3], &[2], &[7], stored.clone()).unwrap();
+        let s = b.finish();
+        let obj = object(&s);
+        let f = decode_tail(&obj, s.len).unwrap();
+        assert_eq!(f, s.footer);
+        let got: Vec<(u8, u32, u32)> = f
+            .blocks
+            .iter()
+            .map(|b| (b.codec, b.raw_len, b.len))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (lz4_enc, 4096, 300),
+                (CODEC_ZSTD, 8192, 300),
+                (CODEC_RAW, 300, 300)
+            ]
+        );
+        assert_eq!(
+            Announcement::decode(&Announcement::of(&s).encode())
+                .unwrap()
+                .footer,
+            f
+        );
+
+        // The builder and the decoder refuse the same things.
+        let mut b = Builder::new(origin());
+        for (codec, raw_len) in [
+            (0x04, 4096),              // an unknown bit
+            (0x40 | CODEC_LZ4, 4096),  // another
+            (0x03, 4096),              // compression 3
+            (CODEC_LZ4, 0),            // empty once decoded
+            (CODEC_ZSTD, MAX_RAW + 1), // too large once decoded
+            (CODEC_RAW, 301),          // raw, yet another length
+            (CODEC_ENCRYPTED, 0),
+        ] {
+            assert_eq!(
+                b.push_encoded("n", &[1], &[], &[], stored.clone(), codec, raw_len),
+                Err(Fault::Invalid),
+                "{codec:#x} {raw_len}"
+            );
+            let mut f = s.footer.clone();
+            f.blocks[0].codec = codec;
+            f.blocks[0].raw_len = raw_len;
+            assert_eq!(
+                Footer::decode(&f.encode(), decode_header(&obj).unwrap().1),
+                Err(Fault::Invalid),
+                "{codec:#x} {raw_len}"
+            );
+        }
+        assert!(b.is_empty());
+        assert!(codec_known(CODEC_ZSTD | CODEC_ENCRYPTED) && codec_known(CODEC_ENCRYPTED));
     }
 
     #[test]
@@ -755,6 +902,8 @@ mod tests {
                     offset,
                     len,
                     checksum: 0,
+                    codec: CODEC_RAW,
+                    raw_len: len,
                     key: vec![1],
                     parent: vec![],
                     tokens: vec![],

@@ -7,16 +7,21 @@
 //! - Uploads are write-behind: [`RemoteTier::offer`] queues a copy of a
 //!   block and returns; a full queue drops the block (counted). A writer
 //!   task packs queued blocks, in the order offered, into segments of
-//!   `segment_bytes` (or what waited `linger`), and publishes them.
+//!   `segment_bytes` (or what waited `linger`), encodes each block (the
+//!   [`Codec`]: compression, encryption; on the blocking pool, as it costs
+//!   CPU) and publishes them.
 //! - A discovery task lists other nodes' index objects every `poll` and
 //!   adds their segments.
 //! - Reads ([`RemoteTier::fetch`]) take a chain in one coalesced read per
-//!   segment, all under one deadline, and return the verified prefix. A
+//!   segment, all under one deadline, and return the verified prefix: each
+//!   block's stored bytes checked against their checksum, then decoded. A
 //!   segment that is gone or damaged (404, bad footer, a block failing its
-//!   checksum) leaves the catalog; a slow or failing server (timeout, 5xx,
-//!   open breaker) is a miss that keeps the entries, since the data is
-//!   likely fine and dropping it would forget other nodes' segments for
-//!   good.
+//!   checksum, its authentication or its decompression) leaves the catalog;
+//!   so does one this node can never read (encrypted under another key, or
+//!   not encrypted where this node has a key; not counted as damage). A
+//!   slow or failing server (timeout, 5xx, open breaker) is a miss that
+//!   keeps the entries, since the data is likely fine and dropping it would
+//!   forget other nodes' segments for good.
 //! - Capacity: this node's own segments past `bytes` are deleted, oldest
 //!   first; other nodes' segments are never deleted here.
 //!
@@ -29,19 +34,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::bucket::{Bucket, Miss};
+use super::codec::{Codec, Refused};
 use super::discovery::Discovery;
-use super::segment::{Announcement, Builder, Footer, Origin};
+use super::segment::{Announcement, Builder, Footer, Origin, CODEC_RAW};
 use crate::catalog::Catalog;
 use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
 use crate::index::Key;
 
-/// Uploads in flight at once.
-const UPLOADS: usize = 4;
+/// Segment uploads in flight at once.
+pub const UPLOADS: usize = 4;
+/// Segment reads in flight at once, per chain read.
+pub const READS: usize = 8;
 /// How far back each listing reaches behind the newest index object seen:
 /// covers clocks that disagree and a segment upload that outlasts the
 /// next poll.
@@ -249,6 +258,8 @@ struct Shared {
     cfg: RemoteConfig,
     node: u64,
     bucket: Bucket,
+    /// How blocks are stored at rest (compression, encryption).
+    codec: Codec,
     catalog: Arc<dyn Catalog>,
     index: RwLock<Index>,
     /// Blocks offered and not yet uploaded (or dropped): not offered twice.
@@ -290,6 +301,7 @@ impl RemoteTier {
     ) -> Result<RemoteTier> {
         let bucket =
             Bucket::open(cfg.clone()).map_err(|e| Error::invalid(format!("remote tier: {e}")))?;
+        let codec = Codec::from_config(&cfg)?;
         let mut node = None;
         let mut index = Index::default();
         let mut undecodable = Vec::new();
@@ -334,6 +346,8 @@ impl RemoteTier {
             node = format!("{node:016x}"),
             segments = index.segments.len(),
             blocks = index.blocks.len(),
+            compression = ?cfg.compression,
+            key_id = codec.key_id().as_deref().unwrap_or("none"),
             "remote tier (G4) open"
         );
         Ok(RemoteTier {
@@ -344,6 +358,7 @@ impl RemoteTier {
                 cfg,
                 node,
                 bucket,
+                codec,
                 catalog,
                 index: RwLock::new(index),
                 pending: Mutex::new(HashSet::new()),
@@ -646,32 +661,33 @@ async fn upload(s: &Arc<Shared>, ups: Vec<Upload>) {
         seq: s.next_seq.fetch_add(1, Ordering::Relaxed),
         created_ms: now_ms(),
     };
-    let mut b = Builder::new(origin);
-    let mut keys = Vec::with_capacity(ups.len());
-    for up in ups {
-        keys.push((up.namespace.clone(), up.key));
-        if b.push(
-            &up.namespace,
-            up.key.as_bytes(),
-            &up.parent,
-            &up.tokens,
-            up.data,
-        )
-        .is_err()
-        {
-            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    let keys: Vec<(String, Key)> = ups.iter().map(|u| (u.namespace.clone(), u.key)).collect();
+    // Compressing or encrypting a segment (32 MiB by default) takes tens of
+    // milliseconds: not on the runtime's workers, which also serve reads.
+    let b = if s.codec.is_noop() {
+        pack(s, origin, ups)
+    } else {
+        let shared = s.clone();
+        match tokio::task::spawn_blocking(move || pack(&shared, origin, ups)).await {
+            Ok(b) => b,
+            Err(e) => {
+                s.counters
+                    .dropped
+                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                tracing::warn!(error = %e, "encoding a G4 segment failed; blocks dropped");
+                return unpend(s, &keys);
+            }
         }
-    }
-    let n = keys.len() as u64;
+    };
     if b.is_empty() {
         return unpend(s, &keys);
     }
     let sealed = b.finish();
+    // What the segment holds: blocks `pack` refused are counted already.
+    let n = sealed.footer.blocks.len() as u64;
     match s.bucket.publish(&sealed).await {
         Ok(name) => {
-            s.counters
-                .uploaded
-                .fetch_add(sealed.footer.blocks.len() as u64, Ordering::Relaxed);
+            s.counters.uploaded.fetch_add(n, Ordering::Relaxed);
             admit_segment(s, name, Announcement::of(&sealed), true);
             enforce_capacity(s);
         }
@@ -681,6 +697,33 @@ async fn upload(s: &Arc<Shared>, ups: Vec<Upload>) {
         }
     }
     unpend(s, &keys);
+}
+
+/// Encodes `ups` and packs them, in order, into a segment of `origin`. A
+/// block that cannot be encoded or packed is dropped and counted.
+fn pack(s: &Shared, origin: Origin, ups: Vec<Upload>) -> Builder {
+    let mut b = Builder::new(origin);
+    let mut enc = s.codec.encoder();
+    for up in ups {
+        let pushed = enc
+            .encode(&up.namespace, up.key.as_bytes(), up.data)
+            .is_some_and(|(codec, raw_len, stored)| {
+                b.push_encoded(
+                    &up.namespace,
+                    up.key.as_bytes(),
+                    &up.parent,
+                    &up.tokens,
+                    stored,
+                    codec,
+                    raw_len,
+                )
+                .is_ok()
+            });
+        if !pushed {
+            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    b
 }
 
 fn unpend(s: &Shared, keys: &[(String, Key)]) {
@@ -761,11 +804,19 @@ async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64)
     let total: u64 = parts.iter().map(|p| p.blocks.len() as u64).sum::<u64>() * block_bytes;
     let deadline =
         s.cfg.timeout + Duration::from_secs_f64(total as f64 / s.cfg.min_bytes_per_s as f64);
-    let reads = futures::future::join_all(
-        parts
-            .iter()
-            .map(|p| s.bucket.read_blocks(&p.name, &p.footer, &p.blocks)),
-    );
+    // Owned futures: the spawned task must not hold a borrow of `parts`
+    // in its stream (the compiler cannot prove that one general enough).
+    let futs: Vec<_> = parts
+        .iter()
+        .map(|p| {
+            let (s, name) = (s.clone(), p.name.clone());
+            let (footer, blocks) = (p.footer.clone(), p.blocks.clone());
+            async move { s.bucket.read_blocks(&name, &footer, &blocks).await }
+        })
+        .collect();
+    let reads = futures::stream::iter(futs)
+        .buffered(READS)
+        .collect::<Vec<_>>();
     let results = match tokio::time::timeout(deadline, reads).await {
         Ok(r) => r,
         Err(_) => {
@@ -773,7 +824,8 @@ async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64)
             return Vec::new();
         }
     };
-    let mut out = Vec::new();
+    // The prefix whose stored bytes arrived and passed their checksum.
+    let mut stored: Vec<(&Part, usize, Bytes)> = Vec::new();
     let mut damaged = Vec::new();
     'parts: for (p, r) in parts.iter().zip(results) {
         let datas = match r {
@@ -787,12 +839,7 @@ async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64)
         for (&i, data) in p.blocks.iter().zip(datas) {
             let b = &p.footer.blocks[i];
             match data {
-                Some(d) if d.len() as u64 == block_bytes => out.push(Fetched {
-                    key: Key::new(&b.key).expect("indexed keys are valid"),
-                    parent: b.parent.clone(),
-                    tokens: b.tokens.clone(),
-                    data: d,
-                }),
+                Some(d) if u64::from(b.raw_len) == block_bytes => stored.push((p, i, d)),
                 // Another layout under the same namespace name: not ours
                 // to use, not damage.
                 Some(_) => break 'parts,
@@ -804,10 +851,83 @@ async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64)
             }
         }
     }
+    // Decoded in order; the first block that does not decode ends the
+    // prefix. Blocks stored raw in the clear decode for free (no copy);
+    // anything else goes to the blocking pool.
+    let jobs: Vec<_> = stored
+        .iter()
+        .map(|(p, i, d)| {
+            let b = &p.footer.blocks[*i];
+            let ns = p.footer.namespaces[usize::from(b.namespace)].clone();
+            (ns, b.key.clone(), b.codec, b.raw_len, d.clone())
+        })
+        .collect();
+    let decode = {
+        let shared = s.clone();
+        move || {
+            let mut done = Vec::with_capacity(jobs.len());
+            for (ns, key, codec, raw_len, d) in jobs {
+                let r = shared.codec.open(&ns, &key, codec, raw_len, d, block_bytes);
+                let stop = r.is_err();
+                done.push(r);
+                if stop {
+                    break;
+                }
+            }
+            done
+        }
+    };
+    let decoded = if stored
+        .iter()
+        .all(|(p, i, _)| p.footer.blocks[*i].codec == CODEC_RAW)
+    {
+        decode()
+    } else {
+        tokio::task::spawn_blocking(decode)
+            .await
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let mut foreign = None;
+    for ((p, i, _), r) in stored.iter().zip(decoded) {
+        let b = &p.footer.blocks[*i];
+        match r {
+            Ok(data) => out.push(Fetched {
+                key: Key::new(&b.key).expect("indexed keys are valid"),
+                parent: b.parent.clone(),
+                tokens: b.tokens.clone(),
+                data,
+            }),
+            Err(Refused::Layout) => break,
+            // Fails authentication or decompression: damaged or forged,
+            // like a bad checksum.
+            Err(Refused::Damaged) => {
+                s.counters.checksum.fetch_add(1, Ordering::Relaxed);
+                damaged.push(p.seg);
+                break;
+            }
+            // Under another key (or not encrypted as this node requires):
+            // not damage, but no read here will ever succeed, so the
+            // segment leaves this node's catalog (lookups stop offering
+            // it); the object stays for the nodes that can read it.
+            Err(Refused::Foreign) => {
+                foreign = Some(p.seg);
+                break;
+            }
+        }
+    }
     for id in damaged {
         if let Some(seg) = forget_segment(s, id) {
             tracing::warn!(segment = %seg.name, "G4 segment gone or damaged; its blocks are forgotten");
         }
+    }
+    if let Some(seg) = foreign.and_then(|id| forget_segment(s, id)) {
+        tracing::warn!(
+            segment = %seg.name,
+            encrypted_here = s.codec.encrypts(),
+            "G4 segment written under another key (or encrypted otherwise than here); \
+             this node forgets its blocks"
+        );
     }
     s.counters
         .hits

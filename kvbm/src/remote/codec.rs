@@ -1,0 +1,733 @@
+//! How G4 blocks are stored at rest: each block optionally compressed (lz4
+//! or zstd), then optionally encrypted (AES-256-GCM), recorded per block in
+//! the segment footer's codec byte and raw length (byte layout in
+//! [`super::segment`]).
+//!
+//! - Compression is kept only when it makes the block smaller; otherwise
+//!   the block is stored as is (codec bits 0-1 zero).
+//! - Encryption: the key comes from a file (`remote_key_file`: 32 raw bytes,
+//!   or 64 hex digits and an optional newline). The block key proper and an
+//!   8-byte key id are derived from it with HKDF-SHA256; the key id is
+//!   stored with each block, so a reader tells a block written under
+//!   another key (a node of another fleet on the same bucket: not for it,
+//!   not damage) from one that fails authentication under its own key
+//!   (damaged or forged). Each block gets a random 96-bit nonce; the
+//!   associated data binds the codec byte, the raw length, the namespace
+//!   and the block key, so a block cannot be replayed under another key or
+//!   namespace, nor its footer entry rewritten to decode it differently.
+//!   Random nonces stay safe for 2^32 blocks per key: rotate keys well
+//!   before (at 2 MiB blocks, 8 PiB written).
+//! - Reading: with a key configured, only blocks encrypted under that key
+//!   are served; without one, an encrypted block is never served. Every
+//!   allocation is bounded by the raw length, which must equal the length
+//!   the reader expects (its namespace's block size) before anything is
+//!   decompressed, and a compressed block must inflate to exactly that
+//!   length.
+//!
+//! The key never leaves this module: not in `Debug`, not in logs.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::segment::{
+    codec_known, CODEC_COMPRESSION, CODEC_ENCRYPTED, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, MAX_RAW,
+};
+use crate::config::{Compression, RemoteConfig};
+use crate::error::{Error, Result};
+
+/// Bytes of the key file's key.
+pub const KEY_LEN: usize = 32;
+/// Bytes of the key id stored with each encrypted block.
+pub const KEY_ID_LEN: usize = 8;
+/// Bytes of the authentication tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes encryption adds to a block: key id, nonce and tag.
+pub const OVERHEAD: usize = KEY_ID_LEN + NONCE_LEN + TAG_LEN;
+
+/// What the associated data starts with (then codec, raw length, namespace
+/// and key, each length-prefixed where variable).
+const AAD_DOMAIN: &[u8] = b"kvtier-g4-block";
+
+/// Why stored bytes did not decode. Every one is a miss; they differ in
+/// what the reader should think of the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The raw length is not the one expected: another layout under the
+    /// same namespace name. Not ours to use, not damage.
+    Layout,
+    /// Not for this node: encrypted under another key, encrypted while this
+    /// node has none, or not encrypted while this node requires encryption.
+    /// Not damage, but never readable here.
+    Foreign,
+    /// Damaged or forged: fails authentication under this node's key, or
+    /// does not decompress to exactly its raw length.
+    Damaged,
+}
+
+/// The block key and its id.
+struct Sealer {
+    key: LessSafeKey,
+    id: [u8; KEY_ID_LEN],
+    rng: SystemRandom,
+}
+
+/// How this node stores blocks, and reads any block's codec. Built once
+/// per tier; shared by the upload and read tasks.
+pub struct Codec {
+    compression: Compression,
+    zstd_level: i32,
+    sealer: Option<Sealer>,
+}
+
+impl std::fmt::Debug for Codec {
+    // The key stays out of logs; its id is no secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("compression", &self.compression)
+            .field("zstd_level", &self.zstd_level)
+            .field("key_id", &self.key_id())
+            .finish()
+    }
+}
+
+/// A key-id-sized HKDF output.
+struct IdLen;
+
+impl hkdf::KeyType for IdLen {
+    fn len(&self) -> usize {
+        KEY_ID_LEN
+    }
+}
+
+impl Codec {
+    /// A codec with `key` (the key file's 32 bytes) or none.
+    pub fn new(compression: Compression, zstd_level: i32, key: Option<&[u8; KEY_LEN]>) -> Codec {
+        let sealer = key.map(|k| {
+            let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, AAD_DOMAIN).extract(k);
+            let okm = prk
+                .expand(&[b"aes-256-gcm block key"], &AES_256_GCM)
+                .expect("32 bytes are a valid HKDF-SHA256 output");
+            let key = LessSafeKey::new(UnboundKey::from(okm));
+            let mut id = [0u8; KEY_ID_LEN];
+            prk.expand(&[b"key id"], IdLen)
+                .and_then(|okm| okm.fill(&mut id))
+                .expect("8 bytes are a valid HKDF-SHA256 output");
+            Sealer {
+                key,
+                id,
+                rng: SystemRandom::new(),
+            }
+        });
+        Codec {
+            compression,
+            zstd_level,
+            sealer,
+        }
+    }
+
+    /// The codec `cfg` asks for, its key read from `cfg.key_file`.
+    pub fn from_config(cfg: &RemoteConfig) -> Result<Codec> {
+        let key = match &cfg.key_file {
+            Some(path) => Some(read_key_file(path)?),
+            None => None,
+        };
+        Ok(Codec::new(cfg.compression, cfg.zstd_level, key.as_ref()))
+    }
+
+    /// Whether encoding leaves every block as it is (no compression, no
+    /// key): uploads then skip the blocking pool.
+    pub fn is_noop(&self) -> bool {
+        self.compression == Compression::None && self.sealer.is_none()
+    }
+
+    /// Whether blocks are encrypted (and only encrypted blocks are read).
+    pub fn encrypts(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// The key's id, as stored with each block (hex), for logs.
+    pub fn key_id(&self) -> Option<String> {
+        self.sealer
+            .as_ref()
+            .map(|s| s.id.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// An encoder for a run of blocks (a segment): it keeps its compression
+    /// state between blocks.
+    pub fn encoder(&self) -> Encoder<'_> {
+        Encoder {
+            codec: self,
+            lz4: None,
+            zstd: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Encodes one block: `(codec byte, raw length, stored bytes)`. With
+    /// neither compression nor a key, `raw` itself (no copy). `None` when
+    /// the block cannot be stored: empty or longer than the format allows,
+    /// or no random nonce could be had (never stored unencrypted then).
+    pub fn encode(&self, namespace: &str, key: &[u8], raw: Bytes) -> Option<(u8, u32, Bytes)> {
+        self.encoder().encode(namespace, key, raw)
+    }
+
+    /// Decodes one block's stored bytes; `None` for a miss. See
+    /// [`Codec::open`].
+    pub fn decode(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        codec: u8,
+        raw_len: u32,
+        stored: Bytes,
+        expected_len: u64,
+    ) -> Option<Bytes> {
+        self.open(namespace, key, codec, raw_len, stored, expected_len)
+            .ok()
+    }
+
+    /// Decodes one block's stored bytes (already checked against their
+    /// checksum) into its `raw_len` raw bytes, which must be `expected_len`
+    /// (checked before anything is allocated). A raw, unencrypted block
+    /// comes back without a copy.
+    pub fn open(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        codec: u8,
+        raw_len: u32,
+        stored: Bytes,
+        expected_len: u64,
+    ) -> std::result::Result<Bytes, Refused> {
+        if u64::from(raw_len) != expected_len {
+            return Err(Refused::Layout);
+        }
+        if !codec_known(codec) || raw_len == 0 || raw_len > MAX_RAW {
+            return Err(Refused::Damaged);
+        }
+        let plain = match (codec & CODEC_ENCRYPTED != 0, &self.sealer) {
+            (true, Some(s)) => Bytes::from(s.open(namespace, key, codec, raw_len, &stored)?),
+            (false, None) => stored,
+            (true, None) | (false, Some(_)) => return Err(Refused::Foreign),
+        };
+        let raw_len = raw_len as usize;
+        match codec & CODEC_COMPRESSION {
+            CODEC_RAW if plain.len() == raw_len => Ok(plain),
+            CODEC_LZ4 => {
+                let mut out = vec![0u8; raw_len];
+                match lz4_flex::block::decompress_into(&plain, &mut out) {
+                    Ok(n) if n == raw_len => Ok(Bytes::from(out)),
+                    _ => Err(Refused::Damaged),
+                }
+            }
+            CODEC_ZSTD => {
+                let mut out = vec![0u8; raw_len];
+                match zstd::bulk::decompress_to_buffer(&plain, &mut out[..]) {
+                    Ok(n) if n == raw_len => Ok(Bytes::from(out)),
+                    _ => Err(Refused::Damaged),
+                }
+            }
+            _ => Err(Refused::Damaged),
+        }
+    }
+}
+
+/// Encodes blocks one after another, reusing compression state and a
+/// scratch buffer. See [`Codec::encode`].
+pub struct Encoder<'a> {
+    codec: &'a Codec,
+    lz4: Option<lz4_flex::block::CompressTable>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl Encoder<'_> {
+    /// See [`Codec::encode`].
+    pub fn encode(&mut self, namespace: &str, key: &[u8], raw: Bytes) -> Option<(u8, u32, Bytes)> {
+        let raw_len = u32::try_from(raw.len())
+            .ok()
+            .filter(|n| (1..=MAX_RAW).contains(n))?;
+        let c = self.codec;
+        if c.is_noop() {
+            return Some((CODEC_RAW, raw_len, raw));
+        }
+        let compressed = self.compress(&raw);
+        let (codec, body): (u8, &[u8]) = match compressed {
+            Some((codec, n)) => (codec, &self.scratch[..n]),
+            None => (CODEC_RAW, &raw),
+        };
+        match &c.sealer {
+            Some(s) => {
+                let codec = codec | CODEC_ENCRYPTED;
+                let sealed = s.seal(namespace, key, codec, raw_len, body)?;
+                Some((codec, raw_len, Bytes::from(sealed)))
+            }
+            None if codec == CODEC_RAW => Some((CODEC_RAW, raw_len, raw)),
+            None => Some((codec, raw_len, Bytes::copy_from_slice(body))),
+        }
+    }
+
+    /// Compresses `raw` into the scratch buffer: the codec bits and the
+    /// length, or `None` when it would not come out smaller.
+    fn compress(&mut self, raw: &[u8]) -> Option<(u8, usize)> {
+        match self.codec.compression {
+            Compression::None => None,
+            Compression::Lz4 => {
+                // lz4 wants room for its worst case, then must beat `raw`.
+                let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+                if self.scratch.len() < bound {
+                    self.scratch.resize(bound, 0);
+                }
+                let table = self
+                    .lz4
+                    .get_or_insert_with(lz4_flex::block::CompressTable::large);
+                let n = lz4_flex::block::compress_into_with_table(raw, &mut self.scratch, table)
+                    .ok()?;
+                (n < raw.len()).then_some((CODEC_LZ4, n))
+            }
+            Compression::Zstd => {
+                if self.zstd.is_none() {
+                    self.zstd = zstd::bulk::Compressor::new(self.codec.zstd_level).ok();
+                }
+                let z = self.zstd.as_mut()?;
+                // Room for one byte less than `raw`: what does not fit is
+                // not worth keeping.
+                let room = raw.len() - 1;
+                if self.scratch.len() < room {
+                    self.scratch.resize(room, 0);
+                }
+                let n = z.compress_to_buffer(raw, &mut self.scratch[..room]).ok()?;
+                (n < raw.len()).then_some((CODEC_ZSTD, n))
+            }
+        }
+    }
+}
+
+impl Sealer {
+    /// Key id, nonce, ciphertext, tag.
+    fn seal(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        codec: u8,
+        raw_len: u32,
+        body: &[u8],
+    ) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(OVERHEAD + body.len());
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(body);
+        let aad = aad(namespace, key, codec, raw_len);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut out[KEY_ID_LEN + NONCE_LEN..],
+            )
+            .ok()?;
+        out.extend_from_slice(tag.as_ref());
+        Some(out)
+    }
+
+    /// The plaintext of a sealed block.
+    fn open(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        codec: u8,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> std::result::Result<Vec<u8>, Refused> {
+        if stored.len() < OVERHEAD {
+            return Err(Refused::Damaged);
+        }
+        let (id, rest) = stored.split_at(KEY_ID_LEN);
+        if id != self.id {
+            return Err(Refused::Foreign);
+        }
+        let (nonce, rest) = rest.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Refused::Damaged)?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| Refused::Damaged)?;
+        let mut buf = ct.to_vec();
+        let aad = aad(namespace, key, codec, raw_len);
+        self.key
+            .open_in_place_separate_tag(nonce, Aad::from(&aad), Tag::from(tag), &mut buf, 0..)
+            .map_err(|_| Refused::Damaged)?;
+        Ok(buf)
+    }
+}
+
+/// The associated data of a block: what it is and how it is stored.
+fn aad(namespace: &str, key: &[u8], codec: u8, raw_len: u32) -> Vec<u8> {
+    let mut a = Vec::with_capacity(AAD_DOMAIN.len() + 8 + namespace.len() + key.len());
+    a.extend_from_slice(AAD_DOMAIN);
+    a.push(codec);
+    a.extend_from_slice(&raw_len.to_le_bytes());
+    a.extend_from_slice(&(namespace.len() as u32).to_le_bytes());
+    a.extend_from_slice(namespace.as_bytes());
+    a.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    a.extend_from_slice(key);
+    a
+}
+
+/// Reads a key file: exactly 32 bytes, or 64 hex digits and an optional
+/// newline. Errors name the file, never its content.
+pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
+    let bad = |why: &str| {
+        Error::invalid(format!(
+            "remote_key_file {}: {why}; expected 32 raw bytes, or 64 hex digits and \
+             an optional newline (e.g. `openssl rand -hex 32`)",
+            path.display()
+        ))
+    };
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("cannot read remote_key_file {}", path.display()), e))?;
+    let key = parse_key(&bytes).ok_or_else(|| {
+        let hex_len = bytes.strip_suffix(b"\n").unwrap_or(&bytes).len() == 2 * KEY_LEN;
+        bad(&if hex_len {
+            "64 characters, not all hex digits".to_string()
+        } else {
+            format!("{} bytes", bytes.len())
+        })
+    })?;
+    if key == [0u8; KEY_LEN] {
+        return Err(bad("an all-zero key"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "remote_key_file is readable by others than its owner"
+                );
+            }
+        }
+    }
+    Ok(key)
+}
+
+/// A key file's content: exactly 32 raw bytes, or 64 hex digits and at
+/// most one `\n`.
+fn parse_key(bytes: &[u8]) -> Option<[u8; KEY_LEN]> {
+    if bytes.len() == KEY_LEN {
+        return bytes.try_into().ok();
+    }
+    let hex = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if hex.len() != 2 * KEY_LEN {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut key = [0u8; KEY_LEN];
+    for (k, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
+        *k = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "llama/tp0";
+    const KEY_A: [u8; KEY_LEN] = [0x11; KEY_LEN];
+    const KEY_B: [u8; KEY_LEN] = [0x22; KEY_LEN];
+
+    /// Compressible, KV-like bytes: bf16 of small values, some repeats.
+    fn kv_like(len: usize, seed: u64) -> Bytes {
+        let mut v = Vec::with_capacity(len);
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while v.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Sign, an exponent near 1.0, a few mantissa bits.
+            let hi = 0x3c | ((x >> 60) as u8 & 0x80);
+            let lo = (x >> 8) as u8 & 0xf0;
+            v.extend_from_slice(&[lo, hi]);
+        }
+        v.truncate(len);
+        Bytes::from(v)
+    }
+
+    fn random(len: usize, seed: u64) -> Bytes {
+        let mut v = vec![0u8; len];
+        let mut x = seed | 1;
+        for b in &mut v {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        Bytes::from(v)
+    }
+
+    fn codecs() -> Vec<(Compression, Option<[u8; KEY_LEN]>)> {
+        let mut out = Vec::new();
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            for k in [None, Some(KEY_A)] {
+                out.push((c, k));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_combination_round_trips() {
+        for (comp, key) in codecs() {
+            let c = Codec::new(comp, 3, key.as_ref());
+            for raw in [
+                kv_like(65536, 1),
+                random(65536, 2),
+                kv_like(1, 3),
+                random(4097, 4),
+            ] {
+                let (codec, raw_len, stored) = c.encode(NS, b"k1", raw.clone()).unwrap();
+                assert_eq!(raw_len as usize, raw.len());
+                assert_eq!(codec & CODEC_ENCRYPTED != 0, key.is_some(), "{comp:?}");
+                assert!(codec_known(codec));
+                let got = c
+                    .open(NS, b"k1", codec, raw_len, stored.clone(), raw.len() as u64)
+                    .unwrap_or_else(|e| panic!("{comp:?} {key:?}: {e:?}"));
+                assert_eq!(got, raw, "{comp:?}");
+                // Another node, configured otherwise but with the same key,
+                // reads it too: reading follows the block's codec byte.
+                let other = Codec::new(Compression::None, 1, key.as_ref());
+                assert_eq!(
+                    other.decode(NS, b"k1", codec, raw_len, stored.clone(), raw.len() as u64),
+                    Some(raw.clone())
+                );
+                let overhead = if key.is_some() { OVERHEAD } else { 0 };
+                // Compressed only when smaller, so never longer than raw.
+                assert!(stored.len() <= raw.len() + overhead);
+                if comp != Compression::None && raw.len() == 65536 && raw != random(65536, 2) {
+                    assert_ne!(codec & CODEC_COMPRESSION, CODEC_RAW, "{comp:?} compresses");
+                    assert!(
+                        stored.len() < raw.len() * 3 / 4,
+                        "{comp:?}: {}",
+                        stored.len()
+                    );
+                }
+                if raw == random(65536, 2) {
+                    assert_eq!(codec & CODEC_COMPRESSION, CODEC_RAW, "random stays raw");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_options_is_zero_copy() {
+        let c = Codec::new(Compression::None, 3, None);
+        assert!(c.is_noop());
+        let raw = kv_like(8192, 5);
+        let (codec, raw_len, stored) = c.encode(NS, b"k", raw.clone()).unwrap();
+        assert_eq!((codec, raw_len), (CODEC_RAW, 8192));
+        assert_eq!(stored.as_ptr(), raw.as_ptr());
+        let back = c.open(NS, b"k", codec, raw_len, stored, 8192).unwrap();
+        assert_eq!(back.as_ptr(), raw.as_ptr());
+        // Random bytes under lz4: stored raw, still without a copy.
+        let c = Codec::new(Compression::Lz4, 3, None);
+        let raw = random(8192, 6);
+        let (codec, _, stored) = c.encode(NS, b"k", raw.clone()).unwrap();
+        assert_eq!(codec, CODEC_RAW);
+        assert_eq!(stored.as_ptr(), raw.as_ptr());
+        assert!(c.encode(NS, b"k", Bytes::new()).is_none());
+    }
+
+    #[test]
+    fn the_wrong_key_tampering_and_another_place_are_misses() {
+        for comp in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let a = Codec::new(comp, 3, Some(&KEY_A));
+            let b = Codec::new(comp, 3, Some(&KEY_B));
+            let raw = kv_like(16384, 7);
+            let n = raw.len() as u64;
+            let (codec, raw_len, stored) = a.encode(NS, b"key-1", raw.clone()).unwrap();
+            let open = |c: &Codec, ns: &str, key: &[u8], codec: u8, s: &Bytes| {
+                c.open(ns, key, codec, raw_len, s.clone(), n)
+            };
+            assert_eq!(open(&a, NS, b"key-1", codec, &stored), Ok(raw.clone()));
+            // Another key: foreign, not damage.
+            assert_eq!(
+                open(&b, NS, b"key-1", codec, &stored),
+                Err(Refused::Foreign)
+            );
+            assert_eq!(
+                b.decode(NS, b"key-1", codec, raw_len, stored.clone(), n),
+                None
+            );
+            // No key at all: never served.
+            let none = Codec::new(comp, 3, None);
+            assert_eq!(
+                open(&none, NS, b"key-1", codec, &stored),
+                Err(Refused::Foreign)
+            );
+            // Another block key or namespace (a replay), another codec byte.
+            assert_eq!(
+                open(&a, NS, b"key-2", codec, &stored),
+                Err(Refused::Damaged)
+            );
+            assert_eq!(
+                open(&a, "llama/tp1", b"key-1", codec, &stored),
+                Err(Refused::Damaged)
+            );
+            // none → lz4, lz4 → zstd, zstd → 3 (unknown).
+            let flipped = if codec & CODEC_COMPRESSION == CODEC_LZ4 {
+                codec ^ CODEC_LZ4 ^ CODEC_ZSTD
+            } else {
+                codec ^ CODEC_LZ4
+            };
+            assert_eq!(
+                open(&a, NS, b"key-1", flipped, &stored),
+                Err(Refused::Damaged)
+            );
+            // Every tampered byte past the key id (nonce, ciphertext, tag).
+            for i in KEY_ID_LEN..stored.len() {
+                let mut bad = stored.to_vec();
+                bad[i] ^= 0x01;
+                assert_eq!(
+                    open(&a, NS, b"key-1", codec, &Bytes::from(bad)),
+                    Err(Refused::Damaged),
+                    "{comp:?} byte {i}"
+                );
+            }
+            // A truncated block.
+            let short = stored.slice(..OVERHEAD - 1);
+            assert_eq!(open(&a, NS, b"key-1", codec, &short), Err(Refused::Damaged));
+        }
+    }
+
+    #[test]
+    fn an_unencrypted_block_is_a_miss_where_a_key_is_configured() {
+        let plain = Codec::new(Compression::Lz4, 3, None);
+        let keyed = Codec::new(Compression::Lz4, 3, Some(&KEY_A));
+        for raw in [kv_like(8192, 8), random(8192, 9)] {
+            let (codec, raw_len, stored) = plain.encode(NS, b"k", raw.clone()).unwrap();
+            assert_eq!(codec & CODEC_ENCRYPTED, 0);
+            assert_eq!(
+                keyed.open(NS, b"k", codec, raw_len, stored.clone(), 8192),
+                Err(Refused::Foreign)
+            );
+            assert_eq!(
+                plain.decode(NS, b"k", codec, raw_len, stored, 8192),
+                Some(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn decompression_is_bounded_by_the_raw_length() {
+        let c = Codec::new(Compression::None, 3, None);
+        let raw = vec![7u8; 1 << 20];
+        // A block that inflates past its stated raw length: 1 MiB of
+        // sevens, claimed to be 4 KiB.
+        let lz = Bytes::from(lz4_flex::block::compress(&raw));
+        let zs = Bytes::from(zstd::bulk::compress(&raw, 3).unwrap());
+        for (codec, stored) in [(CODEC_LZ4, lz.clone()), (CODEC_ZSTD, zs.clone())] {
+            assert_eq!(
+                c.open(NS, b"k", codec, 4096, stored.clone(), 4096),
+                Err(Refused::Damaged)
+            );
+            // ... or short of it.
+            assert_eq!(
+                c.open(NS, b"k", codec, (2 << 20) as u32, stored.clone(), 2 << 20),
+                Err(Refused::Damaged)
+            );
+            // Exactly right.
+            assert_eq!(
+                c.open(NS, b"k", codec, 1 << 20, stored.clone(), 1 << 20)
+                    .map(|b| b.len()),
+                Ok(1 << 20)
+            );
+            // A raw length other than the namespace's block size is refused
+            // before anything is allocated.
+            assert_eq!(
+                c.open(NS, b"k", codec, 1 << 20, stored, 4096),
+                Err(Refused::Layout)
+            );
+        }
+        // Garbage is damage, not a panic.
+        for codec in [CODEC_LZ4, CODEC_ZSTD] {
+            for len in [0, 1, 7, 100] {
+                let junk = random(len, len as u64 + 11);
+                assert_eq!(
+                    c.open(NS, b"k", codec, 4096, junk, 4096),
+                    Err(Refused::Damaged)
+                );
+            }
+        }
+        // A raw block whose length is not its raw length; unknown bits.
+        assert_eq!(
+            c.open(NS, b"k", CODEC_RAW, 4096, random(4095, 1), 4096),
+            Err(Refused::Damaged)
+        );
+        assert_eq!(
+            c.open(NS, b"k", 0x40, 4096, random(4096, 1), 4096),
+            Err(Refused::Damaged)
+        );
+    }
+
+    #[test]
+    fn key_files_are_32_bytes_or_64_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, content: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, content).unwrap();
+            p
+        };
+        let hex: String = (0..32).map(|i| format!("{:02x}", i + 1)).collect();
+        let want: Vec<u8> = (1..=32).collect();
+        assert_eq!(read_key_file(&write("raw", &want)).unwrap().to_vec(), want);
+        assert_eq!(
+            read_key_file(&write("hex", hex.as_bytes()))
+                .unwrap()
+                .to_vec(),
+            want
+        );
+        let nl = format!("{}\n", hex.to_uppercase());
+        assert_eq!(
+            read_key_file(&write("nl", nl.as_bytes())).unwrap().to_vec(),
+            want
+        );
+        for (name, content) in [
+            ("short", &b"0123"[..]),
+            ("crlf", format!("{hex}\r\n").as_bytes()),
+            ("two-newlines", format!("{hex}\n\n").as_bytes()),
+            ("spaces", format!(" {hex}").as_bytes()),
+            ("not-hex", "zz".repeat(32).as_bytes()),
+            ("33", &[1u8; 33][..]),
+            ("zero", &[0u8; 32][..]),
+            ("empty", b""),
+        ] {
+            let err = read_key_file(&write(name, content))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("remote_key_file") && err.contains(name),
+                "{name}: {err}"
+            );
+            // The message never carries the content.
+            assert!(!err.contains(&hex), "{err}");
+        }
+        assert!(read_key_file(&dir.path().join("missing")).is_err());
+        // Debug shows the key id, never the key.
+        let c = Codec::new(Compression::Zstd, 3, Some(&KEY_A));
+        let dbg = format!("{c:?}");
+        assert!(
+            dbg.contains(&c.key_id().unwrap()) && !dbg.contains("1111"),
+            "{dbg}"
+        );
+        assert_ne!(
+            c.key_id(),
+            Codec::new(Compression::Zstd, 3, Some(&KEY_B)).key_id()
+        );
+    }
+}
