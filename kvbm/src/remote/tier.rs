@@ -55,6 +55,8 @@ pub const READS: usize = 8;
 /// covers clocks that disagree and a segment upload that outlasts the
 /// next poll.
 const SKEW: Duration = Duration::from_secs(30);
+/// A segment of this node that nothing lists is an orphan once this old.
+const ORPHAN_AGE: Duration = Duration::from_secs(600);
 /// Blocks the catalog of the tier holds at most; segments past that are
 /// refused (a bucket filled by a hostile node bounds nothing else).
 const MAX_BLOCKS: usize = 8 << 20;
@@ -396,6 +398,7 @@ impl RemoteTier {
         let shared = self.shared.clone();
         // Segments over capacity at start (a smaller `bytes` than before).
         self.handle.spawn(async move { enforce_capacity(&shared) });
+        self.handle.spawn(sweep_loop(self.shared.clone()));
     }
 
     /// The node id segment names carry.
@@ -730,6 +733,28 @@ fn unpend(s: &Shared, keys: &[(String, Key)]) {
     let mut p = s.pending.lock();
     for k in keys {
         p.remove(k);
+    }
+}
+
+/// Deletes this node's orphans — segments it uploaded but never announced
+/// or recorded (it died between the PUTs) — a minute after start, then
+/// hourly. Only segments older than [`ORPHAN_AGE`]: a younger one may be an
+/// upload whose announcement is on its way.
+async fn sweep_loop(s: Arc<Shared>) {
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    loop {
+        let known = |name: &str| s.index.read().by_name.contains_key(name);
+        match s.bucket.orphans(s.node, ORPHAN_AGE, &known).await {
+            Ok(orphans) => {
+                for name in orphans {
+                    if s.bucket.delete(&name).await.is_ok() {
+                        tracing::info!(segment = %name, "deleted an orphaned G4 segment");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "orphan sweep failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }
 
