@@ -385,11 +385,18 @@ impl Config {
         c.tenants = file.tenants;
         if let Some(url) = flags.remote_url.or(file.remote_url) {
             let mut r = RemoteConfig::new(url);
-            r.endpoint = file.remote_endpoint;
-            r.region = file.remote_region;
-            r.access_key_id = file.remote_access_key_id;
-            r.secret_access_key = file.remote_secret_access_key;
-            r.allow_http = file.remote_allow_http;
+            // The usual AWS_* environment overrides the file, as every
+            // environment variable does.
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            r.endpoint = env("AWS_ENDPOINT_URL")
+                .or_else(|| env("AWS_ENDPOINT"))
+                .or(file.remote_endpoint);
+            r.region = env("AWS_REGION").or(file.remote_region);
+            r.access_key_id = env("AWS_ACCESS_KEY_ID").or(file.remote_access_key_id);
+            r.secret_access_key = env("AWS_SECRET_ACCESS_KEY").or(file.remote_secret_access_key);
+            r.allow_http = env("AWS_ALLOW_HTTP")
+                .map(|v| v == "true" || v == "1")
+                .or(file.remote_allow_http);
             set(&mut r.virtual_hosted, file.remote_virtual_hosted);
             set(
                 &mut r.bytes,
