@@ -159,16 +159,26 @@ write("kvbm_events", "gap_and_restart", batch(b"inc-1", 1, [stored(4, k[:1], b""
 # --- remote_segment: [mode]; mode 1: [footer_at u64][footer]; mode 0: an
 # object's tail (footer + trailer; the trailer's checksum is not computed here,
 # so mode 0 seeds reach the trailer checks only) ----------------------------
-# Format version 2: each entry has a codec byte (bits 0-1: none, lz4, zstd;
-# bit 7: encrypted) and the raw length (equal to the stored length for codec 0).
+# Format version 3: each entry has a codec byte (bits 0-1: none, lz4, zstd;
+# bit 7: encrypted) and the raw length (equal to the stored length for codec 0);
+# an encrypted block's token ids are sealed: u32 length, then key id (8), nonce
+# (12), ciphertext (4 per token), tag (16) -- opaque to the decoder.
+def sealed(tokens):
+    n = 8 + 12 + 4 * len(tokens) + 16
+    return bytes((0x5A + 7 * i) & 0xFF for i in range(n))
+
+
 def footer(names, blocks):
     out = struct.pack("<H", len(names)) + b"".join(struct.pack("<H", len(n)) + n for n in names)
     out += struct.pack("<I", len(blocks))
     for ns, off, length, codec, raw_len, key, parent, tokens in blocks:
         out += struct.pack("<HQIQBI", ns, off, length, 0x1234, codec, raw_len)
         out += bytes([len(key)]) + key
-        out += bytes([len(parent)]) + parent + struct.pack("<I", len(tokens))
-        out += b"".join(struct.pack("<I", t) for t in tokens)
+        out += bytes([len(parent)]) + parent
+        if codec & 0x80:
+            out += struct.pack("<I", len(sealed(tokens))) + sealed(tokens)
+        else:
+            out += struct.pack("<I", len(tokens)) + b"".join(struct.pack("<I", t) for t in tokens)
     return out
 
 
@@ -181,5 +191,5 @@ write("remote_segment", "footer", b"\x01" + struct.pack("<Q", 5 * 4096) + body)
 write("remote_segment", "footer_one", b"\x01" + struct.pack("<Q", 2 * 4096)
       + footer([b"n"], [(0, 4096, 1, 0, 1, b"\x01", b"", [])]))
 empty = footer([b"n"], [])  # blocks would not fit under -max_len=8192
-trailer = struct.pack("<QIIQ", 4096, len(empty), 2, 0) + b"KVTG4END"
+trailer = struct.pack("<QIIQ", 4096, len(empty), 3, 0) + b"KVTG4END"
 write("remote_segment", "tail", b"\x00" + b"\x00" * 4096 + empty + trailer)

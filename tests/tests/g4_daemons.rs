@@ -5,8 +5,8 @@
 //! segments are never served; a daemon killed mid-upload comes back with
 //! what reached the bucket; a node's share of the bucket stays within its
 //! capacity; compressed, encrypted blocks are shared by the nodes holding
-//! the key, stored without their plaintext and never served under another
-//! key.
+//! the key, stored without their plaintext or their token ids, and never
+//! listed or served under another key.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -402,6 +402,12 @@ fn kv(i: u64) -> Vec<u8> {
     v
 }
 
+/// Distinctive token ids of block `i` of the encrypted chain: 16 values
+/// no other field of a segment is likely to hold.
+fn kv_tokens(i: u64) -> Vec<u32> {
+    (0..16).map(|t| 0x5eed_0000 + (i * 16 + t) as u32).collect()
+}
+
 async fn put_kv(c: &Client, i: u64) {
     c.rpc()
         .put(v1::PutRequest {
@@ -409,7 +415,7 @@ async fn put_kv(c: &Client, i: u64) {
             block: Some(v1::BlockMeta {
                 key: key(i),
                 parent: if i == 0 { vec![] } else { key(i - 1) },
-                token_ids: (0..16).map(|t| (i * 16 + t) as u32).collect(),
+                token_ids: kv_tokens(i),
             }),
             data: kv(i),
         })
@@ -419,6 +425,7 @@ async fn put_kv(c: &Client, i: u64) {
 
 #[test]
 fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_another() {
+    use futures::StreamExt;
     use object_store::ObjectStoreExt;
     use std::os::unix::fs::PermissionsExt;
     let Some(g) = Garage::start() else { return };
@@ -448,24 +455,58 @@ fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_a
     let n = 8;
     rt().block_on(async {
         let (ca, cb, cc) = (client(&a).await, client(&b).await, client(&c).await);
+        // B's events from the start: its G4 events carry the token ids it
+        // opened with the key.
+        let mut b_events = cb
+            .rpc()
+            .subscribe_events(v1::SubscribeEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         for i in 0..n {
             put_kv(&ca, i).await;
         }
-        for (who, cl) in [("B", &cb), ("C", &cc)] {
-            within(
-                Duration::from_secs(15),
-                &format!("{who} finds A's chain"),
-                || async { lookup(cl, 0..n).await.matched == n as u32 },
-            )
-            .await;
+        within(Duration::from_secs(15), "B finds A's chain", || async {
+            lookup(&cb, 0..n).await.matched == n as u32
+        })
+        .await;
+        let mut g4_tokens: HashMap<Vec<u8>, Vec<u32>> = HashMap::new();
+        while g4_tokens.len() < n as usize {
+            let batch = tokio::time::timeout(Duration::from_secs(10), b_events.next())
+                .await
+                .expect("B's G4 events")
+                .unwrap()
+                .unwrap();
+            for e in batch.events {
+                let Some(v1::event::Kind::Stored(s)) = e.kind else {
+                    continue;
+                };
+                if s.tier != REMOTE {
+                    continue;
+                }
+                let per = s.token_ids.len() / s.keys.len();
+                for (k, t) in s.keys.iter().zip(s.token_ids.chunks(per)) {
+                    g4_tokens.insert(k.clone(), t.to_vec());
+                }
+            }
+        }
+        for i in 0..n {
+            assert_eq!(
+                g4_tokens[&key(i)],
+                kv_tokens(i),
+                "B's G4 event of block {i}"
+            );
         }
         // B, holding the same key, serves the chain bit-exact.
         for i in 0..n {
             let (d, _) = get(&cb, i).await.expect("get from G4 on B");
             assert!(d == kv(i), "block {i} differs");
         }
-        // C lists the blocks (the footers are in the clear) but serves
-        // none, and forgets them: not damage, just not its key's.
+        // C, under another key, cannot open the blocks' token ids, so it
+        // never lists the blocks (several polls after B found them), and
+        // serves none: not damage, just not its key's.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(lookup(&cc, 0..n).await.matched, 0, "C lists the chain");
         for i in 0..n {
             let r = get(&cc, i).await;
             assert_eq!(
@@ -477,10 +518,43 @@ fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_a
         let s = remote_stats(&cc).await;
         assert_eq!(s.checksum_failures, 0, "{s:?}");
         assert_eq!(lookup(&cc, 0..n).await.matched, 0, "C forgot the chain");
-        // The objects are compressed and hold none of the plaintext.
+        // The objects are compressed and hold none of the plaintext, nor
+        // (segments and index objects) any block's token ids.
         let bucket = bucket(&g, "sealed");
         let segs = segments(&bucket).await;
         assert!(!segs.is_empty());
+        let token_runs: Vec<Vec<u8>> = (0..n)
+            .map(|i| kv_tokens(i).iter().flat_map(|t| t.to_le_bytes()).collect())
+            .collect();
+        let no_tokens = |name: &str, obj: &[u8]| {
+            for (i, run) in token_runs.iter().enumerate() {
+                assert!(
+                    !obj.windows(run.len()).any(|w| w == &run[..]),
+                    "{name}: block {i}'s token ids in the clear"
+                );
+            }
+        };
+        let index: Vec<object_store::ObjectMeta> = {
+            use futures::TryStreamExt;
+            bucket
+                .store()
+                .list(Some(&bucket.path("idx")))
+                .try_collect()
+                .await
+                .unwrap()
+        };
+        assert!(!index.is_empty());
+        for m in index {
+            let obj = bucket
+                .store()
+                .get(&m.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            no_tokens(m.location.as_ref(), &obj);
+        }
         let mut stored = 0;
         for m in segs {
             let obj = bucket
@@ -492,6 +566,7 @@ fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_a
                 .await
                 .unwrap();
             stored += obj.len();
+            no_tokens(m.location.as_ref(), &obj);
             for i in 0..n {
                 let plain = kv(i);
                 for at in [0, 4096, BLOCK - 64] {

@@ -15,8 +15,13 @@
 //!   associated data binds the codec byte, the raw length, the namespace
 //!   and the block key, so a block cannot be replayed under another key or
 //!   namespace, nor its footer entry rewritten to decode it differently.
-//!   Random nonces stay safe for 2^32 blocks per key: rotate keys well
-//!   before (at 2 MiB blocks, 8 PiB written).
+//! - An encrypted block's token ids (the prompt) are sealed too, in its
+//!   footer entry: same key, their own random nonce, associated data
+//!   binding namespace, block key and parent key, so neither parent nor
+//!   tokens can be rewritten, nor moved to another block, undetected. A
+//!   reader opens them before it lists the block ([`Codec::open_tokens`]).
+//!   Random nonces stay safe for 2^32 sealings per key, two per block:
+//!   rotate keys well before 2^31 blocks (at 2 MiB blocks, 4 PiB written).
 //! - Reading: with a key configured, only blocks encrypted under that key
 //!   are served; without one, an encrypted block is never served. Every
 //!   allocation is bounded by the raw length, which must equal the length
@@ -35,6 +40,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::segment::{
     codec_known, CODEC_COMPRESSION, CODEC_ENCRYPTED, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, MAX_RAW,
+    MAX_TOKENS, SEALED_OVERHEAD,
 };
 use crate::config::{Compression, RemoteConfig};
 use crate::error::{Error, Result};
@@ -47,10 +53,14 @@ pub const KEY_ID_LEN: usize = 8;
 pub const TAG_LEN: usize = 16;
 /// Bytes encryption adds to a block: key id, nonce and tag.
 pub const OVERHEAD: usize = KEY_ID_LEN + NONCE_LEN + TAG_LEN;
+const _: () = assert!(OVERHEAD == SEALED_OVERHEAD as usize);
 
 /// What the associated data starts with (then codec, raw length, namespace
 /// and key, each length-prefixed where variable).
 const AAD_DOMAIN: &[u8] = b"kvtier-g4-block";
+/// What the associated data of sealed token ids starts with (then
+/// namespace, key and parent, each length-prefixed).
+const TOKENS_DOMAIN: &[u8] = b"kvtier-g4-tokens";
 
 /// Why stored bytes did not decode. Every one is a miss; they differ in
 /// what the reader should think of the segment.
@@ -175,6 +185,46 @@ impl Codec {
         self.encoder().encode(namespace, key, raw)
     }
 
+    /// Seals a block's token ids for its footer entry (key id, nonce,
+    /// ciphertext of the u32 LE tokens, tag). `None` without a key, past
+    /// [`MAX_TOKENS`], or when no random nonce could be had.
+    pub fn seal_tokens(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        parent: &[u8],
+        tokens: &[u32],
+    ) -> Option<Vec<u8>> {
+        let s = self.sealer.as_ref()?;
+        if tokens.len() > MAX_TOKENS as usize {
+            return None;
+        }
+        let plain: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        s.seal(&tokens_aad(namespace, key, parent), &plain)
+    }
+
+    /// Opens a block's sealed token ids (from a footer: hostile bytes).
+    /// [`Refused::Foreign`] without a key or under another key id,
+    /// [`Refused::Damaged`] when they fail authentication — tampered, or
+    /// moved from another block, or the parent rewritten.
+    pub fn open_tokens(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        parent: &[u8],
+        sealed: &[u8],
+    ) -> std::result::Result<Vec<u32>, Refused> {
+        let s = self.sealer.as_ref().ok_or(Refused::Foreign)?;
+        let plain = s.open(&tokens_aad(namespace, key, parent), sealed)?;
+        if plain.len() % 4 != 0 || plain.len() > 4 * MAX_TOKENS as usize {
+            return Err(Refused::Damaged);
+        }
+        Ok(plain
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
     /// Decodes one block's stored bytes; `None` for a miss. See
     /// [`Codec::open`].
     pub fn decode(
@@ -210,7 +260,7 @@ impl Codec {
             return Err(Refused::Damaged);
         }
         let plain = match (codec & CODEC_ENCRYPTED != 0, &self.sealer) {
-            (true, Some(s)) => Bytes::from(s.open(namespace, key, codec, raw_len, &stored)?),
+            (true, Some(s)) => Bytes::from(s.open(&aad(namespace, key, codec, raw_len), &stored)?),
             (false, None) => stored,
             (true, None) | (false, Some(_)) => return Err(Refused::Foreign),
         };
@@ -263,7 +313,7 @@ impl Encoder<'_> {
         match &c.sealer {
             Some(s) => {
                 let codec = codec | CODEC_ENCRYPTED;
-                let sealed = s.seal(namespace, key, codec, raw_len, body)?;
+                let sealed = s.seal(&aad(namespace, key, codec, raw_len), body)?;
                 Some((codec, raw_len, Bytes::from(sealed)))
             }
             None if codec == CODEC_RAW => Some((CODEC_RAW, raw_len, raw)),
@@ -309,26 +359,18 @@ impl Encoder<'_> {
 
 impl Sealer {
     /// Key id, nonce, ciphertext, tag.
-    fn seal(
-        &self,
-        namespace: &str,
-        key: &[u8],
-        codec: u8,
-        raw_len: u32,
-        body: &[u8],
-    ) -> Option<Vec<u8>> {
+    fn seal(&self, aad: &[u8], body: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
         let mut out = Vec::with_capacity(OVERHEAD + body.len());
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(body);
-        let aad = aad(namespace, key, codec, raw_len);
         let tag = self
             .key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad),
+                Aad::from(aad),
                 &mut out[KEY_ID_LEN + NONCE_LEN..],
             )
             .ok()?;
@@ -336,15 +378,8 @@ impl Sealer {
         Some(out)
     }
 
-    /// The plaintext of a sealed block.
-    fn open(
-        &self,
-        namespace: &str,
-        key: &[u8],
-        codec: u8,
-        raw_len: u32,
-        stored: &[u8],
-    ) -> std::result::Result<Vec<u8>, Refused> {
+    /// The plaintext of what [`Sealer::seal`] sealed under `aad`.
+    fn open(&self, aad: &[u8], stored: &[u8]) -> std::result::Result<Vec<u8>, Refused> {
         if stored.len() < OVERHEAD {
             return Err(Refused::Damaged);
         }
@@ -357,9 +392,8 @@ impl Sealer {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Refused::Damaged)?;
         let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| Refused::Damaged)?;
         let mut buf = ct.to_vec();
-        let aad = aad(namespace, key, codec, raw_len);
         self.key
-            .open_in_place_separate_tag(nonce, Aad::from(&aad), Tag::from(tag), &mut buf, 0..)
+            .open_in_place_separate_tag(nonce, Aad::from(aad), Tag::from(tag), &mut buf, 0..)
             .map_err(|_| Refused::Damaged)?;
         Ok(buf)
     }
@@ -375,6 +409,18 @@ fn aad(namespace: &str, key: &[u8], codec: u8, raw_len: u32) -> Vec<u8> {
     a.extend_from_slice(namespace.as_bytes());
     a.extend_from_slice(&(key.len() as u32).to_le_bytes());
     a.extend_from_slice(key);
+    a
+}
+
+/// The associated data of a block's sealed token ids: where the block is
+/// and what it follows.
+fn tokens_aad(namespace: &str, key: &[u8], parent: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(TOKENS_DOMAIN.len() + 12 + namespace.len() + 2 * 32);
+    a.extend_from_slice(TOKENS_DOMAIN);
+    for part in [namespace.as_bytes(), key, parent] {
+        a.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        a.extend_from_slice(part);
+    }
     a
 }
 
@@ -672,6 +718,81 @@ mod tests {
         assert_eq!(
             c.open(NS, b"k", 0x40, 4096, random(4096, 1), 4096),
             Err(Refused::Damaged)
+        );
+    }
+
+    #[test]
+    fn token_ids_are_sealed_and_open_only_where_they_were_sealed() {
+        let a = Codec::new(Compression::Lz4, 3, Some(&KEY_A));
+        let tokens: Vec<u32> = (0..16).map(|t| 0x0123_4500 + t).collect();
+        let sealed = a.seal_tokens(NS, b"key-1", b"key-0", &tokens).unwrap();
+        assert_eq!(sealed.len(), OVERHEAD + 4 * tokens.len());
+        // Nothing of the plaintext shows, and each sealing is fresh.
+        let plain: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert!(!sealed.windows(8).any(|w| plain.windows(8).any(|p| p == w)));
+        assert_ne!(
+            a.seal_tokens(NS, b"key-1", b"key-0", &tokens),
+            Some(sealed.clone())
+        );
+        // Round trip, on a node configured otherwise with the same key;
+        // no tokens at all round trip too.
+        let same = Codec::new(Compression::None, 3, Some(&KEY_A));
+        assert_eq!(
+            same.open_tokens(NS, b"key-1", b"key-0", &sealed),
+            Ok(tokens.clone())
+        );
+        let none = a.seal_tokens(NS, b"root", b"", &[]).unwrap();
+        assert_eq!(a.open_tokens(NS, b"root", b"", &none), Ok(vec![]));
+        // Another key, or none: foreign.
+        let b = Codec::new(Compression::Lz4, 3, Some(&KEY_B));
+        assert_eq!(
+            b.open_tokens(NS, b"key-1", b"key-0", &sealed),
+            Err(Refused::Foreign)
+        );
+        let plain_node = Codec::new(Compression::Lz4, 3, None);
+        assert_eq!(
+            plain_node.open_tokens(NS, b"key-1", b"key-0", &sealed),
+            Err(Refused::Foreign)
+        );
+        assert_eq!(plain_node.seal_tokens(NS, b"k", b"", &tokens), None);
+        // Parent rewritten (or dropped), moved to another block or
+        // namespace: refused.
+        for (ns, key, parent) in [
+            (NS, &b"key-1"[..], &b"key-9"[..]),
+            (NS, b"key-1", b""),
+            (NS, b"key-2", b"key-0"),
+            ("llama/tp1", b"key-1", b"key-0"),
+        ] {
+            assert_eq!(
+                a.open_tokens(ns, key, parent, &sealed),
+                Err(Refused::Damaged),
+                "{ns} {key:?} {parent:?}"
+            );
+        }
+        // A block's sealed bytes are no token ids (another domain).
+        let (codec, raw_len, stored) = a.encode(NS, b"key-1", kv_like(64, 3)).unwrap();
+        assert!(codec & CODEC_ENCRYPTED != 0 && raw_len == 64);
+        assert_eq!(
+            a.open_tokens(NS, b"key-1", b"", &stored),
+            Err(Refused::Damaged)
+        );
+        // Every tampered byte past the key id; truncated.
+        for i in KEY_ID_LEN..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(
+                a.open_tokens(NS, b"key-1", b"key-0", &bad),
+                Err(Refused::Damaged),
+                "byte {i}"
+            );
+        }
+        assert_eq!(
+            a.open_tokens(NS, b"key-1", b"key-0", &sealed[..OVERHEAD - 1]),
+            Err(Refused::Damaged)
+        );
+        assert_eq!(
+            a.seal_tokens(NS, b"k", b"", &vec![0; MAX_TOKENS as usize + 1]),
+            None
         );
     }
 

@@ -12,7 +12,7 @@
 //!
 //! header page
 //!      0    8  magic              b"KVTG4SEG"
-//!      8    4  format version     u32 LE (2)
+//!      8    4  format version     u32 LE (3)
 //!     12    4  block count        u32 LE
 //!     16    8  node id            u64 LE (the writing daemon)
 //!     24    8  sequence number    u64 LE (per node)
@@ -27,7 +27,9 @@
 //!     u16 namespace (index into the names), u64 offset, u32 stored length,
 //!     u64 xxh3-64 of the stored bytes, u8 codec, u32 raw length,
 //!     u8 key length, key, u8 parent length, parent (empty: a root),
-//!     u32 token count, u32 tokens
+//!     then the token ids: in the clear (codec bit 7 clear) u32 token
+//!     count, u32 tokens; encrypted (bit 7 set) u32 length, sealed token
+//!     ids (below)
 //!
 //! codec (how the stored bytes become the block's raw bytes)
 //!   bits 0-1  compression: 0 none, 1 lz4 block, 2 zstd frame (3: refused)
@@ -37,13 +39,17 @@
 //!             by HKDF-SHA256; the associated data binds codec, raw
 //!             length, namespace and key (`remote::codec`)
 //!   bits 2-6  zero
+//! sealed token ids (an encrypted block's): a key id (8), a random nonce
+//!   (12), the AES-256-GCM ciphertext of the u32 LE tokens and its tag
+//!   (16), under the blocks' key; the associated data binds namespace, key
+//!   and parent; 36 to 36 + 4 * 65536 bytes, a multiple of 4 past 36
 //! raw length: the block's length once decoded, 1 to 1 GiB; with codec 0
 //!   it equals the stored length
 //!
 //! trailer
 //!      0    8  footer offset      u64 LE
 //!      8    4  footer length      u32 LE
-//!     12    4  format version     u32 LE (2)
+//!     12    4  format version     u32 LE (3)
 //!     16    8  footer checksum    xxh3-64 of the footer
 //!     24    8  magic              b"KVTG4END"
 //! ```
@@ -55,9 +61,11 @@
 //! allocated, blocks must lie in the data area in ascending order without
 //! overlapping, a codec byte or raw length out of range is refused, and a
 //! version it does not know is refused (the caller counts the segment as a
-//! miss). Version 2 added the codec and the raw length; version 1 is no
-//! longer read. What the codec means is `remote::codec`'s business; the
-//! checksum covers the stored bytes, so damage is found before decoding.
+//! miss). Version 2 added the codec and the raw length, version 3 sealed the
+//! token ids of encrypted blocks; older versions are no longer read. What
+//! the codec means is `remote::codec`'s business; the checksum covers the
+//! stored bytes, so damage is found before decoding. The footer decoder
+//! needs no key: it yields sealed token ids as they are.
 
 use std::ops::Range;
 
@@ -68,9 +76,9 @@ use crate::disk::entry::{le4, le8};
 
 /// Alignment of every block and the size of the header page.
 pub const PAGE: u64 = 4096;
-/// Current format version (2: per-block codec and raw length). The only
-/// one read.
-pub const VERSION: u32 = 2;
+/// Current format version (2: per-block codec and raw length; 3: sealed
+/// token ids of encrypted blocks). The only one read.
+pub const VERSION: u32 = 3;
 /// Bytes of the trailer.
 pub const TRAILER: u64 = 32;
 
@@ -82,6 +90,11 @@ const HDR_SUM_AT: usize = 120;
 pub const MAX_KEY: usize = 32;
 /// Most tokens one block may carry.
 pub const MAX_TOKENS: u32 = 1 << 16;
+/// Bytes sealing adds to a block's token ids: key id (8), nonce (12) and
+/// tag (16), as for the block's bytes.
+pub const SEALED_OVERHEAD: u32 = 8 + 12 + 16;
+/// Longest sealed token ids.
+pub const MAX_SEALED_TOKENS: u32 = SEALED_OVERHEAD + 4 * MAX_TOKENS;
 /// Most blocks in one segment.
 pub const MAX_BLOCKS: u32 = 1 << 16;
 /// Most namespaces in one segment, and the longest name.
@@ -151,10 +164,20 @@ pub struct Block {
     pub key: Vec<u8>,
     /// The parent block's key; empty for the first block of a chain.
     pub parent: Vec<u8>,
+    /// The block's token ids. For an encrypted block, empty as decoded;
+    /// a reader with the key fills them in by opening `sealed_tokens`.
     pub tokens: Vec<u32>,
+    /// An encrypted block's token ids, sealed, as stored (see the module
+    /// documentation); empty for a block in the clear.
+    pub sealed_tokens: Vec<u8>,
 }
 
 impl Block {
+    /// Whether the block is encrypted (and its token ids sealed).
+    pub fn encrypted(&self) -> bool {
+        self.codec & CODEC_ENCRYPTED != 0
+    }
+
     /// Where the block's bytes lie in the object.
     pub fn range(&self) -> Range<u64> {
         self.offset..self.offset + u64::from(self.len)
@@ -220,12 +243,24 @@ impl Builder {
         data: Bytes,
     ) -> Result<u64, Fault> {
         let raw_len = u32::try_from(data.len()).map_err(|_| Fault::Invalid)?;
-        self.push_encoded(namespace, key, parent, tokens, data, CODEC_RAW, raw_len)
+        self.push_encoded(
+            namespace,
+            key,
+            parent,
+            tokens,
+            &[],
+            data,
+            CODEC_RAW,
+            raw_len,
+        )
     }
 
     /// Appends a block whose stored bytes `data` decode (by `codec`) to
-    /// `raw_len` bytes; returns its offset. Refuses what a reader would
-    /// refuse (limits), so every sealed segment decodes.
+    /// `raw_len` bytes; returns its offset. An encrypted block (`codec`
+    /// bit 7) carries its token ids sealed (`sealed_tokens`, `tokens`
+    /// empty), any other in the clear (`tokens`, `sealed_tokens` empty).
+    /// Refuses what a reader would refuse (limits), so every sealed
+    /// segment decodes.
     #[allow(clippy::too_many_arguments)]
     pub fn push_encoded(
         &mut self,
@@ -233,15 +268,21 @@ impl Builder {
         key: &[u8],
         parent: &[u8],
         tokens: &[u32],
+        sealed_tokens: &[u8],
         data: Bytes,
         codec: u8,
         raw_len: u32,
     ) -> Result<u64, Fault> {
         let len = u32::try_from(data.len()).map_err(|_| Fault::Invalid)?;
+        let tokens_ok = if codec & CODEC_ENCRYPTED != 0 {
+            tokens.is_empty() && sealed_len_ok(sealed_tokens.len())
+        } else {
+            sealed_tokens.is_empty() && tokens.len() <= MAX_TOKENS as usize
+        };
         if !entry_codec_ok(codec, len, raw_len)
+            || !tokens_ok
             || key.len() > MAX_KEY
             || parent.len() > MAX_KEY
-            || tokens.len() > MAX_TOKENS as usize
             || self.blocks.len() >= MAX_BLOCKS as usize
             || namespace.is_empty()
             || namespace.len() > usize::from(MAX_NAME)
@@ -269,6 +310,7 @@ impl Builder {
             key: key.to_vec(),
             parent: parent.to_vec(),
             tokens: tokens.to_vec(),
+            sealed_tokens: sealed_tokens.to_vec(),
         });
         self.data.push(data);
         Ok(offset)
@@ -326,6 +368,13 @@ impl Builder {
 /// `len` stored bytes.
 fn entry_codec_ok(codec: u8, len: u32, raw_len: u32) -> bool {
     codec_known(codec) && (1..=MAX_RAW).contains(&raw_len) && (codec != CODEC_RAW || raw_len == len)
+}
+
+/// Whether `n` bytes can be sealed token ids: the overhead and whole
+/// tokens, at most [`MAX_TOKENS`] of them.
+fn sealed_len_ok(n: usize) -> bool {
+    (SEALED_OVERHEAD as usize..=MAX_SEALED_TOKENS as usize).contains(&n)
+        && (n - SEALED_OVERHEAD as usize).is_multiple_of(4)
 }
 
 /// Rounds `n` up to the next multiple of [`PAGE`].
@@ -433,9 +482,14 @@ impl Footer {
             out.extend_from_slice(&b.key);
             out.push(b.parent.len() as u8);
             out.extend_from_slice(&b.parent);
-            out.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
-            for t in &b.tokens {
-                out.extend_from_slice(&t.to_le_bytes());
+            if b.encrypted() {
+                out.extend_from_slice(&(b.sealed_tokens.len() as u32).to_le_bytes());
+                out.extend_from_slice(&b.sealed_tokens);
+            } else {
+                out.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
+                for t in &b.tokens {
+                    out.extend_from_slice(&t.to_le_bytes());
+                }
             }
         }
         out
@@ -488,15 +542,25 @@ impl Footer {
                 return Err(Fault::Invalid);
             }
             let parent = r.bytes(plen)?.to_vec();
-            let ntok = r.u32()?;
-            if ntok > MAX_TOKENS {
-                return Err(Fault::Invalid);
-            }
-            let raw = r.bytes(ntok as usize * 4)?;
-            let tokens = raw
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(le4(c)))
-                .collect();
+            // Token ids: sealed (opaque here) or in the clear, each
+            // length checked before anything is read or allocated.
+            let n = r.u32()?;
+            let (tokens, sealed_tokens) = if codec & CODEC_ENCRYPTED != 0 {
+                if !sealed_len_ok(n as usize) {
+                    return Err(Fault::Invalid);
+                }
+                (Vec::new(), r.bytes(n as usize)?.to_vec())
+            } else {
+                if n > MAX_TOKENS {
+                    return Err(Fault::Invalid);
+                }
+                let raw = r.bytes(n as usize * 4)?;
+                let tokens = raw
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(le4(c)))
+                    .collect();
+                (tokens, Vec::new())
+            };
             // In the data area, in order, page aligned, not overlapping.
             let stop = offset.checked_add(round_up(u64::from(len)));
             if namespace >= nns
@@ -518,6 +582,7 @@ impl Footer {
                 key,
                 parent,
                 tokens,
+                sealed_tokens,
             });
         }
         if !r.0.is_empty() {
@@ -546,7 +611,7 @@ impl Footer {
 ///
 /// ```text
 ///      0    8  magic              b"KVTG4IDX"
-///      8    4  format version     u32 LE (the segment format's, 2)
+///      8    4  format version     u32 LE (the segment format's, 3)
 ///     12    8  node id            u64 LE
 ///     20    8  sequence number    u64 LE
 ///     28    8  created            u64 LE, Unix milliseconds
@@ -636,7 +701,8 @@ impl Announcement {
 }
 
 /// Object names, under the bucket's prefix. A segment's name comes from its
-/// origin, which no other node produces (node ids are random per daemon);
+/// origin, which no other node produces (node ids are random, one per data
+/// directory);
 /// two hex digits of a hash of it spread segments over 256 key prefixes,
 /// which S3 partitions separately. Index objects sort by creation time, so
 /// a reader lists only what is newer than what it has seen.
@@ -807,8 +873,9 @@ mod tests {
 
     #[test]
     fn an_unknown_version_is_refused() {
-        // 1: the format before codecs (no longer read); 3: a future one.
-        for v in [1u32, 3] {
+        // 1: the format before codecs, 2: before sealed token ids (no
+        // longer read); 4: a future one.
+        for v in [1u32, 2, 4] {
             let (s, _) = sealed_chain(2);
             let mut obj = object(&s);
             let at = obj.len() - 20;
@@ -833,9 +900,10 @@ mod tests {
         let mut b = Builder::new(origin());
         let stored = Bytes::from(vec![9u8; 300]);
         let lz4_enc = CODEC_LZ4 | CODEC_ENCRYPTED;
-        b.push_encoded("n", &[1], &[], &[5], stored.clone(), lz4_enc, 4096)
+        let sealed = [0xa5u8; 40];
+        b.push_encoded("n", &[1], &[], &[], &sealed, stored.clone(), lz4_enc, 4096)
             .unwrap();
-        b.push_encoded("n", &[2], &[1], &[6], stored.clone(), CODEC_ZSTD, 8192)
+        b.push_encoded("n", &[2], &[1], &[6], &[], stored.clone(), CODEC_ZSTD, 8192)
             .unwrap();
         b.push("n", &[3], &[2], &[7], stored.clone()).unwrap();
         let s = b.finish();
@@ -873,8 +941,13 @@ mod tests {
             (CODEC_RAW, 301),          // raw, yet another length
             (CODEC_ENCRYPTED, 0),
         ] {
+            let sealed: &[u8] = if codec & CODEC_ENCRYPTED != 0 {
+                &sealed
+            } else {
+                &[]
+            };
             assert_eq!(
-                b.push_encoded("n", &[1], &[], &[], stored.clone(), codec, raw_len),
+                b.push_encoded("n", &[1], &[], &[], sealed, stored.clone(), codec, raw_len),
                 Err(Fault::Invalid),
                 "{codec:#x} {raw_len}"
             );
@@ -889,6 +962,86 @@ mod tests {
         }
         assert!(b.is_empty());
         assert!(codec_known(CODEC_ZSTD | CODEC_ENCRYPTED) && codec_known(CODEC_ENCRYPTED));
+    }
+
+    #[test]
+    fn encrypted_blocks_carry_their_token_ids_sealed() {
+        let mut b = Builder::new(origin());
+        let stored = Bytes::from(vec![9u8; 300]);
+        let enc = CODEC_ZSTD | CODEC_ENCRYPTED;
+        // 16 tokens, sealed; 0 tokens, sealed; 3 tokens in the clear.
+        let sealed: Vec<u8> = (0..SEALED_OVERHEAD + 64).map(|i| i as u8).collect();
+        let empty = vec![7u8; SEALED_OVERHEAD as usize];
+        b.push_encoded("n", &[1], &[], &[], &sealed, stored.clone(), enc, 4096)
+            .unwrap();
+        b.push_encoded("n", &[2], &[1], &[], &empty, stored.clone(), enc, 4096)
+            .unwrap();
+        b.push("n", &[3], &[2], &[1, 2, 3], stored.clone()).unwrap();
+        let s = b.finish();
+        let obj = object(&s);
+        let f = decode_tail(&obj, s.len).unwrap();
+        assert_eq!(f, s.footer);
+        assert_eq!(f.blocks[0].sealed_tokens, sealed);
+        assert!(f.blocks[0].tokens.is_empty() && f.blocks[0].encrypted());
+        assert_eq!(f.blocks[1].sealed_tokens, empty);
+        assert_eq!(
+            (&f.blocks[2].tokens[..], f.blocks[2].encrypted()),
+            (&[1, 2, 3][..], false)
+        );
+        assert!(f.blocks[2].sealed_tokens.is_empty());
+        // The sealed bytes are stored as they are, in segment and index.
+        assert!(obj.windows(sealed.len()).any(|w| w == sealed));
+        let idx = Announcement::of(&s).encode();
+        assert_eq!(Announcement::decode(&idx).unwrap().footer, f);
+
+        // The builder refuses tokens in the clear on an encrypted block,
+        // sealed ones on a block in the clear, and impossible lengths.
+        let mut b = Builder::new(origin());
+        let d = || stored.clone();
+        for (tokens, sealed, codec) in [
+            (&[5u32][..], &sealed[..], enc),
+            (&[][..], &sealed[..], CODEC_ZSTD),
+            (&[][..], &sealed[..SEALED_OVERHEAD as usize - 1], enc),
+            (&[][..], &sealed[..SEALED_OVERHEAD as usize + 3], enc),
+            (&[][..], &[][..], enc),
+        ] {
+            assert_eq!(
+                b.push_encoded("n", &[1], &[], tokens, sealed, d(), codec, 4096),
+                Err(Fault::Invalid),
+                "{tokens:?} {} {codec:#x}",
+                sealed.len()
+            );
+        }
+        let long = vec![0u8; MAX_SEALED_TOKENS as usize + 4];
+        assert!(b
+            .push_encoded("n", &[1], &[], &[], &long, d(), enc, 4096)
+            .is_err());
+        assert!(b.is_empty());
+
+        // The decoder refuses the same lengths before reading them.
+        let at = decode_header(&obj).unwrap().1;
+        for n in [
+            0,
+            SEALED_OVERHEAD - 1,
+            SEALED_OVERHEAD + 3,
+            MAX_SEALED_TOKENS + 4,
+            u32::MAX,
+        ] {
+            let mut bad = s.footer.clone();
+            bad.blocks[0].sealed_tokens = vec![0; (n as usize).min(1 << 20)];
+            let mut enc = bad.encode();
+            // The length field of block 0's sealed token ids.
+            let field = footer_sealed_at(&bad);
+            enc[field..field + 4].copy_from_slice(&n.to_le_bytes());
+            assert_eq!(Footer::decode(&enc, at), Err(Fault::Invalid), "{n}");
+        }
+    }
+
+    /// Where block 0's token field starts in `f`'s encoding.
+    fn footer_sealed_at(f: &Footer) -> usize {
+        let names: usize = f.namespaces.iter().map(|n| 2 + n.len()).sum();
+        let b = &f.blocks[0];
+        2 + names + 4 + MIN_ENTRY - 4 + b.key.len() + b.parent.len()
     }
 
     #[test]
@@ -907,6 +1060,7 @@ mod tests {
                     key: vec![1],
                     parent: vec![],
                     tokens: vec![],
+                    sealed_tokens: vec![],
                 })
                 .collect(),
         };

@@ -12,6 +12,11 @@
 //!   CPU) and publishes them.
 //! - A discovery task lists other nodes' index objects every `poll` and
 //!   adds their segments.
+//! - An encrypted block's token ids are sealed in its footer entry. They
+//!   are opened (the [`Codec`]) before the block enters the catalog, this
+//!   node's own blocks included; a block whose token ids do not open
+//!   (another key, no key here, tampered) is never listed, and another
+//!   node's segment with no block listed is refused.
 //! - Reads ([`RemoteTier::fetch`]) take a chain in one coalesced read per
 //!   segment, all under one deadline, and return the verified prefix: each
 //!   block's stored bytes checked against their checksum, then decoded. A
@@ -41,7 +46,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::bucket::{Bucket, Miss};
 use super::codec::{Codec, Refused};
 use super::discovery::Discovery;
-use super::segment::{Announcement, Builder, Footer, Origin, CODEC_RAW};
+use super::segment::{Announcement, Builder, Footer, Origin, CODEC_ENCRYPTED, CODEC_RAW};
 use crate::catalog::Catalog;
 use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
@@ -116,7 +121,9 @@ pub struct RemoteStats {
     pub dropped_uploads: u64,
     pub evicted_segments: u64,
     pub checksum_failures: u64,
-    /// Index objects of other nodes that could not be read or decoded.
+    /// Index objects of other nodes that could not be read or decoded, or
+    /// whose segments hold no block usable here (token ids that do not
+    /// open under this node's key).
     pub refused_index: u64,
     /// The breaker is open: the bucket is not used until a probe succeeds.
     pub degraded: bool,
@@ -170,11 +177,18 @@ impl Index {
         *self.namespaces.entry(name.to_owned()).or_insert(next)
     }
 
-    /// Adds a segment; `None` when it is known already or would overfill
-    /// the catalog. A key already held by another segment keeps it.
-    fn add(&mut self, name: String, a: Announcement, own: bool) -> Option<Vec<Change>> {
+    /// Adds a segment's usable blocks; `None` when it is known already,
+    /// would overfill the catalog, or is another node's and has no usable
+    /// block. A key already held by another segment keeps it.
+    fn add(&mut self, name: String, o: Opened, own: bool) -> Option<Vec<Change>> {
+        let Opened {
+            announcement: a,
+            usable,
+        } = o;
+        let n = usable.iter().filter(|&&u| u).count();
         if self.by_name.contains_key(&name)
-            || self.blocks.len() + a.footer.blocks.len() > MAX_BLOCKS
+            || self.blocks.len() + n > MAX_BLOCKS
+            || (!own && n == 0 && !a.footer.blocks.is_empty())
         {
             return None;
         }
@@ -183,7 +197,7 @@ impl Index {
         let ns: Vec<u32> = a.footer.namespaces.iter().map(|n| self.intern(n)).collect();
         let mut changes: Vec<Change> = Vec::new();
         for (i, b) in a.footer.blocks.iter().enumerate() {
-            let Some(key) = Key::new(&b.key) else {
+            let Some(key) = Key::new(&b.key).filter(|_| usable[i]) else {
                 continue;
             };
             let nsid = ns[usize::from(b.namespace)];
@@ -255,6 +269,48 @@ impl Index {
     }
 }
 
+/// An announcement whose encrypted blocks' token ids were opened: which
+/// blocks this node can use (their tokens known).
+struct Opened {
+    announcement: Announcement,
+    /// Per block of the footer.
+    usable: Vec<bool>,
+}
+
+impl Opened {
+    /// Opens the sealed token ids of `a`'s encrypted blocks into their
+    /// `tokens`; a block whose token ids do not open is not usable.
+    fn new(codec: &Codec, mut a: Announcement) -> Opened {
+        let f = &mut a.footer;
+        let usable = f
+            .blocks
+            .iter_mut()
+            .map(|b| {
+                if b.codec & CODEC_ENCRYPTED == 0 {
+                    return true;
+                }
+                let ns = &f.namespaces[usize::from(b.namespace)];
+                match codec.open_tokens(ns, &b.key, &b.parent, &b.sealed_tokens) {
+                    Ok(tokens) => {
+                        b.tokens = tokens;
+                        true
+                    }
+                    Err(_) => false,
+                }
+            })
+            .collect();
+        Opened {
+            announcement: a,
+            usable,
+        }
+    }
+
+    /// Blocks not usable here.
+    fn refused(&self) -> usize {
+        self.usable.iter().filter(|&&u| !u).count()
+    }
+}
+
 /// What the tasks share.
 struct Shared {
     cfg: RemoteConfig,
@@ -318,7 +374,14 @@ impl RemoteTier {
             };
             match (std::str::from_utf8(name), Announcement::decode(body)) {
                 (Ok(name), Ok(a)) => {
-                    index.add(name.to_owned(), a, own == 1);
+                    // Another node's segment none of whose blocks is
+                    // usable (the key changed) is forgotten.
+                    if index
+                        .add(name.to_owned(), Opened::new(&codec, a), own == 1)
+                        .is_none()
+                    {
+                        undecodable.push(k.to_vec());
+                    }
                 }
                 _ => undecodable.push(k.to_vec()),
             }
@@ -549,18 +612,34 @@ impl Drop for RemoteTier {
     }
 }
 
-/// Adds a segment to the catalog (durable first) and tells the store.
+/// Adds a segment to the catalog (durable first) and tells the store. Its
+/// encrypted blocks' token ids are opened first (outside the lock); blocks
+/// whose token ids do not open are left out.
 fn admit_segment(s: &Shared, name: String, a: Announcement, own: bool) {
     let mut record = vec![own as u8];
     record.extend_from_slice(&a.encode());
+    let opened = Opened::new(&s.codec, a);
+    let refused = opened.refused();
+    if refused > 0 {
+        // Not damage as such (most likely another fleet's key), but none
+        // of those blocks can ever be read here.
+        tracing::warn!(
+            segment = %name,
+            blocks = refused,
+            encrypted_here = s.codec.encrypts(),
+            "G4 blocks whose token ids do not open under this node's key \
+             (another key, no key here, or tampered); not listed"
+        );
+    }
     if let Err(e) = s.catalog.put_remote(&segment_key(&name), &record) {
         tracing::warn!(error = %e, "catalog write of a G4 segment failed");
         return;
     }
-    let added = s.index.write().add(name.clone(), a, own);
+    let added = s.index.write().add(name.clone(), opened, own);
     match added {
         Some(changes) => (s.on_change)(changes),
-        // Known already, or the catalog is full: nothing of it is used.
+        // Known already, the catalog is full, or nothing of it is usable
+        // here: nothing of it is used.
         None => {
             if !s.index.read().by_name.contains_key(&name) {
                 let _ = s.catalog.delete_remote(&segment_key(&name));
@@ -708,20 +787,32 @@ fn pack(s: &Shared, origin: Origin, ups: Vec<Upload>) -> Builder {
     let mut b = Builder::new(origin);
     let mut enc = s.codec.encoder();
     for up in ups {
+        let key = up.key.as_bytes();
         let pushed = enc
-            .encode(&up.namespace, up.key.as_bytes(), up.data)
-            .is_some_and(|(codec, raw_len, stored)| {
+            .encode(&up.namespace, key, up.data)
+            .and_then(|(codec, raw_len, stored)| {
+                // An encrypted block's token ids are sealed with it.
+                let (tokens, sealed) = if codec & CODEC_ENCRYPTED != 0 {
+                    let sealed = s
+                        .codec
+                        .seal_tokens(&up.namespace, key, &up.parent, &up.tokens)?;
+                    (&[][..], sealed)
+                } else {
+                    (&up.tokens[..], Vec::new())
+                };
                 b.push_encoded(
                     &up.namespace,
-                    up.key.as_bytes(),
+                    key,
                     &up.parent,
-                    &up.tokens,
+                    tokens,
+                    &sealed,
                     stored,
                     codec,
                     raw_len,
                 )
-                .is_ok()
-            });
+                .ok()
+            })
+            .is_some();
         if !pushed {
             s.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -966,6 +1057,7 @@ async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Compression;
     use crate::remote::segment::Builder;
 
     fn announcement(node: u64, seq: u64, keys: &[u8]) -> Announcement {
@@ -992,12 +1084,14 @@ mod tests {
         let mut ix = Index::default();
         let a = announcement(1, 1, &[1, 2]);
         let b = announcement(2, 1, &[2, 3]);
-        let ch = ix.add("a".into(), a.clone(), true).unwrap();
+        let open =
+            |a: &Announcement| Opened::new(&Codec::new(Compression::None, 3, None), a.clone());
+        let ch = ix.add("a".into(), open(&a), true).unwrap();
         assert!(matches!(&ch[0], Change::Stored { blocks, .. } if blocks.len() == 2));
-        let ch = ix.add("b".into(), b, false).unwrap();
+        let ch = ix.add("b".into(), open(&b), false).unwrap();
         // Key 2 is a's already: b brings only key 3.
         assert!(matches!(&ch[0], Change::Stored { blocks, .. } if blocks.len() == 1));
-        assert!(ix.add("a".into(), a.clone(), true).is_none(), "known");
+        assert!(ix.add("a".into(), open(&a), true).is_none(), "known");
         assert_eq!(ix.own_bytes, a.len);
         let ns = ix.namespace("ns").unwrap();
         let id_a = ix.by_name["a"];
@@ -1008,5 +1102,73 @@ mod tests {
         let k = |b: u8| Key::new(&[b; 8]).unwrap();
         assert!(!ix.blocks.contains_key(&(ns, k(2))));
         assert!(ix.blocks.contains_key(&(ns, k(3))));
+    }
+
+    /// A chain of `keys` encrypted under `key`, each block's tokens sealed.
+    fn sealed_announcement(key: &[u8; 32], keys: &[u8]) -> Announcement {
+        let c = Codec::new(Compression::Lz4, 3, Some(key));
+        let mut b = Builder::new(Origin {
+            node: 9,
+            seq: 1,
+            created_ms: 1,
+        });
+        for (i, &k) in keys.iter().enumerate() {
+            let parent = if i == 0 { vec![] } else { vec![keys[i - 1]; 8] };
+            let tokens: Vec<u32> = (0..4).map(|t| u32::from(k) << 8 | t).collect();
+            let (codec, raw_len, stored) =
+                c.encode("ns", &[k; 8], Bytes::from(vec![k; 100])).unwrap();
+            let sealed = c.seal_tokens("ns", &[k; 8], &parent, &tokens).unwrap();
+            b.push_encoded("ns", &[k; 8], &parent, &[], &sealed, stored, codec, raw_len)
+                .unwrap();
+        }
+        Announcement::of(&b.finish())
+    }
+
+    #[test]
+    fn sealed_token_ids_are_opened_or_the_block_is_not_listed() {
+        let (ka, kb) = ([0x11; 32], [0x22; 32]);
+        let a = sealed_announcement(&ka, &[1, 2, 3]);
+        assert!(a.footer.blocks.iter().all(|b| b.tokens.is_empty()));
+        let with = |k: Option<&[u8; 32]>| Codec::new(Compression::None, 3, k);
+        // The key: every block listed, its tokens opened.
+        let mut ix = Index::default();
+        let ch = ix
+            .add("a".into(), Opened::new(&with(Some(&ka)), a.clone()), false)
+            .unwrap();
+        let Change::Stored { blocks, .. } = &ch[0] else {
+            panic!("{ch:?}")
+        };
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[1].1, vec![1u8; 8]);
+        assert_eq!(blocks[1].2, vec![0x200, 0x201, 0x202, 0x203]);
+        let seg = &ix.segments[&ix.by_name["a"]];
+        assert_eq!(
+            seg.footer.blocks[2].tokens,
+            vec![0x300, 0x301, 0x302, 0x303]
+        );
+        // Another key, or none: nothing listed; another node's segment is
+        // refused, one of this node's own kept (its bytes count).
+        for k in [Some(&kb), None] {
+            let mut ix = Index::default();
+            let o = Opened::new(&with(k), a.clone());
+            assert_eq!(o.refused(), 3);
+            assert!(ix.add("a".into(), o, false).is_none());
+            let o = Opened::new(&with(k), a.clone());
+            assert!(ix.add("a".into(), o, true).unwrap().is_empty());
+            assert!(ix.blocks.is_empty());
+            assert_eq!(ix.own_bytes, a.len);
+        }
+        // A parent rewritten, tokens moved between blocks: those blocks
+        // are not listed, the others are.
+        let mut bad = a.clone();
+        bad.footer.blocks[1].parent = vec![9; 8];
+        let moved = bad.footer.blocks[0].sealed_tokens.clone();
+        bad.footer.blocks[2].sealed_tokens = moved;
+        let mut ix = Index::default();
+        let o = Opened::new(&with(Some(&ka)), bad);
+        assert_eq!(o.usable, [true, false, false]);
+        let ch = ix.add("a".into(), o, false).unwrap();
+        assert!(matches!(&ch[0], Change::Stored { blocks, .. } if blocks.len() == 1));
+        assert_eq!(ix.blocks.len(), 1);
     }
 }
