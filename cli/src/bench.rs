@@ -1,9 +1,13 @@
-//! `kvtier bench host|disk`: the daemon's data paths against a plain
-//! baseline measured in the same run, on the same machine and file system.
+//! `kvtier bench host|disk|remote`: the daemon's data paths against a plain
+//! baseline measured in the same run, on the same machine and file system
+//! (and, for `remote`, the same object-store server).
 //!
 //! Each bench starts a kvbm daemon in-process with a scratch data directory
 //! under the current directory (removed afterwards) and talks to it through
 //! its real Unix socket and pool socket, as a local connector would.
+
+#[path = "bench_remote.rs"]
+mod remote;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,6 +24,9 @@ pub enum BenchCmd {
     /// G3: write-behind and reads through the daemon against a plain
     /// io_uring O_DIRECT loop at the same block size and queue depth.
     Disk(BenchArgs),
+    /// G4: write-behind to an S3 bucket and chain promotions from it
+    /// against a plain object_store PUT/GET loop on the same server.
+    Remote(remote::RemoteArgs),
 }
 
 #[derive(Args, Clone)]
@@ -45,6 +52,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Host(a) => host(a).await,
         BenchCmd::Disk(a) => disk(a).await,
+        BenchCmd::Remote(a) => remote::run(a).await,
     }
 }
 
@@ -55,33 +63,48 @@ struct Daemon {
     client: Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<kvbm::Result<()>>,
+    /// Gone once the store (and its catalog) is dropped.
+    store: std::sync::Weak<kvbm::Store>,
 }
 
 impl Daemon {
     async fn start(a: &BenchArgs, host_bytes: u64, disk_bytes: u64) -> anyhow::Result<Daemon> {
         let dir = a.dir.join(format!("kvtier-bench-{}", std::process::id()));
-        let mut cfg = Config {
-            data_dir: dir.clone(),
+        let mut cfg = Daemon::config(dir, host_bytes, disk_bytes);
+        cfg.disk_queue_depth = a.batch;
+        cfg.write_queue = cfg
+            .write_queue
+            .max(2 * (a.bytes.0 / a.block_bytes.0.max(1)) as usize);
+        Daemon::start_with(cfg).await
+    }
+
+    /// A scratch daemon's configuration: everything under `dir`, no TCP
+    /// listeners.
+    fn config(dir: PathBuf, host_bytes: u64, disk_bytes: u64) -> Config {
+        Config {
             socket: dir.join("kvbm.sock"),
             disk_path: dir.join("g3.dat"),
+            data_dir: dir,
             host_bytes,
             disk_bytes,
             grpc: String::new(),
             http: String::new(),
-            disk_queue_depth: a.batch,
             ..Config::default()
-        };
-        cfg.write_queue = cfg
-            .write_queue
-            .max(2 * (a.bytes.0 / a.block_bytes.0.max(1)) as usize);
+        }
+    }
+
+    /// Starts a daemon on `cfg` (its data directory is removed by
+    /// [`Daemon::stop`]).
+    async fn start_with(cfg: Config) -> anyhow::Result<Daemon> {
+        let (dir, socket) = (cfg.data_dir.clone(), cfg.socket.clone());
         let (store, _, listeners) = kvbm::server::start(cfg)
             .await
             .with_context(|| format!("starting kvbm in {}", dir.display()))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let weak = std::sync::Arc::downgrade(&store);
         let task = tokio::spawn(kvbm::server::serve(store, listeners, async move {
             let _ = rx.await;
         }));
-        let socket = dir.join("kvbm.sock");
         let client = Client::connect(&socket.display().to_string()).await?;
         Ok(Daemon {
             dir,
@@ -89,6 +112,7 @@ impl Daemon {
             client,
             stop: Some(tx),
             task,
+            store: weak,
         })
     }
 
@@ -97,7 +121,20 @@ impl Daemon {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
-        std::fs::remove_dir_all(&self.dir).ok();
+        // The store outlives `serve` briefly (threads of closing sessions,
+        // the G4 tier's tasks), and its catalog writes files until it is
+        // dropped: wait for that (a few seconds at most) before removing
+        // the directory, and retry a removal that raced a late write.
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.store.strong_count() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while std::fs::remove_dir_all(&self.dir).is_err()
+            && self.dir.exists()
+            && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
     }
 }

@@ -29,6 +29,11 @@ use super::segment::{self, decode_tail, Fault, Footer, Sealed};
 use crate::config::RemoteConfig;
 use kvtier_net::backoff::Backoff;
 
+/// Segment uploads a node has in flight at once (background work).
+pub const UPLOADS: usize = 4;
+/// Segment reads in flight at once, per chain read.
+pub const READS: usize = 8;
+
 /// Failures in a row that open the breaker.
 pub const BREAKER_FAILURES: u32 = 3;
 
@@ -149,7 +154,10 @@ impl Bucket {
         let client = ClientOptions::new()
             .with_allow_http(allow_http)
             .with_connect_timeout(Duration::from_secs(1))
-            .with_timeout(cfg.timeout.max(Duration::from_secs(1)) * 4);
+            // The outer deadline of each request (its bytes at the slowest
+            // rate allowed) is the limit; the client's own timeout only
+            // backs it up, so it must not cut a large transfer short.
+            .with_timeout(Duration::from_secs(600));
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(50),
@@ -228,19 +236,24 @@ impl Bucket {
         out
     }
 
-    /// The deadline of a transfer of `bytes`.
-    fn deadline(&self, bytes: u64) -> Duration {
-        self.cfg.timeout
-            + Duration::from_secs_f64(bytes as f64 / self.cfg.min_bytes_per_s.max(1) as f64)
+    /// The deadline of a transfer of `bytes` that shares the link with up
+    /// to `sharing - 1` others of its kind: each gets its share of the
+    /// slowest rate allowed.
+    fn deadline(&self, bytes: u64, sharing: usize) -> Duration {
+        let rate = self.cfg.min_bytes_per_s.max(1) as f64 / sharing.max(1) as f64;
+        self.cfg.timeout + Duration::from_secs_f64(bytes as f64 / rate)
     }
 
     /// Writes a sealed segment in one PUT.
     pub async fn put_segment(&self, name: &str, s: &Sealed) -> Result<(), Miss> {
         let path = self.path(name);
         let payload: PutPayload = s.parts.iter().cloned().collect();
-        self.guarded(self.deadline(s.len), self.store.put(&path, payload))
-            .await
-            .map(|_| ())
+        self.guarded(
+            self.deadline(s.len, UPLOADS),
+            self.store.put(&path, payload),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Reads a segment's footer from its tail.
@@ -251,7 +264,7 @@ impl Bucket {
             ..GetOptions::default()
         };
         let first = self
-            .guarded(self.deadline(TAIL_GUESS), async {
+            .guarded(self.deadline(TAIL_GUESS, 1), async {
                 let r = self.store.get_opts(&path, opts(TAIL_GUESS)).await?;
                 let len = r.meta.size;
                 Ok((r.bytes().await?, len))
@@ -263,7 +276,7 @@ impl Bucket {
                 if need <= u64::from(segment::MAX_FOOTER) + segment::TRAILER =>
             {
                 let tail = self
-                    .guarded(self.deadline(need), async {
+                    .guarded(self.deadline(need, 1), async {
                         self.store.get_opts(&path, opts(need)).await?.bytes().await
                     })
                     .await?;
@@ -287,7 +300,10 @@ impl Bucket {
         let ranges = footer.ranges(which);
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let got = self
-            .guarded(self.deadline(total), self.store.get_ranges(&path, &ranges))
+            .guarded(
+                self.deadline(total, READS),
+                self.store.get_ranges(&path, &ranges),
+            )
             .await?;
         if got.len() != ranges.len() {
             return Err(Miss::Store("short range answer".into()));

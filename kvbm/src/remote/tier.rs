@@ -52,10 +52,7 @@ use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
 use crate::index::Key;
 
-/// Segment uploads in flight at once.
-pub const UPLOADS: usize = 4;
-/// Segment reads in flight at once, per chain read.
-pub const READS: usize = 8;
+pub use super::bucket::{READS, UPLOADS};
 /// How far back each listing reaches behind the newest index object seen:
 /// covers clocks that disagree and a segment upload that outlasts the
 /// next poll.
@@ -743,6 +740,7 @@ async fn upload(s: &Arc<Shared>, ups: Vec<Upload>) {
         seq: s.next_seq.fetch_add(1, Ordering::Relaxed),
         created_ms: now_ms(),
     };
+    let ups = chain_order(ups);
     let keys: Vec<(String, Key)> = ups.iter().map(|u| (u.namespace.clone(), u.key)).collect();
     // Compressing or encrypting a segment (32 MiB by default) takes tens of
     // milliseconds: not on the runtime's workers, which also serve reads.
@@ -779,6 +777,47 @@ async fn upload(s: &Arc<Shared>, ups: Vec<Upload>) {
         }
     }
     unpend(s, &keys);
+}
+
+/// `ups` with every chain contiguous, parent first: blocks arrive in
+/// chain order per offer, but offers of concurrent requests interleave, and
+/// a chain read back takes one range per run of adjacent blocks. Chains
+/// keep the order their first block arrived in; a block whose parent is
+/// not in the batch starts a chain.
+fn chain_order(ups: Vec<Upload>) -> Vec<Upload> {
+    let at: HashMap<(&str, &[u8]), usize> = ups
+        .iter()
+        .enumerate()
+        .map(|(i, u)| ((u.namespace.as_str(), u.key.as_bytes()), i))
+        .collect();
+    // The first child of each block in the batch (a key has one parent;
+    // a parent with several children keeps the later ones as their own runs).
+    let mut child: Vec<Option<usize>> = vec![None; ups.len()];
+    let mut follows = vec![false; ups.len()];
+    for (i, u) in ups.iter().enumerate() {
+        if let Some(&p) = at.get(&(u.namespace.as_str(), u.parent.as_slice())) {
+            if p != i && child[p].is_none() {
+                child[p] = Some(i);
+                follows[i] = true;
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(ups.len());
+    let mut placed = vec![false; ups.len()];
+    // Chain starts first, then whatever a cycle of keys (hostile or
+    // broken input) left unplaced.
+    let starts = (0..ups.len()).filter(|&i| !follows[i]).chain(0..ups.len());
+    for start in starts {
+        let mut next = Some(start);
+        while let Some(i) = next.filter(|&i| !placed[i]) {
+            placed[i] = true;
+            order.push(i);
+            next = child[i];
+        }
+    }
+    drop(at);
+    let mut slots: Vec<Option<Upload>> = ups.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 /// Encodes `ups` and packs them, in order, into a segment of `origin`. A
@@ -1077,6 +1116,43 @@ mod tests {
             .unwrap();
         }
         Announcement::of(&b.finish())
+    }
+
+    #[test]
+    fn interleaved_chains_are_packed_contiguously() {
+        let up = |chain: u8, i: u8| Upload {
+            namespace: "ns".into(),
+            key: Key::new(&[chain, i]).unwrap(),
+            parent: if i == 0 { vec![] } else { vec![chain, i - 1] },
+            tokens: vec![],
+            data: Bytes::new(),
+        };
+        // Two requests' chains, offered in alternating pieces; chain 3
+        // continues a parent uploaded earlier (not in the batch).
+        let ups = vec![
+            up(1, 0),
+            up(2, 0),
+            up(1, 1),
+            up(3, 5),
+            up(2, 1),
+            up(1, 2),
+            up(3, 6),
+        ];
+        let got: Vec<Vec<u8>> = chain_order(ups)
+            .iter()
+            .map(|u| u.key.as_bytes().to_vec())
+            .collect();
+        let want: Vec<Vec<u8>> = [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [3, 5], [3, 6]]
+            .iter()
+            .map(|k| k.to_vec())
+            .collect();
+        assert_eq!(got, want);
+        // A cycle of parents still places every block once.
+        let mut a = up(9, 1);
+        a.parent = vec![9, 2];
+        let mut b = up(9, 2);
+        b.parent = vec![9, 1];
+        assert_eq!(chain_order(vec![a, b]).len(), 2);
     }
 
     #[test]

@@ -60,11 +60,19 @@ impl Store {
         if self.remote.is_none() {
             return;
         }
-        let more = self.remote_run(ns, keys, locations.len());
+        let local = locations.len();
+        let more = self.remote_run(ns, keys, local);
         locations.extend(std::iter::repeat_n(pb::Tier::Remote as i32, more));
+        // With nothing local (the common case for a node that never saw the
+        // prefix), both walks are the same one.
+        let from_first = if local == 0 {
+            more
+        } else {
+            self.remote_run(ns, keys, 0)
+        };
         tiers.push(pb::TierPrefix {
             tier: pb::Tier::Remote as i32,
-            blocks: self.remote_run(ns, keys, 0) as u32,
+            blocks: from_first as u32,
         });
     }
 
