@@ -376,6 +376,22 @@ impl Garage {
         ]
     }
 
+    /// A client of the bucket `kvtier` under `prefix`, the tests' own (to
+    /// put, look at or damage objects), with deadlines generous for a
+    /// debug build of Garage on a loaded 2-core CI machine (the daemon's
+    /// defaults are 2 s and 50 MB/s).
+    pub fn bucket(&self, prefix: &str) -> kvbm::remote::bucket::Bucket {
+        let mut c = kvbm::config::RemoteConfig::new(format!("s3://kvtier/{prefix}"));
+        c.endpoint = Some(self.endpoint.clone());
+        c.region = Some("garage".into());
+        c.access_key_id = Some(GARAGE_KEY_ID.into());
+        c.secret_access_key = Some(GARAGE_SECRET.into());
+        c.allow_http = Some(true);
+        c.timeout = std::time::Duration::from_secs(3);
+        c.min_bytes_per_s = 5 << 20;
+        kvbm::remote::bucket::Bucket::open(c).expect("bucket client")
+    }
+
     /// SIGKILL: the server disappears.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -6,25 +6,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvbm::config::RemoteConfig;
-use kvbm::remote::bucket::{Bucket, Miss};
+use kvbm::remote::bucket::Miss;
 use kvbm::remote::segment::{Builder, Origin, Sealed};
-use kvtier_e2e::{rt, Garage, GARAGE_KEY_ID, GARAGE_SECRET};
+use kvtier_e2e::{rt, Garage};
 use object_store::{ObjectStoreExt, PutPayload};
-
-fn bucket(g: &Garage, prefix: &str) -> Bucket {
-    let mut c = RemoteConfig::new(format!("s3://kvtier/{prefix}"));
-    c.endpoint = Some(g.endpoint.clone());
-    c.region = Some("garage".into());
-    c.access_key_id = Some(GARAGE_KEY_ID.into());
-    c.secret_access_key = Some(GARAGE_SECRET.into());
-    c.allow_http = Some(true);
-    // Generous for a debug build of Garage on a loaded 2-core CI machine;
-    // the daemon's defaults are 2 s and 50 MB/s.
-    c.timeout = Duration::from_secs(3);
-    c.min_bytes_per_s = 5 << 20;
-    Bucket::open(c).expect("client")
-}
 
 /// A chain of `n` blocks of `len` bytes each, with distinct contents.
 fn chain(node: u64, n: usize, len: usize) -> (Sealed, Vec<Vec<u8>>) {
@@ -60,7 +45,7 @@ fn chain(node: u64, n: usize, len: usize) -> (Sealed, Vec<Vec<u8>>) {
 fn two_clients_share_segments_bit_exact() {
     let Some(g) = Garage::start() else { return };
     rt().block_on(async {
-        let (a, b) = (bucket(&g, "kv"), bucket(&g, "kv"));
+        let (a, b) = (g.bucket("kv"), g.bucket("kv"));
         // Large blocks (a footer found in the first tail read) and a
         // segment smaller than that first read.
         for (name, n, len) in [("seg-big", 24, 300_000), ("seg-small", 3, 100)] {
@@ -82,7 +67,7 @@ fn two_clients_share_segments_bit_exact() {
         }
         // Prefixes keep nodes' namespaces apart.
         assert_eq!(
-            bucket(&g, "other").read_footer("seg-big").await,
+            g.bucket("other").read_footer("seg-big").await,
             Err(Miss::NotFound)
         );
     });
@@ -92,7 +77,7 @@ fn two_clients_share_segments_bit_exact() {
 fn damage_and_absence_are_misses() {
     let Some(g) = Garage::start() else { return };
     rt().block_on(async {
-        let b = bucket(&g, "kv");
+        let b = g.bucket("kv");
         assert_eq!(b.read_footer("nothing-here").await, Err(Miss::NotFound));
         // Not a segment at all.
         let junk = b.path("junk");
@@ -135,7 +120,7 @@ fn damage_and_absence_are_misses() {
 fn a_dead_server_costs_a_deadline_then_nothing_until_it_returns() {
     let Some(mut g) = Garage::start() else { return };
     rt().block_on(async {
-        let b = bucket(&g, "kv");
+        let b = g.bucket("kv");
         let (s, datas) = chain(3, 4, 50_000);
         b.put_segment("seg", &s).await.expect("put");
         g.kill9();
@@ -187,7 +172,7 @@ fn a_node_finds_what_another_published_and_only_once() {
     use kvbm::remote::discovery::Discovery;
     let Some(g) = Garage::start() else { return };
     rt().block_on(async {
-        let (a, b) = (bucket(&g, "fleet"), bucket(&g, "fleet"));
+        let (a, b) = (g.bucket("fleet"), g.bucket("fleet"));
         let mut seen_b = Discovery::new(0, Duration::from_secs(60));
         assert!(seen_b.poll(&b).await.expect("empty").segments.is_empty());
         let now = 1_764_000_000_000;
@@ -249,7 +234,7 @@ fn orphans_are_this_nodes_unknown_segments_only() {
     use kvbm::remote::segment::segment_name;
     let Some(g) = Garage::start() else { return };
     rt().block_on(async {
-        let b = bucket(&g, "sweep");
+        let b = g.bucket("sweep");
         let mut names = Vec::new();
         for (node, seq) in [(0xA, 1), (0xA, 2), (0xB, 1)] {
             let (s, _) = announced(node, seq, 1_764_000_000_000 + seq);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kvtier_client::{v1, Client};
-use kvtier_e2e::{rt, Garage, Kvbm, GARAGE_KEY_ID, GARAGE_SECRET};
+use kvtier_e2e::{rt, Garage, Kvbm};
 use rand::{RngCore, SeedableRng};
 
 const NS: &str = "g4-test";
@@ -237,25 +237,32 @@ fn a_dead_object_store_costs_misses_and_is_used_again_when_it_returns() {
     });
 }
 
-/// The bucket under `prefix`, as a client of the test's own (to look at or
-/// damage objects).
-fn bucket(g: &Garage, prefix: &str) -> kvbm::remote::bucket::Bucket {
-    let mut c = kvbm::config::RemoteConfig::new(format!("s3://kvtier/{prefix}"));
-    c.endpoint = Some(g.endpoint.clone());
-    c.region = Some("garage".into());
-    c.access_key_id = Some(GARAGE_KEY_ID.into());
-    c.secret_access_key = Some(GARAGE_SECRET.into());
-    c.allow_http = Some(true);
-    kvbm::remote::bucket::Bucket::open(c).unwrap()
-}
-
-/// Every segment object under the bucket's prefix.
-async fn segments(bucket: &kvbm::remote::bucket::Bucket) -> Vec<object_store::ObjectMeta> {
+/// Every object under `dir` of the bucket's prefix.
+async fn objects(
+    bucket: &kvbm::remote::bucket::Bucket,
+    dir: &str,
+) -> Vec<object_store::ObjectMeta> {
     use futures::TryStreamExt;
     bucket
         .store()
-        .list(Some(&bucket.path("seg")))
+        .list(Some(&bucket.path(dir)))
         .try_collect()
+        .await
+        .unwrap()
+}
+
+/// One object's bytes.
+async fn object(
+    bucket: &kvbm::remote::bucket::Bucket,
+    m: &object_store::ObjectMeta,
+) -> bytes::Bytes {
+    use object_store::ObjectStoreExt;
+    bucket
+        .store()
+        .get(&m.location)
+        .await
+        .unwrap()
+        .bytes()
         .await
         .unwrap()
 }
@@ -271,19 +278,11 @@ fn a_damaged_segment_is_never_served_and_leaves_the_catalog() {
         let (ca, cb) = (client(&a).await, client(&b).await);
         store_and_find(&ca, &cb, 4).await;
         // Flip one byte inside block 0's data in every segment.
-        let bucket = bucket(&g, "bad");
-        let segs = segments(&bucket).await;
+        let bucket = g.bucket("bad");
+        let segs = objects(&bucket, "seg").await;
         assert!(!segs.is_empty());
         for m in segs {
-            let mut obj = bucket
-                .store()
-                .get(&m.location)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-                .to_vec();
+            let mut obj = object(&bucket, &m).await.to_vec();
             obj[4096 + 100] ^= 0x01;
             bucket
                 .store()
@@ -426,7 +425,6 @@ async fn put_kv(c: &Client, i: u64) {
 #[test]
 fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_another() {
     use futures::StreamExt;
-    use object_store::ObjectStoreExt;
     use std::os::unix::fs::PermissionsExt;
     let Some(g) = Garage::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -520,8 +518,8 @@ fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_a
         assert_eq!(lookup(&cc, 0..n).await.matched, 0, "C forgot the chain");
         // The objects are compressed and hold none of the plaintext, nor
         // (segments and index objects) any block's token ids.
-        let bucket = bucket(&g, "sealed");
-        let segs = segments(&bucket).await;
+        let bucket = g.bucket("sealed");
+        let segs = objects(&bucket, "seg").await;
         assert!(!segs.is_empty());
         let token_runs: Vec<Vec<u8>> = (0..n)
             .map(|i| kv_tokens(i).iter().flat_map(|t| t.to_le_bytes()).collect())
@@ -534,37 +532,15 @@ fn encrypted_compressed_blocks_are_shared_under_one_key_and_never_served_under_a
                 );
             }
         };
-        let index: Vec<object_store::ObjectMeta> = {
-            use futures::TryStreamExt;
-            bucket
-                .store()
-                .list(Some(&bucket.path("idx")))
-                .try_collect()
-                .await
-                .unwrap()
-        };
+        let index = objects(&bucket, "idx").await;
         assert!(!index.is_empty());
         for m in index {
-            let obj = bucket
-                .store()
-                .get(&m.location)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let obj = object(&bucket, &m).await;
             no_tokens(m.location.as_ref(), &obj);
         }
         let mut stored = 0;
         for m in segs {
-            let obj = bucket
-                .store()
-                .get(&m.location)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let obj = object(&bucket, &m).await;
             stored += obj.len();
             no_tokens(m.location.as_ref(), &obj);
             for i in 0..n {

@@ -65,6 +65,18 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 const BLOCK_TOKENS: u32 = 16;
 
+/// Registers workers of model `m`, each with its kvbm.
+fn register(router: &Router, workers: &[(&str, &Kvbm)]) {
+    for (id, d) in workers {
+        let body = format!(
+            r#"{{"worker_id":"{id}","endpoint":"http://{id}:8000","model":"m","kvbm":"unix:{}"}}"#,
+            d.socket.display()
+        );
+        let (status, resp) = http(&router.http, "POST", "/v1/workers", &body);
+        assert!(status == 200 || status == 201, "{status} {resp}");
+    }
+}
+
 #[test]
 fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,14 +91,7 @@ fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
     )
     .unwrap();
     let router = start_router();
-    for (id, d) in [("wa", &a), ("wb", &b)] {
-        let body = format!(
-            r#"{{"worker_id":"{id}","endpoint":"http://{id}:8000","model":"m","kvbm":"unix:{}"}}"#,
-            d.socket.display()
-        );
-        let (status, resp) = http(&router.http, "POST", "/v1/workers", &body);
-        assert!(status == 200 || status == 201, "{status} {resp}");
-    }
+    register(&router, &[("wa", &a), ("wb", &b)]);
     // Worker b's kvbm stores a 4-block prefix (tokens 0..64).
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tokens = rt.block_on(async {
@@ -117,12 +122,7 @@ fn router_routes_to_the_worker_whose_kvbm_holds_the_prefix() {
         &["--host-bytes", "8MiB", "--disk-bytes", "0"],
     )
     .unwrap();
-    let body_w = format!(
-        r#"{{"worker_id":"wc","endpoint":"http://wc:8000","model":"m","kvbm":"unix:{}"}}"#,
-        b2.socket.display()
-    );
-    let (status, _) = http(&router.http, "POST", "/v1/workers", &body_w);
-    assert!(status == 200 || status == 201);
+    register(&router, &[("wc", &b2)]);
     let (status, _) = http(&router.http, "DELETE", "/v1/workers/wb", "");
     assert!(status == 200 || status == 204, "{status}");
     let (_, resp) = http(&router.http, "POST", "/v1/route", &body);
@@ -166,14 +166,7 @@ fn a_chain_in_the_shared_bucket_counts_for_every_worker_on_it() {
     let a = Kvbm::start_env(&dir.path().join("a"), &args, &g.env()).unwrap();
     let b = Kvbm::start_env(&dir.path().join("b"), &args, &g.env()).unwrap();
     let router = start_router();
-    for (id, d) in [("wa", &a), ("wb", &b)] {
-        let body = format!(
-            r#"{{"worker_id":"{id}","endpoint":"http://{id}:8000","model":"m","kvbm":"unix:{}"}}"#,
-            d.socket.display()
-        );
-        let (status, resp) = http(&router.http, "POST", "/v1/workers", &body);
-        assert!(status == 200 || status == 201, "{status} {resp}");
-    }
+    register(&router, &[("wa", &a), ("wb", &b)]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tokens = rt.block_on(async {
         // B's engine uses the same model (namespace) but never this prompt.
