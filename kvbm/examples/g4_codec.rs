@@ -126,7 +126,7 @@ fn main() {
                 .iter()
                 .map(|(c, n, s)| {
                     codec
-                        .decode("ns", b"key", *c, *n, s.clone(), block as u64)
+                        .open("ns", b"key", *c, *n, s.clone(), block as u64)
                         .expect("decodes")
                 })
                 .collect();

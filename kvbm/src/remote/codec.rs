@@ -225,21 +225,6 @@ impl Codec {
             .collect())
     }
 
-    /// Decodes one block's stored bytes; `None` for a miss. See
-    /// [`Codec::open`].
-    pub fn decode(
-        &self,
-        namespace: &str,
-        key: &[u8],
-        codec: u8,
-        raw_len: u32,
-        stored: Bytes,
-        expected_len: u64,
-    ) -> Option<Bytes> {
-        self.open(namespace, key, codec, raw_len, stored, expected_len)
-            .ok()
-    }
-
     /// Decodes one block's stored bytes (already checked against their
     /// checksum) into its `raw_len` raw bytes, which must be `expected_len`
     /// (checked before anything is allocated). A raw, unencrypted block
@@ -549,8 +534,8 @@ mod tests {
                 // reads it too: reading follows the block's codec byte.
                 let other = Codec::new(Compression::None, 1, key.as_ref());
                 assert_eq!(
-                    other.decode(NS, b"k1", codec, raw_len, stored.clone(), raw.len() as u64),
-                    Some(raw.clone())
+                    other.open(NS, b"k1", codec, raw_len, stored.clone(), raw.len() as u64),
+                    Ok(raw.clone())
                 );
                 let overhead = if key.is_some() { OVERHEAD } else { 0 };
                 // Compressed only when smaller, so never longer than raw.
@@ -606,10 +591,6 @@ mod tests {
                 open(&b, NS, b"key-1", codec, &stored),
                 Err(Refused::Foreign)
             );
-            assert_eq!(
-                b.decode(NS, b"key-1", codec, raw_len, stored.clone(), n),
-                None
-            );
             // No key at all: never served.
             let none = Codec::new(comp, 3, None);
             assert_eq!(
@@ -662,10 +643,7 @@ mod tests {
                 keyed.open(NS, b"k", codec, raw_len, stored.clone(), 8192),
                 Err(Refused::Foreign)
             );
-            assert_eq!(
-                plain.decode(NS, b"k", codec, raw_len, stored, 8192),
-                Some(raw)
-            );
+            assert_eq!(plain.open(NS, b"k", codec, raw_len, stored, 8192), Ok(raw));
         }
     }
 

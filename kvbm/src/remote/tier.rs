@@ -483,16 +483,24 @@ impl RemoteTier {
             .count()
     }
 
-    /// Whether `key` is worth offering: neither in the bucket nor queued.
-    pub fn wants(&self, namespace: &str, key: &Key) -> bool {
-        if self.locate(namespace, std::slice::from_ref(key)) == 1 {
-            return false;
-        }
-        !self
-            .shared
-            .pending
-            .lock()
-            .contains(&(namespace.to_owned(), *key))
+    /// Which of `keys` are worth offering: neither in the bucket nor
+    /// queued. Each lock is taken once for the whole batch (an acquire asks
+    /// for every block it leased).
+    pub fn wanted(&self, namespace: &str, keys: &[Key]) -> Vec<bool> {
+        let Some(&first) = keys.first() else {
+            return Vec::new();
+        };
+        let index = self.shared.index.read();
+        let ns = index.namespace(namespace);
+        let pending = self.shared.pending.lock();
+        let mut probe = (namespace.to_owned(), first);
+        keys.iter()
+            .map(|k| {
+                probe.1 = *k;
+                !ns.is_some_and(|ns| index.blocks.contains_key(&(ns, *k)))
+                    && !pending.contains(&probe)
+            })
+            .collect()
     }
 
     /// Queues a block for upload. Never blocks: past `queue_bytes` waiting,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use kvtier_proto::v1::{self as pb, event};
 use parking_lot::Mutex;
 
-use super::{memory_record, pb_tier, Store};
+use super::{chained_events, memory_record, pb_tier, Store};
 use crate::catalog::{BlockRecord, RegionRecord};
 use crate::error::{Error, Result};
 use crate::table::Notice;
@@ -166,30 +166,20 @@ fn apply(store: &Store, notice: Notice, events: &mut Vec<event::Kind>, pending: 
             let Some(ns) = store.namespace_by_id(ns) else {
                 return;
             };
-            let mut stored: Vec<pb::BlockStored> = Vec::new();
-            for b in blocks {
-                // One event per run of chained blocks.
-                let chained = stored
-                    .last()
-                    .and_then(|e| e.keys.last())
-                    .is_some_and(|last| *last == b.parent);
-                match stored.last_mut() {
-                    Some(e) if chained => {
-                        e.keys.push(b.key.as_bytes().to_vec());
-                        e.token_ids.extend_from_slice(&b.tokens);
-                    }
-                    _ => stored.push(pb::BlockStored {
-                        tier: pb::Tier::Host as i32,
-                        namespace: ns.name.clone(),
-                        model: ns.layout.model.clone(),
-                        keys: vec![b.key.as_bytes().to_vec()],
-                        parent: b.parent.clone(),
-                        token_ids: b.tokens.clone(),
-                        tokens_per_block: ns.layout.tokens_per_block,
-                    }),
-                }
-                pending.volatile.push(memory_record(&ns, b));
-            }
+            let stored = chained_events(
+                pb::Tier::Host,
+                &ns,
+                blocks.iter().map(|b| {
+                    (
+                        b.key.as_bytes().to_vec(),
+                        b.parent.clone(),
+                        b.tokens.clone(),
+                    )
+                }),
+            );
+            pending
+                .volatile
+                .extend(blocks.into_iter().map(|b| memory_record(&ns, b)));
             events.extend(stored.into_iter().map(event::Kind::Stored));
         }
         Notice::Durable(record) => {

@@ -900,6 +900,35 @@ impl Store {
     }
 }
 
+/// `Stored` events of `tier` for blocks of `ns` given in order as
+/// `(key, parent, tokens)`: one event per run of chained blocks (each
+/// block's parent the previous block's key).
+pub(crate) fn chained_events(
+    tier: pb::Tier,
+    ns: &Namespace,
+    blocks: impl IntoIterator<Item = (Vec<u8>, Vec<u8>, Vec<u32>)>,
+) -> Vec<pb::BlockStored> {
+    let mut out: Vec<pb::BlockStored> = Vec::new();
+    for (key, parent, tokens) in blocks {
+        match out.last_mut() {
+            Some(e) if e.keys.last() == Some(&parent) => {
+                e.keys.push(key);
+                e.token_ids.extend_from_slice(&tokens);
+            }
+            _ => out.push(pb::BlockStored {
+                tier: tier as i32,
+                namespace: ns.name.clone(),
+                model: ns.layout.model.clone(),
+                keys: vec![key],
+                parent,
+                token_ids: tokens,
+                tokens_per_block: ns.layout.tokens_per_block,
+            }),
+        }
+    }
+    out
+}
+
 /// The catalog record of a block just committed to host memory.
 fn memory_record(ns: &Namespace, b: Committed) -> BlockRecord {
     BlockRecord {

@@ -122,9 +122,12 @@ impl Store {
     /// the tier's blocking pool, then unpinned. Never waits for the copy.
     pub(super) fn offer_remote(&self, ns: &Arc<Namespace>, blocks: Vec<Offer>, min_seen: u32) {
         let Some(r) = &self.remote else { return };
+        let keys: Vec<Key> = blocks.iter().map(|(k, _)| *k).collect();
+        let wanted = r.wanted(&ns.name, &keys);
         let mut blocks: Vec<Offer> = blocks
             .into_iter()
-            .filter(|(k, _)| r.wants(&ns.name, k))
+            .zip(wanted)
+            .filter_map(|(b, w)| w.then_some(b))
             .collect();
         if blocks.is_empty() {
             return;
@@ -190,25 +193,10 @@ impl Store {
                 let Ok(ns) = self.namespace(&namespace) else {
                     return Vec::new();
                 };
-                let mut out: Vec<pb::BlockStored> = Vec::new();
-                for (key, parent, tokens) in blocks {
-                    match out.last_mut() {
-                        Some(e) if e.keys.last() == Some(&parent) => {
-                            e.keys.push(key);
-                            e.token_ids.extend_from_slice(&tokens);
-                        }
-                        _ => out.push(pb::BlockStored {
-                            tier: pb::Tier::Remote as i32,
-                            namespace: namespace.clone(),
-                            model: ns.layout.model.clone(),
-                            keys: vec![key],
-                            parent,
-                            token_ids: tokens,
-                            tokens_per_block: ns.layout.tokens_per_block,
-                        }),
-                    }
-                }
-                out.into_iter().map(event::Kind::Stored).collect()
+                super::chained_events(pb::Tier::Remote, &ns, blocks)
+                    .into_iter()
+                    .map(event::Kind::Stored)
+                    .collect()
             }
             Change::Removed { namespace, keys } => {
                 if self.namespace(&namespace).is_err() {
