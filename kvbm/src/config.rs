@@ -22,7 +22,8 @@ pub enum Admission {
     Frequency,
 }
 
-/// How the object-store tier (G4) compresses blocks at rest.
+/// How a tier compresses blocks at rest (G3: `disk_compression`, G4:
+/// `remote_compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
@@ -31,7 +32,7 @@ pub enum Compression {
     None,
     /// lz4 (block format): fast, modest ratio.
     Lz4,
-    /// zstd at `remote_zstd_level`: slower, better ratio.
+    /// zstd at the tier's `*_zstd_level`: slower, better ratio.
     Zstd,
 }
 
@@ -56,6 +57,16 @@ pub struct Config {
     pub disk_queue_depth: u32,
     /// Pending write-behind blocks before new ones are dropped. Default 1024.
     pub write_queue: usize,
+    /// Compression of each disk entry (kept only where it makes the entry
+    /// smaller). Default none.
+    pub disk_compression: Compression,
+    /// zstd's level for disk entries, 1 to 19. Default 3.
+    pub disk_zstd_level: i32,
+    /// File holding the key disk entries, and the catalog's token ids, are
+    /// encrypted with (AES-256-GCM): 32 raw bytes or 64 hex digits; it may
+    /// be the `remote_key_file`. With a key, only entries encrypted under it
+    /// are read. Default none: entries and token ids stored in the clear.
+    pub disk_key_file: Option<PathBuf>,
     /// gRPC Unix socket. Default `<data-dir>/kvbm.sock`; the pool socket is
     /// that path with `.pool` appended.
     pub socket: PathBuf,
@@ -190,6 +201,9 @@ impl Default for Config {
             region_bytes: 64 << 20,
             disk_queue_depth: 32,
             write_queue: 1024,
+            disk_compression: Compression::None,
+            disk_zstd_level: 3,
+            disk_key_file: None,
             grpc: "127.0.0.1:50051".into(),
             http: "127.0.0.1:9091".into(),
             lease_ttl: Duration::from_secs(30),
@@ -217,6 +231,9 @@ pub struct FileConfig {
     pub region_bytes: Option<Size>,
     pub disk_queue_depth: Option<u32>,
     pub write_queue: Option<usize>,
+    pub disk_compression: Option<Compression>,
+    pub disk_zstd_level: Option<i32>,
+    pub disk_key_file: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub grpc: Option<String>,
     pub http: Option<String>,
@@ -280,6 +297,9 @@ pub struct Flags {
     /// Disk region size [default: 64MiB].
     #[arg(long, env = "KVBM_REGION_BYTES")]
     pub region_bytes: Option<Size>,
+    /// Key file encrypting disk entries and catalog token ids [default: none].
+    #[arg(long, env = "KVBM_DISK_KEY_FILE")]
+    pub disk_key_file: Option<PathBuf>,
     /// gRPC Unix socket [default: <data-dir>/kvbm.sock].
     #[arg(long, env = "KVBM_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -350,6 +370,9 @@ impl Config {
         );
         set(&mut c.disk_queue_depth, file.disk_queue_depth);
         set(&mut c.write_queue, file.write_queue);
+        set(&mut c.disk_compression, file.disk_compression);
+        set(&mut c.disk_zstd_level, file.disk_zstd_level);
+        c.disk_key_file = flags.disk_key_file.or(file.disk_key_file);
         set(&mut c.socket, flags.socket.or(file.socket));
         set(&mut c.grpc, flags.grpc.or(file.grpc));
         set(&mut c.http, flags.http.or(file.http));
@@ -447,6 +470,19 @@ impl Config {
         {
             return Err(Error::invalid(
                 "disk_queue_depth, write_queue, event_ring and max_clients must be positive",
+            ));
+        }
+        if !(1..=19).contains(&self.disk_zstd_level) {
+            return Err(Error::invalid("disk_zstd_level must be between 1 and 19"));
+        }
+        // Never silently in the clear: a build without the codec refuses
+        // what it cannot honour.
+        if cfg!(not(feature = "at-rest"))
+            && (self.disk_key_file.is_some() || self.disk_compression != Compression::None)
+        {
+            return Err(Error::invalid(
+                "disk-key-file or disk_compression given, but this kvbm was built without \
+                 the at-rest codec (cargo feature `at-rest`)",
             ));
         }
         if !(4096..=1 << 30).contains(&self.max_block_bytes) {
@@ -649,6 +685,50 @@ mod tests {
         assert!(err.to_string().contains("gzip"), "{err}");
         let err = load("remote_url = \"s3://b/p\"\nremote_zstd_level = 30\n").unwrap_err();
         assert!(err.to_string().contains("remote_zstd_level"), "{err}");
+    }
+
+    #[cfg(feature = "at-rest")]
+    #[test]
+    fn disk_compression_and_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvbm.toml");
+        let load = |toml: &str, key_flag: Option<&str>| {
+            std::fs::write(&path, toml).unwrap();
+            Config::load(Flags {
+                config: Some(path.clone()),
+                disk_key_file: key_flag.map(PathBuf::from),
+                ..Flags::default()
+            })
+        };
+        let c = load("", None).unwrap();
+        assert_eq!(
+            (c.disk_compression, c.disk_zstd_level, c.disk_key_file),
+            (Compression::None, 3, None)
+        );
+        let toml = "disk_compression = \"lz4\"\ndisk_zstd_level = 7\n\
+                    disk_key_file = \"/etc/kvtier/g3.key\"\n";
+        let c = load(toml, None).unwrap();
+        assert_eq!(c.disk_compression, Compression::Lz4);
+        assert_eq!(c.disk_zstd_level, 7);
+        assert_eq!(c.disk_key_file, Some(PathBuf::from("/etc/kvtier/g3.key")));
+        // The flag (or KVBM_DISK_KEY_FILE) over the file.
+        let c = load(toml, Some("/run/g3.key")).unwrap();
+        assert_eq!(c.disk_key_file, Some(PathBuf::from("/run/g3.key")));
+        let err = load("disk_zstd_level = 0\n", None).unwrap_err();
+        assert!(err.to_string().contains("disk_zstd_level"), "{err}");
+        let err = load("disk_compression = \"gzip\"\n", None).unwrap_err();
+        assert!(err.to_string().contains("gzip"), "{err}");
+    }
+
+    #[cfg(not(feature = "at-rest"))]
+    #[test]
+    fn a_disk_key_without_the_codec_is_an_error() {
+        let err = Config::load(Flags {
+            disk_key_file: Some(PathBuf::from("/etc/kvtier/g3.key")),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("at-rest"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! path for local clients.
 //!
 //! - [`config`]: flags, environment, TOML file and their defaults.
+//! - [`at_rest`]: compression and encryption of blocks at rest, shared by
+//!   G3 and G4 (with the `at-rest` feature).
 //! - [`store`]: the block store every API call goes through: the block
 //!   table and the drivers (host pool, disk, journal) that carry it out.
 //! - [`table`]: the block table: blocks, tiers, sessions, leases; no I/O.
@@ -20,6 +22,8 @@
 //!   default `rocksdb` feature: the daemon needs its catalog).
 //! - [`bench_disk`]: the plain io_uring loop `kvtier bench disk` compares with.
 
+#[cfg(feature = "at-rest")]
+pub mod at_rest;
 pub mod bench_disk;
 pub mod catalog;
 pub mod config;

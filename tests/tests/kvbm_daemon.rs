@@ -284,6 +284,154 @@ fn corrupt_disk_bytes_are_misses() {
     });
 }
 
+/// Every file under `dir`, recursively, with its bytes (what cannot be
+/// read, a socket, is skipped).
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+/// A keyed, compressing G3 (`--disk-key-file`, `disk_compression`): its
+/// blocks come back bit-exact after `kill -9` and a restart, and nothing
+/// under the data dir — the G3 file, the RocksDB catalog — holds a block's
+/// bytes or token ids in the clear. Under another key the daemon serves
+/// none of them.
+#[test]
+fn a_keyed_disk_tier_serves_after_restart_and_keeps_no_prompt_in_the_clear() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let file = |name: &str, content: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let key_a = file("a.key", format!("{}\n", "5a".repeat(32)).as_bytes());
+    let key_b = file("b.key", &[0xa5; 32]);
+    let conf = file("kvbm.toml", b"disk_compression = \"lz4\"\n");
+    let args = |key: &str| -> Vec<String> {
+        [
+            "--config",
+            &conf,
+            "--disk-key-file",
+            key,
+            "--host-bytes",
+            "4MiB",
+            "--disk-bytes",
+            "64MiB",
+            "--region-bytes",
+            "1MiB",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let start = |key: &str| {
+        let a = args(key);
+        Kvbm::start(&data_dir, &a.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+    };
+    const MARKER: &[u8] = b"PROMPT-SECRET-42";
+    let len = 64 * KIB;
+    let n = 32u64;
+    // Compressible, recognisable blocks: the marker every 64 bytes, and
+    // each 256 bytes followed by a copy of themselves (lz4 about halves it).
+    let block = |i: u64| {
+        let mut v = data(i, len);
+        for chunk in v.chunks_mut(64) {
+            chunk[..16].copy_from_slice(MARKER);
+        }
+        for c in (256..len).step_by(512) {
+            v.copy_within(c - 256..c, c);
+        }
+        v
+    };
+    let tokens =
+        |i: u64| -> Vec<u32> { (0..16).map(|t| 0x5eed_0000 + (i * 16 + t) as u32).collect() };
+    let d = start(&key_a);
+    let rt = rt();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        c.register_namespace("m", len as u64).await.unwrap();
+        for i in 0..n {
+            c.rpc()
+                .put(v1::PutRequest {
+                    namespace: "m".into(),
+                    block: Some(v1::BlockMeta {
+                        key: key(i),
+                        parent: if i == 0 { vec![] } else { key(i - 1) },
+                        token_ids: tokens(i),
+                    }),
+                    data: block(i),
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(c.sync().await.unwrap(), n);
+        // Written compressed: the tier holds less than the blocks' bytes.
+        let s = stats(&c).await;
+        assert!(
+            s[&DISK].used_bytes < n * len as u64 * 3 / 4,
+            "{:?}",
+            s[&DISK]
+        );
+    });
+    d.kill9();
+    let d = start(&key_a);
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        for i in 0..n {
+            assert!(get(&c, "m", i).await.unwrap() == block(i), "block {i}");
+        }
+        let s = stats(&c).await;
+        assert_eq!(s[&DISK].checksum_failures, 0);
+        assert_eq!(s[&DISK].hits, n, "every block from G3");
+    });
+    // A clean stop flushes RocksDB's memtables into its table files.
+    assert!(d.stop().unwrap().success());
+    let files = files_under(&data_dir);
+    assert!(files.iter().any(|(p, _)| p.ends_with("g3.dat")));
+    assert!(files
+        .iter()
+        .any(|(p, _)| p.to_string_lossy().contains("catalog")));
+    for (p, bytes) in &files {
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(MARKER), "{}: block bytes in the clear", p.display());
+        for i in 0..n {
+            let run: Vec<u8> = tokens(i).iter().flat_map(|t| t.to_le_bytes()).collect();
+            assert!(
+                !has(&run),
+                "{}: block {i}'s token ids in the clear",
+                p.display()
+            );
+            assert!(
+                !has(&block(i)[4096 + 16..4096 + 64]),
+                "{}: block {i}",
+                p.display()
+            );
+        }
+    }
+    // Another key: the catalog's records do not open, the entries are not
+    // its: every block is a miss, none an error.
+    let d = start(&key_b);
+    rt.block_on(async {
+        let c = Client::connect(&d.socket_str()).await.unwrap();
+        let l = c.lookup("m", (0..n).map(key).collect()).await.unwrap();
+        assert_eq!(l.matched, 0);
+        for i in 0..n {
+            let e = get(&c, "m", i).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::NotFound, "block {i}");
+        }
+    });
+}
+
 /// Bad requests get precise status codes and change nothing.
 #[test]
 fn bad_input_gets_precise_errors() {

@@ -4,14 +4,18 @@
 //! Behind the [`Catalog`] trait so the store does not depend on RocksDB (the
 //! one implementation, [`rocks::RocksCatalog`]). Block bytes never go here:
 //! only what is needed to find, verify and describe them after a restart.
+//! The store reaches it through [`SealedCatalog`], which seals block
+//! records' token ids under the disk key when one is set.
 
 #[cfg(feature = "rocksdb")]
 mod damage;
 #[cfg(feature = "rocksdb")]
 pub mod rocks;
+mod sealed;
 
 #[cfg(feature = "rocksdb")]
 pub use damage::Damage;
+pub use sealed::{SealedCatalog, TokenSeal};
 
 use crate::error::{Error, Result};
 
@@ -33,6 +37,10 @@ pub struct BlockRecord {
     pub key: Vec<u8>,
     pub parent: Vec<u8>,
     pub tokens: Vec<u32>,
+    /// The token ids sealed under the disk key, as the catalog keeps them
+    /// when one is set (then `tokens` is empty). Only the catalog's own
+    /// layers see these: [`SealedCatalog`] hands out `tokens`.
+    pub sealed_tokens: Vec<u8>,
     pub size: u64,
     /// xxh3-64 of the bytes; 0 until the block was written to disk.
     pub checksum: u64,
@@ -95,8 +103,19 @@ pub trait Catalog: Send + Sync {
 // A small fixed binary format, versioned by its first byte, so the catalog
 // needs no schema library and decoding a corrupt value is an error, not a
 // panic.
+//
+//   version   u8: 1 token ids in the clear, 2 token ids sealed
+//   size      u64 LE
+//   checksum  u64 LE
+//   hits      u32 LE
+//   disk      u8 0, or 1 then region u32, generation u64, offset u64,
+//             len u32 (LE)
+//   parent    u8 length, bytes
+//   version 1: u32 LE count, then the token ids (u32 LE each)
+//   version 2: u32 LE length (at least 1), then the sealed bytes
 
 const BLOCK_V1: u8 = 1;
+const BLOCK_SEALED: u8 = 2;
 
 /// The catalog key of block `key` of namespace `ns`: `ns` big-endian, then
 /// the key bytes (so one namespace's blocks are contiguous).
@@ -107,11 +126,14 @@ pub fn block_db_key(ns: u32, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// The catalog value of a block record (version 1 of the format above; the
-/// namespace and key travel in the catalog key, see [`block_db_key`]).
+/// The catalog value of a block record (the format above: version 2 when
+/// it carries sealed token ids; the namespace and key travel in the catalog
+/// key, see [`block_db_key`]).
 pub fn encode_block(b: &BlockRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64 + b.parent.len() + 4 * b.tokens.len());
-    v.push(BLOCK_V1);
+    let sealed = !b.sealed_tokens.is_empty();
+    let mut v =
+        Vec::with_capacity(64 + b.parent.len() + 4 * b.tokens.len() + b.sealed_tokens.len());
+    v.push(if sealed { BLOCK_SEALED } else { BLOCK_V1 });
     v.extend_from_slice(&b.size.to_le_bytes());
     v.extend_from_slice(&b.checksum.to_le_bytes());
     v.extend_from_slice(&b.hits.to_le_bytes());
@@ -127,9 +149,14 @@ pub fn encode_block(b: &BlockRecord) -> Vec<u8> {
     }
     v.push(b.parent.len() as u8);
     v.extend_from_slice(&b.parent);
-    v.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
-    for t in &b.tokens {
-        v.extend_from_slice(&t.to_le_bytes());
+    if sealed {
+        v.extend_from_slice(&(b.sealed_tokens.len() as u32).to_le_bytes());
+        v.extend_from_slice(&b.sealed_tokens);
+    } else {
+        v.extend_from_slice(&(b.tokens.len() as u32).to_le_bytes());
+        for t in &b.tokens {
+            v.extend_from_slice(&t.to_le_bytes());
+        }
     }
     v
 }
@@ -173,7 +200,8 @@ pub fn decode_block(db_key: &[u8], value: &[u8]) -> Result<BlockRecord> {
     }
     let ns = u32::from_be_bytes([db_key[0], db_key[1], db_key[2], db_key[3]]);
     let mut r = Reader(value);
-    if r.u8()? != BLOCK_V1 {
+    let version = r.u8()?;
+    if version != BLOCK_V1 && version != BLOCK_SEALED {
         return Err(bad("unknown catalog record version"));
     }
     let size = r.u64()?;
@@ -191,20 +219,29 @@ pub fn decode_block(db_key: &[u8], value: &[u8]) -> Result<BlockRecord> {
     };
     let plen = r.u8()? as usize;
     let parent = r.take(plen)?.to_vec();
-    let ntok = r.u32()? as usize;
-    let raw = r.take(
-        ntok.checked_mul(4)
-            .ok_or_else(|| bad("token count overflow"))?,
-    )?;
-    let tokens = raw
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let n = r.u32()? as usize;
+    let (tokens, sealed_tokens) = if version == BLOCK_SEALED {
+        if n == 0 {
+            return Err(bad("empty sealed token ids"));
+        }
+        (Vec::new(), r.take(n)?.to_vec())
+    } else {
+        let raw = r.take(
+            n.checked_mul(4)
+                .ok_or_else(|| bad("token count overflow"))?,
+        )?;
+        let tokens = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        (tokens, Vec::new())
+    };
     Ok(BlockRecord {
         ns,
         key: db_key[4..].to_vec(),
         parent,
         tokens,
+        sealed_tokens,
         size,
         checksum,
         disk,
@@ -223,6 +260,7 @@ mod tests {
             key: vec![1; 32],
             parent: vec![2; 32],
             tokens: (0..16).collect(),
+            sealed_tokens: vec![],
             size: 2 << 20,
             checksum: 0xdead_beef,
             disk: Some(DiskLoc {
@@ -240,5 +278,21 @@ mod tests {
         for n in 0..v.len() {
             assert!(decode_block(&k, &v[..n]).is_err());
         }
+        // Sealed token ids: version 2, back as they were.
+        let sealed = BlockRecord {
+            tokens: vec![],
+            sealed_tokens: vec![0xab; 100],
+            ..b
+        };
+        let v = encode_block(&sealed);
+        assert_eq!(v[0], BLOCK_SEALED);
+        assert_eq!(decode_block(&k, &v).unwrap(), sealed);
+        for n in 0..v.len() {
+            assert!(decode_block(&k, &v[..n]).is_err());
+        }
+        // An empty sealed field would re-encode as version 1: refused.
+        let mut empty = v[..v.len() - 104].to_vec();
+        empty.extend_from_slice(&0u32.to_le_bytes());
+        assert!(decode_block(&k, &empty).is_err());
     }
 }

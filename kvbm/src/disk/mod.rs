@@ -21,8 +21,17 @@
 //!   write never touches other entries, so nothing already stored is damaged.
 //! * Read I/O errors are returned to the caller and counted, but do not
 //!   degrade the tier (one bad sector should not stop all offloads).
-//! * A read returns data only after header and xxh3 data checksum verified;
-//!   otherwise `BadHeader`, `ChecksumMismatch` or `Stale`, each a cache miss.
+//! * A read returns data only after header and xxh3 data checksum verified
+//!   (and, for an encoded entry, authenticated and decoded to exactly its
+//!   raw length); otherwise `BadHeader`, `ChecksumMismatch`, `Stale`,
+//!   `Foreign` or `Undecodable`, each a cache miss.
+//!
+//! # At rest
+//! With a codec ([`DiskConfig::codec`]: compression, a key, or both) the
+//! ring thread encodes each block into a bounce buffer before it places the
+//! entry (its size is known only then) and decodes it after reading; see
+//! [`codec`]. Without one, blocks go to and from the caller's memory
+//! directly, as stored.
 //!
 //! # Recovery contract (warm restart)
 //! Per block the catalog records the [`DiskLocation`] and checksum delivered
@@ -36,6 +45,7 @@
 //! entries; their locations are stale (they would read as `Stale` anyway).
 
 mod admission;
+pub mod codec;
 pub(crate) mod entry;
 mod rate;
 mod region;
@@ -54,12 +64,13 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 
 pub use admission::Admission;
-pub use entry::{entry_bytes, AlignedBuf, Header, HeaderFault, MAX_KEY, PAGE};
+pub use codec::DiskCodec;
+pub use entry::{entry_bytes, AlignedBuf, Header, HeaderFault, Seal, MAX_KEY, PAGE};
 pub use region::RegionState;
 pub use uring::{ReadDone, WriteDone};
 
 use admission::{Doorkeeper, DOORKEEPER_SLOTS};
-use region::{AllocError, RegionTable};
+use region::{AllocError, RegionTable, Slot};
 use uring::{call_guarded, Key, Msg, ReadOp, RingHandle, WriteOp};
 
 /// Errors of the G3 tier. Every variant except `Io` on the write path is a
@@ -82,6 +93,16 @@ pub enum DiskError {
     /// The location's region has been recycled since it was recorded.
     #[error("G3: stale location")]
     Stale,
+    /// The entry is not readable here: encrypted under another key,
+    /// encrypted while this tier has no key, in the clear while it has one,
+    /// or encoded by a build with the codec while this one has none. Not
+    /// damage.
+    #[error("G3: entry not readable here (another key, or not encrypted as configured)")]
+    Foreign,
+    /// The entry fails authentication under this tier's key, or does not
+    /// decompress to exactly its raw length: damaged or forged.
+    #[error("G3: entry fails authentication or decoding")]
+    Undecodable,
     /// The tier refuses writes after an earlier failure (the reason).
     #[error("G3 degraded: {0}")]
     Degraded(String),
@@ -119,6 +140,9 @@ pub struct DiskConfig {
     /// Ring threads. Default 1: one thread keeps a drive busy with large
     /// blocks; add rings only for several devices behind one file system.
     pub rings: usize,
+    /// How entries are stored at rest (compression, encryption). Default
+    /// none: stored as they are, with no copy.
+    pub codec: Option<Arc<DiskCodec>>,
 }
 
 impl DiskConfig {
@@ -136,18 +160,22 @@ impl DiskConfig {
             write_queue: Self::DEFAULT_WRITE_QUEUE,
             admit: Admission::default(),
             rings: 1,
+            codec: None,
         }
     }
 }
 
-/// Where an entry lives. `offset` is the absolute file offset of its header
-/// page; the data follows at `offset + 4096`. `len` is the unpadded length.
+/// Where an entry lives and how long it is. `offset` is the absolute file
+/// offset of its header page; the data follows at `offset + 4096`. `len` is
+/// the stored (unpadded) length, `raw_len` the block's length once decoded:
+/// equal unless the entry is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DiskLocation {
     pub region: u32,
     pub generation: u64,
     pub offset: u64,
     pub len: u32,
+    pub raw_len: u32,
 }
 
 /// Upper bounds (µs) of the latency histogram buckets; a last, implicit
@@ -217,6 +245,8 @@ struct Counters {
     checksum_failures: AtomicU64,
     bad_headers: AtomicU64,
     stale_reads: AtomicU64,
+    foreign_entries: AtomicU64,
+    decode_failures: AtomicU64,
 }
 
 /// A snapshot of the tier's counters (monotonic unless noted).
@@ -228,10 +258,10 @@ pub struct DiskStats {
     /// (gauge).
     pub used_bytes: u64,
     pub blocks_written: u64,
-    /// Payload bytes of completed writes.
+    /// Block bytes of completed writes (before encoding).
     pub bytes_written: u64,
     pub blocks_read: u64,
-    /// Payload bytes of verified reads.
+    /// Block bytes of verified reads (decoded).
     pub bytes_read: u64,
     /// Writes refused: queue full, degraded, or no recyclable region.
     pub dropped_writes: u64,
@@ -240,6 +270,11 @@ pub struct DiskStats {
     pub checksum_failures: u64,
     pub bad_headers: u64,
     pub stale_reads: u64,
+    /// Reads of entries not readable here ([`DiskError::Foreign`]).
+    pub foreign_entries: u64,
+    /// Reads of entries that failed authentication or decompression
+    /// ([`DiskError::Undecodable`]).
+    pub decode_failures: u64,
     pub evicted_regions: u64,
     /// Writes accepted and not yet completed (gauge).
     pub pending_writes: u64,
@@ -325,8 +360,34 @@ impl Shared {
         }
     }
 
-    fn finish_write(&self, w: WriteOp, res: Result<u64, DiskError>) {
-        self.regions.lock().end_write(w.slot.region);
+    /// Places an entry of `bytes` in the open region. A refusal is counted
+    /// as a dropped write; a failed preallocation also degrades the tier.
+    /// Preallocation of a newly opened region (once per region) runs under
+    /// the lock; it is a short metadata operation, not data I/O.
+    fn allocate(&self, bytes: u64) -> Result<Slot, DiskError> {
+        let alloc = self.regions.lock().allocate(bytes, |r| self.prepare(r));
+        alloc.map_err(|e| {
+            self.counters.dropped_writes.fetch_add(1, Ordering::Relaxed);
+            match e {
+                AllocError::TooLarge => DiskError::TooLarge,
+                AllocError::Busy => DiskError::NoSpace,
+                AllocError::Prepare(r, e) => {
+                    let nospace = e.raw_os_error() == Some(libc::ENOSPC);
+                    self.degrade(format!("preallocating region {r}: {e}"));
+                    if nospace {
+                        DiskError::NoSpace
+                    } else {
+                        DiskError::Io(e, format!("preallocating G3 region {r}"))
+                    }
+                }
+            }
+        })
+    }
+
+    fn finish_write(&self, w: WriteOp, res: Result<(u32, u64), DiskError>) {
+        if let Some(slot) = &w.slot {
+            self.regions.lock().end_write(slot.region);
+        }
         let moved = if res.is_ok() { w.len as u64 } else { 0 };
         self.write_rate.record(w.started, Instant::now(), moved);
         let c = &self.counters;
@@ -343,21 +404,32 @@ impl Shared {
             Err(DiskError::Io(e, _)) if e.kind() == io::ErrorKind::OutOfMemory => {
                 c.write_errors.fetch_add(1, Ordering::Relaxed);
             }
+            // Never placed (no `slot`): `allocate` counted the refusal.
             Err(e) => {
-                c.write_errors.fetch_add(1, Ordering::Relaxed);
-                self.degrade(format!("write at offset {}: {e}", w.slot.offset));
+                if let Some(slot) = &w.slot {
+                    c.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.degrade(format!("write at offset {}: {e}", slot.offset));
+                }
             }
         }
-        let loc = DiskLocation {
-            region: w.slot.region,
-            generation: w.slot.generation,
-            offset: w.slot.offset,
-            len: w.len,
+        let (raw_len, on_done) = (w.len, w.on_done);
+        let res = match (res, w.slot) {
+            (Ok((len, sum)), Some(slot)) => Ok((
+                DiskLocation {
+                    region: slot.region,
+                    generation: slot.generation,
+                    offset: slot.offset,
+                    len,
+                    raw_len,
+                },
+                sum,
+            )),
+            (Ok(_), None) => Err(DiskError::Degraded("G3 write never placed".into())),
+            (Err(e), _) => Err(e),
         };
-        let on_done = w.on_done;
         // The callback runs before the write stops counting as outstanding,
         // so once `sync()` returns every earlier callback has run too.
-        call_guarded(move || on_done(res.map(|sum| (loc, sum))));
+        call_guarded(move || on_done(res));
         self.pending_writes.fetch_sub(1, Ordering::AcqRel);
         let mut s = self.sync.lock();
         s.outstanding.remove(&w.seq);
@@ -371,20 +443,25 @@ impl Shared {
             t.end_read(r.loc.region);
             t.is_current(r.loc.region, r.loc.generation)
         };
-        let moved = if res.is_ok() { r.loc.len as u64 } else { 0 };
+        let moved = if res.is_ok() { r.loc.raw_len as u64 } else { 0 };
         self.read_rate.record(r.started, Instant::now(), moved);
         let c = &self.counters;
         let res = match res {
             Ok(()) => {
                 c.blocks_read.fetch_add(1, Ordering::Relaxed);
-                c.bytes_read.fetch_add(r.loc.len as u64, Ordering::Relaxed);
+                c.bytes_read
+                    .fetch_add(r.loc.raw_len as u64, Ordering::Relaxed);
                 self.read_lat.record(r.started);
                 Ok(())
             }
             // The region was recycled under the read: a miss, not corruption.
-            Err(DiskError::ChecksumMismatch | DiskError::BadHeader | DiskError::Stale)
-                if !current =>
-            {
+            Err(
+                DiskError::ChecksumMismatch
+                | DiskError::BadHeader
+                | DiskError::Stale
+                | DiskError::Foreign
+                | DiskError::Undecodable,
+            ) if !current => {
                 c.stale_reads.fetch_add(1, Ordering::Relaxed);
                 Err(DiskError::Stale)
             }
@@ -393,6 +470,8 @@ impl Shared {
                     DiskError::ChecksumMismatch => &c.checksum_failures,
                     DiskError::BadHeader => &c.bad_headers,
                     DiskError::Stale => &c.stale_reads,
+                    DiskError::Foreign => &c.foreign_entries,
+                    DiskError::Undecodable => &c.decode_failures,
                     _ => &c.read_errors,
                 };
                 ctr.fetch_add(1, Ordering::Relaxed);
@@ -509,13 +588,15 @@ impl DiskTier {
 
     /// Queues a write of `len` bytes at `data` for block `(ns, key)`. Never
     /// blocks. On `Ok`, `on_done` runs exactly once, on a ring thread, with
-    /// the entry's location and data checksum (to be recorded in the
-    /// catalog) or the error. On `Err` (`QueueFull`, `Degraded`, `NoSpace`,
-    /// `TooLarge`, `Invalid`) nothing was queued, `on_done` is dropped
-    /// uncalled, and refusals are counted as dropped writes.
+    /// the entry's location and the checksum of its stored bytes (to be
+    /// recorded in the catalog) or the error. On `Err` (`QueueFull`,
+    /// `Degraded`, `NoSpace`, `TooLarge`, `Invalid`) nothing was queued,
+    /// `on_done` is dropped uncalled, and refusals are counted as dropped
+    /// writes. With a codec the entry is placed on the ring thread, once
+    /// encoded: `NoSpace` then comes through `on_done`.
     ///
-    /// `data` aligned to 4 KiB (a G2 slot) is written directly; any other
-    /// address is copied into a bounce buffer first.
+    /// Without a codec, `data` aligned to 4 KiB (a G2 slot) is written
+    /// directly; any other address is copied into a bounce buffer first.
     ///
     /// # Safety
     /// `data` must be valid for reads of `len` bytes and not modified until
@@ -544,31 +625,22 @@ impl DiskTier {
             s.counters.dropped_writes.fetch_add(1, Ordering::Relaxed);
             return Err(DiskError::QueueFull);
         }
-        // Preallocation of a newly opened region (once per region) runs under
-        // this lock; it is a short metadata operation, not data I/O.
-        let alloc = s
-            .regions
-            .lock()
-            .allocate(entry_bytes(len as u64), |r| s.prepare(r));
-        let slot = match alloc {
-            Ok(slot) => slot,
-            Err(e) => {
-                s.pending_writes.fetch_sub(1, Ordering::AcqRel);
-                s.counters.dropped_writes.fetch_add(1, Ordering::Relaxed);
-                return Err(match e {
-                    AllocError::TooLarge => DiskError::TooLarge,
-                    AllocError::Busy => DiskError::NoSpace,
-                    AllocError::Prepare(r, e) => {
-                        let nospace = e.raw_os_error() == Some(libc::ENOSPC);
-                        s.degrade(format!("preallocating region {r}: {e}"));
-                        if nospace {
-                            DiskError::NoSpace
-                        } else {
-                            DiskError::Io(e, format!("preallocating G3 region {r}"))
-                        }
-                    }
-                });
+        let slot = if s.cfg.codec.is_none() {
+            match s.allocate(entry_bytes(len as u64)) {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    s.pending_writes.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e);
+                }
             }
+        } else if entry_bytes(len as u64) > s.cfg.region_bytes {
+            // Encoding never makes an entry larger: what does not fit raw
+            // may not fit encoded either, so it is refused here, not later.
+            s.pending_writes.fetch_sub(1, Ordering::AcqRel);
+            s.counters.dropped_writes.fetch_add(1, Ordering::Relaxed);
+            return Err(DiskError::TooLarge);
+        } else {
+            None
         };
         let seq = {
             let mut st = s.sync.lock();
@@ -590,7 +662,9 @@ impl DiskTier {
         if let Err(Msg::Write(op)) = self.ring().send(Msg::Write(op)) {
             // The ring thread is gone (it never exits while we exist unless
             // it failed): undo the bookkeeping.
-            s.regions.lock().end_write(op.slot.region);
+            if let Some(slot) = &op.slot {
+                s.regions.lock().end_write(slot.region);
+            }
             s.pending_writes.fetch_sub(1, Ordering::AcqRel);
             s.sync.lock().outstanding.remove(&op.seq);
             s.sync_cv.notify_all();
@@ -600,14 +674,19 @@ impl DiskTier {
         Ok(())
     }
 
-    /// Queues a read of the entry at `loc` for block `(ns, key)` into `dst`.
-    /// Never blocks. On `Ok`, `on_done` runs exactly once on a ring thread:
-    /// `Ok(())` only when the header matched `(ns, key, loc)` and the data
-    /// matched its checksum — otherwise the bytes in `dst` are garbage and
-    /// must not be used. On `Err` (`Stale`, `Invalid`) `on_done` is dropped
+    /// Queues a read of the entry at `loc` for block `(ns, key)` into `dst`:
+    /// `loc.raw_len` bytes, the length the caller expects the block to have
+    /// (its namespace's block size). Never blocks. On `Ok`, `on_done` runs
+    /// exactly once on a ring thread: `Ok(())` only when the header matched
+    /// `(ns, key, loc)` (both lengths included), the stored data matched its
+    /// checksum and, when encoded, authenticated and decoded to exactly
+    /// `raw_len` bytes — otherwise the bytes in `dst` are garbage and must
+    /// not be used. On `Err` (`Stale`, `Invalid`) `on_done` is dropped
     /// uncalled.
     ///
-    /// A 4 KiB-aligned `dst` (a G2 slot) receives the data directly.
+    /// A 4 KiB-aligned `dst` (a G2 slot) receives an entry that is not
+    /// compressed directly (and is decrypted there, in place); a compressed
+    /// one is read into a bounce buffer and decompressed into `dst`.
     ///
     /// # Safety
     /// `dst` must be valid for writes of `dst_len` bytes and not accessed by
@@ -625,8 +704,11 @@ impl DiskTier {
         let Some(key) = Key::new(key) else {
             return Err(DiskError::Invalid("key longer than 32 bytes"));
         };
-        if dst_len < loc.len as usize {
+        if dst_len < loc.raw_len as usize {
             return Err(DiskError::Invalid("destination shorter than the entry"));
+        }
+        if loc.len > loc.raw_len {
+            return Err(DiskError::Invalid("entry longer stored than decoded"));
         }
         if !s.regions.lock().begin_read(loc.region, loc.generation) {
             s.counters.stale_reads.fetch_add(1, Ordering::Relaxed);
@@ -753,6 +835,8 @@ impl DiskTier {
             checksum_failures: l(&c.checksum_failures),
             bad_headers: l(&c.bad_headers),
             stale_reads: l(&c.stale_reads),
+            foreign_entries: l(&c.foreign_entries),
+            decode_failures: l(&c.decode_failures),
             evicted_regions,
             pending_writes: s.pending_writes.load(Ordering::Relaxed) as u64,
             degraded: s.degraded(),

@@ -523,6 +523,7 @@ fn disk_warm_restart_after_kill9() {
                 generation: v[2],
                 offset: v[3],
                 len: v[4] as u32,
+                raw_len: v[4] as u32,
             },
         ));
     }
@@ -548,4 +549,423 @@ fn disk_warm_restart_after_kill9() {
         .write_blocking(7, b"after", &block(4 * KIB, 3))
         .expect("write after restart");
     assert!(locs.iter().all(|(_, l)| l.region != loc.region));
+}
+
+/// Entries through a codec: compressed, encrypted, both, and what a tier
+/// configured otherwise makes of them.
+#[cfg(feature = "at-rest")]
+mod at_rest {
+    use super::*;
+    use crate::config::Compression;
+    use crate::disk::entry::{round_up, CODEC_LZ4};
+
+    const KEY_A: [u8; 32] = [0x5a; 32];
+    const KEY_B: [u8; 32] = [0xa5; 32];
+    /// What a prompt's KV bytes are made of here: easy to find in a file.
+    const MARKER: &[u8; 16] = b"PROMPT-SECRET-42";
+    const COMPRESSIONS: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Zstd];
+
+    fn coded(path: &Path, comp: Compression, secret: Option<&[u8; 32]>) -> DiskConfig {
+        let mut c = cfg(path, 32 * MIB, 4 * MIB);
+        c.codec = Some(Arc::new(DiskCodec::new(comp, 3, secret)));
+        c
+    }
+
+    /// Compressible and recognisable: the marker every 64 bytes, and each
+    /// 256 bytes followed by a copy of themselves (lz4 about halves it).
+    fn kv(len: usize, seed: u64) -> AlignedBuf {
+        let mut b = block(len, seed);
+        for chunk in b[..len].chunks_mut(64) {
+            let n = chunk.len().min(16);
+            chunk[..n].copy_from_slice(&MARKER[..n]);
+        }
+        for c in (256..len).step_by(512) {
+            b.copy_within(c - 256..c, c);
+        }
+        b
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Rewrites the header page of the entry at `offset` with `f`, then
+    /// makes its header checksum right again (a forger who knows the
+    /// format, not the key).
+    fn patch_header(path: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open raw");
+        let mut page = vec![0u8; PAGE];
+        file.read_exact_at(&mut page, offset).expect("read header");
+        f(&mut page);
+        let sum = xxhash_rust::xxh3::xxh3_64(&page[..120]);
+        page[120..128].copy_from_slice(&sum.to_le_bytes());
+        file.write_all_at(&page, offset).expect("write header");
+        file.sync_all().expect("sync raw");
+    }
+
+    /// The stored bytes of the entry at `loc`.
+    fn stored(path: &Path, loc: &DiskLocation) -> Vec<u8> {
+        let file = std::fs::File::open(path).expect("open raw");
+        let mut v = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut v, loc.offset + PAGE as u64)
+            .expect("read data");
+        v
+    }
+
+    fn regions(locs: &[DiskLocation]) -> Vec<RegionState> {
+        let mut r: Vec<RegionState> = locs
+            .iter()
+            .map(|l| RegionState {
+                region: l.region,
+                generation: l.generation,
+            })
+            .collect();
+        r.sort_by_key(|s| s.generation);
+        r.dedup();
+        r
+    }
+
+    fn err(r: Result<(), DiskError>) -> String {
+        format!("{:?}", r.expect_err("must miss"))
+    }
+
+    #[test]
+    fn disk_every_codec_round_trips_bit_exact() {
+        for comp in COMPRESSIONS {
+            for secret in [None, Some(&KEY_A)] {
+                let what = format!("{comp:?} key={}", secret.is_some());
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("g3.dat");
+                let tier = DiskTier::open(coded(&path, comp, secret), []).expect("open");
+                let mut stored_ = Vec::new();
+                // Aligned sources: a compressible 2 MiB block, an
+                // incompressible one.
+                for (i, b) in [(0, kv(2 * MIB, 1)), (1, block(64 * KIB, 2))] {
+                    let (loc, sum) = tier.write_blocking(1, &key(i), &b).expect("write");
+                    assert_eq!(loc.raw_len as usize, b.len(), "{what}");
+                    assert_eq!(sum, xxhash_rust::xxh3::xxh3_64(&stored(&path, &loc)));
+                    stored_.push((loc, 1, key(i), b.to_vec()));
+                }
+                let (kv_loc, rnd_loc) = (stored_[0].0, stored_[1].0);
+                if comp == Compression::None {
+                    assert_eq!(kv_loc.len, kv_loc.raw_len, "{what}");
+                } else {
+                    assert!(kv_loc.len < kv_loc.raw_len / 2, "{what}: {kv_loc:?}");
+                }
+                assert_eq!(rnd_loc.len, rnd_loc.raw_len, "{what}: random stays raw");
+                // Odd lengths from unaligned sources, the empty block too.
+                for (j, len) in [1usize, 100, 4095, 4097, 5000, 65536 + 3, 0]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let i = 10 + j;
+                    let mut v = vec![0u8; len + 1];
+                    v[1..].copy_from_slice(&kv(len.max(1), i as u64)[..len]);
+                    let (loc, _) = tier.write_blocking(2, &key(i), &v[1..]).expect("write odd");
+                    stored_.push((loc, 2, key(i), v[1..].to_vec()));
+                }
+                for (loc, ns, k, want) in &stored_ {
+                    check(&tier, *loc, *ns, k, want);
+                    let mut v = vec![0u8; want.len() + 1];
+                    tier.read_blocking(*loc, *ns, k, &mut v[1..])
+                        .expect("unaligned read");
+                    assert!(v[1..] == want[..], "{what}: {loc:?}");
+                }
+                let st = tier.stats();
+                let raw: u64 = stored_.iter().map(|s| s.3.len() as u64).sum();
+                assert_eq!(st.bytes_written, raw, "{what}: block bytes counted");
+                assert_eq!(
+                    st.checksum_failures
+                        + st.bad_headers
+                        + st.stale_reads
+                        + st.foreign_entries
+                        + st.decode_failures,
+                    0,
+                    "{what}"
+                );
+                tier.close().expect("close");
+                // Reading follows each entry's codec byte: a tier set to
+                // another compression (the same key) reads them all.
+                let other = match comp {
+                    Compression::Zstd => Compression::Lz4,
+                    _ => Compression::Zstd,
+                };
+                let locs: Vec<_> = stored_.iter().map(|s| s.0).collect();
+                let tier =
+                    DiskTier::open(coded(&path, other, secret), regions(&locs)).expect("reopen");
+                for (loc, ns, k, want) in &stored_ {
+                    check(&tier, *loc, *ns, k, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn disk_encrypted_files_hold_no_plaintext() {
+        for comp in COMPRESSIONS {
+            for secret in [None, Some(&KEY_A)] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("g3.dat");
+                let tier = DiskTier::open(coded(&path, comp, secret), []).expect("open");
+                let blocks: Vec<AlignedBuf> = (0..4).map(|i| kv(256 * KIB, i)).collect();
+                for (i, b) in blocks.iter().enumerate() {
+                    tier.write_blocking(1, &key(i), b).expect("write");
+                }
+                tier.close().expect("close");
+                let file = std::fs::read(&path).expect("read file");
+                let windows: Vec<&[u8]> = blocks
+                    .iter()
+                    .flat_map(|b| [&b[16..48], &b[4096 + 16..4096 + 48], &b[200 * KIB..][..32]])
+                    .collect();
+                let what = format!("{comp:?} key={}", secret.is_some());
+                if secret.is_some() {
+                    assert!(!contains(&file, MARKER), "{what}: the marker in the clear");
+                    for w in &windows {
+                        assert!(!contains(&file, w), "{what}: block bytes in the clear");
+                    }
+                } else {
+                    // The control: without a key, the bytes are there.
+                    assert!(contains(&file, MARKER), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn disk_another_key_or_none_is_a_miss_and_destroys_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g3.dat");
+        let tier = DiskTier::open(coded(&path, Compression::Lz4, Some(&KEY_A)), []).expect("open");
+        let blocks: Vec<AlignedBuf> = vec![kv(64 * KIB, 1), block(64 * KIB, 2)];
+        let locs: Vec<DiskLocation> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| tier.write_blocking(1, &key(i), b).expect("write").0)
+            .collect();
+        assert!(locs[0].len < locs[0].raw_len, "lz4 kept");
+        tier.close().expect("close");
+        let mut dst = AlignedBuf::new(64 * KIB).expect("alloc");
+        let others = [
+            coded(&path, Compression::Lz4, Some(&KEY_B)),
+            coded(&path, Compression::None, None),
+            cfg(&path, 32 * MIB, 4 * MIB),
+        ];
+        for c in others {
+            let tier = DiskTier::open(c, regions(&locs)).expect("reopen");
+            for (i, loc) in locs.iter().enumerate() {
+                let e = err(tier.read_blocking(*loc, 1, &key(i), &mut dst));
+                assert!(e.starts_with("Foreign"), "{e}");
+            }
+            let st = tier.stats();
+            assert_eq!((st.foreign_entries, st.decode_failures), (2, 0));
+            assert_eq!(st.checksum_failures + st.bad_headers, 0);
+        }
+        // The right key still reads them: a miss elsewhere damaged nothing.
+        let tier = DiskTier::open(
+            coded(&path, Compression::Zstd, Some(&KEY_A)),
+            regions(&locs),
+        )
+        .expect("reopen");
+        for (i, loc) in locs.iter().enumerate() {
+            check(&tier, *loc, 1, &key(i), &blocks[i]);
+        }
+    }
+
+    #[test]
+    fn disk_tampered_or_moved_ciphertext_is_a_miss() {
+        for comp in [Compression::None, Compression::Lz4] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("g3.dat");
+            let tier = DiskTier::open(coded(&path, comp, Some(&KEY_A)), []).expect("open");
+            let b = kv(64 * KIB, 7);
+            let locs: Vec<DiskLocation> = (0..10)
+                .map(|i| tier.write_blocking(1, &key(i), &b).expect("write").0)
+                .collect();
+            tier.sync().expect("sync");
+            let data_sum = |path: &Path, loc: &DiskLocation| {
+                xxhash_rust::xxh3::xxh3_64(&stored(path, loc)).to_le_bytes()
+            };
+            // 0: a flipped ciphertext byte: the checksum catches it first.
+            flip(&path, locs[0].offset + PAGE as u64 + 100);
+            // 1: the same, its data checksum forged to match: the tag.
+            flip(&path, locs[1].offset + PAGE as u64 + 100);
+            let sum = data_sum(&path, &locs[1]);
+            patch_header(&path, locs[1].offset, |p| p[40..48].copy_from_slice(&sum));
+            // 2, 3: nonce and tag.
+            patch_header(&path, locs[2].offset, |p| p[95] ^= 1);
+            patch_header(&path, locs[3].offset, |p| p[110] ^= 1);
+            // 4: the codec byte, encryption kept: lz4 made zstd (the tag
+            // refuses it), or an uncompressed entry made lz4 with a larger
+            // raw length (the identity check refuses it first).
+            patch_header(&path, locs[4].offset, |p| {
+                if p[37] & 3 == 0 {
+                    p[80..84].copy_from_slice(&(64 * KIB as u32 + 1).to_le_bytes());
+                    p[37] |= CODEC_LZ4;
+                } else {
+                    p[37] ^= 3;
+                }
+            });
+            // 5: the key id: not this tier's key.
+            patch_header(&path, locs[5].offset, |p| p[84] ^= 1);
+            // 6: entry 7 copied over entry 6's place, its header made to
+            // name the new place (read there as block 7): bound to where
+            // it was written.
+            let raw = std::fs::read(&path).expect("read");
+            let n = PAGE + round_up(u64::from(locs[7].len)) as usize;
+            let at7 = locs[7].offset as usize;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open raw");
+            f.write_all_at(&raw[at7..at7 + n], locs[6].offset)
+                .expect("copy entry");
+            let (off6, gen6) = (locs[6].offset, locs[6].generation);
+            patch_header(&path, off6, |p| {
+                p[16..24].copy_from_slice(&gen6.to_le_bytes());
+                p[24..32].copy_from_slice(&off6.to_le_bytes());
+            });
+            // 7 stays as it was; 8: its header made to name block 9.
+            patch_header(&path, locs[8].offset, |p| {
+                p[48..80].copy_from_slice(&key(9))
+            });
+            let mut dst = AlignedBuf::new(64 * KIB).expect("alloc");
+            let mut r = |i: usize| {
+                let k = match i {
+                    6 => key(7),
+                    8 => key(9),
+                    _ => key(i),
+                };
+                err(tier.read_blocking(locs[i], 1, &k, &mut dst))
+            };
+            let codec_flip = if comp == Compression::None {
+                "BadHeader"
+            } else {
+                "Undecodable"
+            };
+            let want = [
+                "ChecksumMismatch",
+                "Undecodable",
+                "Undecodable",
+                "Undecodable",
+                codec_flip,
+                "Foreign",
+                "Undecodable",
+            ];
+            for (i, w) in want.iter().enumerate() {
+                let got = r(i);
+                assert!(got.starts_with(w), "{comp:?} entry {i}: {got}");
+            }
+            let got = r(8);
+            assert!(got.starts_with("Undecodable"), "{comp:?} entry 8: {got}");
+            let st = tier.stats();
+            assert_eq!(st.checksum_failures, 1, "{comp:?}");
+            assert_eq!(st.foreign_entries, 1, "{comp:?}");
+            check(&tier, locs[7], 1, &key(7), &b);
+            check(&tier, locs[9], 1, &key(9), &b);
+        }
+    }
+
+    #[test]
+    fn disk_clear_entries_are_a_miss_where_a_key_is_set_and_the_converse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g3.dat");
+        let b = kv(64 * KIB, 3);
+        // In the clear: one stored as is (no codec), one compressed only.
+        let plain = DiskTier::open(cfg(&path, 32 * MIB, 4 * MIB), []).expect("open");
+        let (l0, _) = plain.write_blocking(1, &key(0), &b).expect("write");
+        drop(plain);
+        let lz4 =
+            DiskTier::open(coded(&path, Compression::Lz4, None), regions(&[l0])).expect("open");
+        let (l1, _) = lz4.write_blocking(1, &key(1), &b).expect("write");
+        assert!(l1.len < l1.raw_len);
+        // Each reads the other's: a compressing tier the entry stored as
+        // is, a tier without a codec the compressed one.
+        check(&lz4, l0, 1, &key(0), &b);
+        drop(lz4);
+        let plain =
+            DiskTier::open(cfg(&path, 32 * MIB, 4 * MIB), regions(&[l0, l1])).expect("open");
+        check(&plain, l1, 1, &key(1), &b);
+        // An encrypting tier serves neither; what it writes, the tiers
+        // without a key never serve.
+        drop(plain);
+        let keyed = DiskTier::open(
+            coded(&path, Compression::None, Some(&KEY_A)),
+            regions(&[l0, l1]),
+        )
+        .expect("open");
+        let mut dst = AlignedBuf::new(64 * KIB).expect("alloc");
+        for (i, l) in [l0, l1].iter().enumerate() {
+            let e = err(keyed.read_blocking(*l, 1, &key(i), &mut dst));
+            assert!(e.starts_with("Foreign"), "{e}");
+        }
+        let (l2, _) = keyed.write_blocking(1, &key(2), &b).expect("write");
+        drop(keyed);
+        let all = regions(&[l0, l1, l2]);
+        for c in [
+            cfg(&path, 32 * MIB, 4 * MIB),
+            coded(&path, Compression::Lz4, None),
+        ] {
+            let t = DiskTier::open(c, all.clone()).expect("open");
+            let e = err(t.read_blocking(l2, 1, &key(2), &mut dst));
+            assert!(e.starts_with("Foreign"), "{e}");
+            check(&t, l0, 1, &key(0), &b);
+        }
+    }
+
+    #[test]
+    fn disk_old_version_entries_are_a_miss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g3.dat");
+        let tier = DiskTier::open(cfg(&path, 32 * MIB, 4 * MIB), []).expect("open");
+        let b = block(8 * KIB, 1);
+        let locs: Vec<DiskLocation> = (0..2)
+            .map(|i| tier.write_blocking(1, &key(i), &b).expect("write").0)
+            .collect();
+        tier.sync().expect("sync");
+        // What version 1 wrote: the same fields, no codec, no raw length.
+        for l in &locs {
+            patch_header(&path, l.offset, |p| {
+                p[8..12].copy_from_slice(&1u32.to_le_bytes());
+                p[37..40].fill(0);
+                p[80..120].fill(0);
+            });
+        }
+        let mut dst = AlignedBuf::new(8 * KIB).expect("alloc");
+        let e = err(tier.read_blocking(locs[0], 1, &key(0), &mut dst));
+        assert!(e.starts_with("BadHeader"), "{e}");
+        drop(tier);
+        // The same through a tier with a codec (after an upgrade that set
+        // one): still a miss, never misread.
+        let keyed = DiskTier::open(coded(&path, Compression::Lz4, Some(&KEY_A)), regions(&locs))
+            .expect("open");
+        let e = err(keyed.read_blocking(locs[1], 1, &key(1), &mut dst));
+        assert!(e.starts_with("BadHeader"), "{e}");
+        assert_eq!(keyed.stats().bad_headers, 1);
+    }
+
+    #[test]
+    fn disk_a_stored_length_beyond_the_raw_length_is_refused_before_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g3.dat");
+        let tier = DiskTier::open(coded(&path, Compression::Lz4, Some(&KEY_A)), []).expect("open");
+        let b = kv(16 * KIB, 1);
+        let (loc, _) = tier.write_blocking(1, &key(0), &b).expect("write");
+        let mut dst = AlignedBuf::new(64 * KIB).expect("alloc");
+        let huge = DiskLocation {
+            len: 1 << 30,
+            ..loc
+        };
+        assert!(err(tier.read_blocking(huge, 1, &key(0), &mut dst)).starts_with("Invalid"));
+        // Another raw length than the entry's: the identity check.
+        let other = DiskLocation {
+            raw_len: 8 * KIB as u32,
+            ..loc
+        };
+        assert!(err(tier.read_blocking(other, 1, &key(0), &mut dst)).starts_with("BadHeader"));
+        check(&tier, loc, 1, &key(0), &b);
+    }
 }

@@ -23,6 +23,12 @@
 //! inside a registered range uses `WriteFixed`/`ReadFixed` (no page pinning
 //! per I/O), anything else plain `Write`/`Read`. If the kernel refuses buffer
 //! registration everything falls back to plain operations.
+//!
+//! With a codec (`DiskConfig::codec`) a write is encoded here, into a bounce
+//! buffer kept for reuse, and only then placed in a region (its stored size
+//! is known only then); a compressed entry is read into such a buffer and
+//! decoded into the caller's. Bounce buffers are unregistered memory: plain
+//! operations.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,12 +41,13 @@ use std::time::Instant;
 use io_uring::{opcode, squeue, types, IoUring};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::entry::{round_up, AlignedBuf, Header, PAGE};
+use super::codec::{self, Encoder};
+use super::entry::{entry_bytes, round_up, AlignedBuf, Header, PAGE};
 use super::region::Slot;
 use super::{DiskError, DiskLocation, Shared};
 
-/// Completion callback of a write: the entry's location and its data
-/// checksum (xxh3-64), or why it was not stored.
+/// Completion callback of a write: the entry's location and the checksum
+/// (xxh3-64) of its stored bytes, or why it was not stored.
 pub type WriteDone = Box<dyn FnOnce(Result<(DiskLocation, u64), DiskError>) + Send>;
 /// Completion callback of a read: `Ok` only when header and data verified.
 pub type ReadDone = Box<dyn FnOnce(Result<(), DiskError>) + Send>;
@@ -81,7 +88,9 @@ pub(crate) struct WriteOp {
     pub key: Key,
     pub data: *const u8,
     pub len: u32,
-    pub slot: Slot,
+    /// Where the entry goes: placed by the submitter, or, when the tier
+    /// encodes, by the ring thread once the stored size is known.
+    pub slot: Option<Slot>,
     pub seq: u64,
     pub on_done: WriteDone,
     pub started: Instant,
@@ -167,6 +176,9 @@ pub(crate) struct RingHandle {
 impl RingHandle {
     /// Queues a message and wakes the ring. Returns the message back when the
     /// ring thread is gone.
+    // The message comes back only when the ring is gone: boxing every
+    // message to shrink that rare error is not worth an allocation per I/O.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
         self.tx.send(msg).map_err(|e| e.0)?;
         self.waker.wake();
@@ -233,7 +245,8 @@ impl Pages {
 }
 
 enum Kind {
-    Write(WriteOp, u64),
+    /// The write and, once known, its stored length and checksum.
+    Write(WriteOp, (u32, u64)),
     Read(ReadOp),
 }
 
@@ -246,6 +259,8 @@ struct InFlight {
     hdr: Option<u32>,
     tail: Option<u32>,
     bounce: Option<AlignedBuf>,
+    /// `bounce` goes back to the ring's spare buffers when done.
+    pooled: bool,
 }
 
 struct Ring {
@@ -268,6 +283,11 @@ struct Ring {
     wake_buf: Box<u64>,
     shutdown: bool,
     cqes: Vec<(u64, i32)>,
+    /// This ring's encoder, when the tier has a codec.
+    encoder: Option<Encoder>,
+    /// Bounce buffers of encoded writes and compressed reads, kept for
+    /// the next (at most `qd`).
+    spare: Vec<AlignedBuf>,
 }
 
 impl Ring {
@@ -288,7 +308,10 @@ impl Ring {
         let buf = AlignedBuf::new(npages * PAGE).ok_or_else(|| {
             DiskError::Io(io::ErrorKind::OutOfMemory.into(), "G3 page pool".into())
         })?;
+        let encoder = shared.cfg.codec.as_ref().map(|c| c.encoder());
         let mut r = Ring {
+            encoder,
+            spare: Vec::new(),
             fd: shared.file.as_raw_fd(),
             ring,
             rx,
@@ -515,9 +538,18 @@ impl Ring {
             hdr: None,
             tail: None,
             bounce: None,
+            pooled: false,
         });
         self.inflight += 1;
         Some(s)
+    }
+
+    /// A bounce buffer of at least `len` bytes, spare or new.
+    fn take_buf(&mut self, len: usize) -> Option<AlignedBuf> {
+        match self.spare.iter().position(|b| b.len() >= len) {
+            Some(i) => Some(self.spare.swap_remove(i)),
+            None => AlignedBuf::new(len),
+        }
     }
 
     fn start_write(&mut self, w: WriteOp) {
@@ -527,15 +559,17 @@ impl Ring {
                 .finish_write(w, Err(DiskError::Degraded(reason)));
             return;
         }
-        let len = w.len as usize;
-        let data = w.data;
-        let base = w.slot.offset;
         if self.free_slots.is_empty() {
             let e = DiskError::Degraded("G3 ring slot accounting".into());
             self.shared.finish_write(w, Err(e));
             return;
         }
-        let Some(slot) = self.take_slot(Kind::Write(w, 0)) else {
+        let Some(base) = w.slot.as_ref().map(|s| s.offset) else {
+            return self.start_encoded_write(w);
+        };
+        let len = w.len as usize;
+        let data = w.data;
+        let Some(slot) = self.take_slot(Kind::Write(w, (0, 0))) else {
             return;
         };
         // SAFETY: the submit_write contract: `data` is valid for `len` bytes
@@ -610,30 +644,130 @@ impl Ring {
         let sum = xxh3_64(src);
         let (ns, key, gen) = match self.slots[slot as usize].as_mut() {
             Some(InFlight {
-                kind: Kind::Write(w, s),
+                kind: Kind::Write(w, done),
                 ..
             }) => {
-                *s = sum;
-                (w.ns, w.key, w.slot.generation)
+                *done = (len as u32, sum);
+                (w.ns, w.key, w.slot.as_ref().map_or(0, |s| s.generation))
             }
             _ => return,
         };
         let Some(h) = hdr else { return };
-        Header {
-            namespace: ns,
-            generation: gen,
-            offset: base,
-            len: len as u32,
-            checksum: sum,
-            key: key.as_slice().to_vec(),
-        }
-        .encode(self.pages.page(h));
+        Header::plain(ns, gen, base, len as u32, sum, key.as_slice().to_vec())
+            .encode(self.pages.page(h));
         let p = self.pages.ptr(h);
         self.submit_subs(slot, &[(0, p, PAGE as u32, base)]);
     }
 
+    /// A write through the tier's codec: encoded into a bounce buffer,
+    /// placed by its stored size, sealed with its place in the associated
+    /// data, then written (header and padded data).
+    fn start_encoded_write(&mut self, w: WriteOp) {
+        let len = w.len as usize;
+        let (ns, key, data) = (w.ns, w.key, w.data);
+        let Some(room) = self.encoder.as_ref().map(|e| e.room(len)) else {
+            let e = DiskError::Degraded("G3 write without a place".into());
+            return self.shared.finish_write(w, Err(e));
+        };
+        let Some(slot) = self.take_slot(Kind::Write(w, (0, 0))) else {
+            return;
+        };
+        let hdr = self.pages.take();
+        let buf = self.take_buf(room);
+        let pooled = buf.is_some();
+        if let Some(inf) = self.slots[slot as usize].as_mut() {
+            inf.hdr = hdr;
+            inf.bounce = buf;
+            inf.pooled = pooled;
+        }
+        let Some(h) = hdr.filter(|_| pooled) else {
+            return self.fail_unsubmitted(slot, pool_err());
+        };
+        match self.encode_into(slot, ns, key, data, len) {
+            Ok((place, header)) => {
+                header.encode(self.pages.page(h));
+                let p = self.pages.ptr(h);
+                let mut subs = vec![(0, p, PAGE as u32, place.offset)];
+                let padded = round_up(u64::from(header.len)) as u32;
+                if let Some(b) = self.bounce_of(slot).filter(|_| padded > 0) {
+                    subs.push((1, b, padded, place.offset + PAGE as u64));
+                }
+                self.submit_subs(slot, &subs);
+            }
+            Err(e) => self.fail_unsubmitted(slot, e),
+        }
+    }
+
+    /// Encodes the block at `data` into `slot`'s bounce buffer, places it
+    /// and seals it: its place and its header (checksum included). The
+    /// place is recorded in the slot's write as soon as it is taken, so a
+    /// later failure releases it.
+    fn encode_into(
+        &mut self,
+        slot: u32,
+        ns: u32,
+        key: Key,
+        data: *const u8,
+        len: usize,
+    ) -> Result<(Slot, Header), DiskError> {
+        // SAFETY: the submit_write contract: `data` is valid for `len` bytes
+        // and unchanged until on_done runs.
+        let src: &[u8] = if len == 0 {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(data, len) }
+        };
+        let (Some(enc), Some(inf)) = (self.encoder.as_mut(), self.slots[slot as usize].as_mut())
+        else {
+            return Err(pool_err());
+        };
+        let Some(buf) = inf.bounce.as_mut() else {
+            return Err(pool_err());
+        };
+        let (compression, stored) = enc.compress(src, buf);
+        let place = self.shared.allocate(entry_bytes(stored as u64))?;
+        if let Kind::Write(w, _) = &mut inf.kind {
+            w.slot = Some(place);
+        }
+        let mut header = Header {
+            raw_len: len as u32,
+            compression,
+            ..Header::plain(
+                ns,
+                place.generation,
+                place.offset,
+                stored as u32,
+                0,
+                key.as_slice().to_vec(),
+            )
+        };
+        enc.seal(&mut header, &mut buf[..stored]).ok_or_else(|| {
+            DiskError::Io(
+                io::Error::other("no random nonce"),
+                "G3 entry encryption".into(),
+            )
+        })?;
+        // Padding is zeros, whatever the buffer held before.
+        buf[stored..round_up(stored as u64) as usize].fill(0);
+        header.checksum = xxh3_64(&buf[..stored]);
+        if let Kind::Write(_, done) = &mut inf.kind {
+            *done = (stored as u32, header.checksum);
+        }
+        Ok((place, header))
+    }
+
+    /// The bounce buffer of `slot`, as a pointer for an SQE.
+    fn bounce_of(&mut self, slot: u32) -> Option<*mut u8> {
+        let inf = self.slots[slot as usize].as_mut()?;
+        inf.bounce.as_mut().map(|b| b.as_mut_ptr())
+    }
+
     fn start_read(&mut self, r: ReadOp) {
         let len = r.loc.len as usize;
+        // Stored shorter than decoded: compressed, decoded from a bounce
+        // buffer. Otherwise the stored bytes are the block's (decrypted in
+        // place when encrypted).
+        let compressed = r.loc.len < r.loc.raw_len;
         let dst = r.dst;
         let base = r.loc.offset;
         if self.free_slots.is_empty() {
@@ -655,7 +789,7 @@ impl Ring {
             Some(h) => sub.push((0, self.pages.ptr(h), PAGE as u32, base)),
             None => fail = Some(pool_err()),
         }
-        if dst as usize & (PAGE - 1) == 0 {
+        if !compressed && dst as usize & (PAGE - 1) == 0 {
             if body_len > 0 {
                 sub.push((1, dst, body_len as u32, base + PAGE as u64));
             }
@@ -674,7 +808,9 @@ impl Ring {
                 }
             }
         } else if len > 0 {
-            match AlignedBuf::new(len) {
+            // Compressed (decoded from it), or an unaligned destination
+            // (O_DIRECT needs aligned memory): a bounce buffer.
+            match self.take_buf(len) {
                 Some(mut b) => {
                     sub.push((
                         1,
@@ -690,6 +826,7 @@ impl Ring {
         if let Some(inf) = self.slots[slot as usize].as_mut() {
             inf.hdr = hdr;
             inf.tail = tail;
+            inf.pooled = bounce.is_some();
             inf.bounce = bounce;
         }
         if let Some(e) = fail {
@@ -770,21 +907,22 @@ impl Ring {
             error,
             hdr,
             tail,
-            bounce,
+            mut bounce,
+            pooled,
             ..
         } = inf;
         match kind {
-            Kind::Write(w, sum) => {
+            Kind::Write(w, done) => {
                 let res = match error {
                     Some(e) => Err(e),
-                    None => Ok(sum),
+                    None => Ok(done),
                 };
                 self.shared.finish_write(w, res);
             }
             Kind::Read(r) => {
                 let res = match error {
                     Some(e) => Err(e),
-                    None => self.verify(&r, hdr, tail, bounce.as_ref()),
+                    None => self.verify(&r, hdr, tail, bounce.as_mut()),
                 };
                 self.shared.finish_read(r, res);
             }
@@ -792,16 +930,21 @@ impl Ring {
         for p in [hdr, tail].into_iter().flatten() {
             self.pages.free.push(p);
         }
+        if let Some(b) = bounce.filter(|_| pooled && self.spare.len() < self.qd) {
+            self.spare.push(b);
+        }
     }
 
-    /// Checks a completed read: header fields, then the data checksum. Copies
-    /// tail / bounce bytes into the caller's buffer on the way.
+    /// Checks a completed read: header fields, then the data checksum, then
+    /// (for an encoded entry) authenticity and decoding. Leaves exactly the
+    /// block's `raw_len` bytes in the caller's buffer, copying tail or
+    /// bounce bytes there on the way.
     fn verify(
         &mut self,
         r: &ReadOp,
         hdr: Option<u32>,
         tail: Option<u32>,
-        bounce: Option<&AlignedBuf>,
+        bounce: Option<&mut AlignedBuf>,
     ) -> Result<(), DiskError> {
         let Some(h) = hdr else {
             return Err(DiskError::BadHeader);
@@ -811,33 +954,42 @@ impl Ring {
             // A valid entry of another generation: the region was recycled.
             return Err(DiskError::Stale);
         }
-        if header.namespace != r.ns || header.len != r.loc.len || header.key != r.key.as_slice() {
+        if header.namespace != r.ns
+            || header.len != r.loc.len
+            || header.raw_len != r.loc.raw_len
+            || header.key != r.key.as_slice()
+        {
             return Err(DiskError::BadHeader);
         }
         let len = r.loc.len as usize;
+        let raw_len = r.loc.raw_len as usize;
         let body_len = len & !(PAGE - 1);
-        // SAFETY: submit_read contract: `dst` is valid for `loc.len` bytes and
-        // exclusively ours until on_done runs; all I/O into it has completed.
-        let dst: &mut [u8] = if len == 0 {
+        // SAFETY: submit_read contract: `dst` is valid for `loc.raw_len`
+        // bytes and exclusively ours until on_done runs; all I/O into it has
+        // completed.
+        let dst: &mut [u8] = if raw_len == 0 {
             &mut []
         } else {
-            unsafe { std::slice::from_raw_parts_mut(r.dst, len) }
+            unsafe { std::slice::from_raw_parts_mut(r.dst, raw_len) }
         };
+        let codec = self.shared.cfg.codec.as_deref();
         if let Some(b) = bounce {
-            if xxh3_64(&b[..len]) != header.checksum {
+            let stored = &mut b[..len];
+            if xxh3_64(stored) != header.checksum {
                 return Err(DiskError::ChecksumMismatch);
             }
-            dst.copy_from_slice(&b[..len]);
-            return Ok(());
+            return codec::open(codec, &header, stored, Some(dst));
         }
+        // Read in place: stored and raw lengths are equal.
+        let stored = &mut dst[..len];
         if let Some(t) = tail {
             let page = self.pages.page(t);
-            dst[body_len..].copy_from_slice(&page[..len - body_len]);
+            stored[body_len..].copy_from_slice(&page[..len - body_len]);
         }
-        if xxh3_64(dst) != header.checksum {
+        if xxh3_64(stored) != header.checksum {
             return Err(DiskError::ChecksumMismatch);
         }
-        Ok(())
+        codec::open(codec, &header, stored, None)
     }
 }
 

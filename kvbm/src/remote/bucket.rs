@@ -13,10 +13,12 @@
 //! Segments are read by range: the footer from the object's tail, blocks by
 //! coalesced ranges, each block checked against its footer checksum.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
@@ -239,7 +241,7 @@ impl Bucket {
     /// The deadline of a transfer of `bytes` that shares the link with up
     /// to `sharing - 1` others of its kind: each gets its share of the
     /// slowest rate allowed.
-    fn deadline(&self, bytes: u64, sharing: usize) -> Duration {
+    pub(super) fn deadline(&self, bytes: u64, sharing: usize) -> Duration {
         let rate = self.cfg.min_bytes_per_s.max(1) as f64 / sharing.max(1) as f64;
         self.cfg.timeout + Duration::from_secs_f64(bytes as f64 / rate)
     }
@@ -329,6 +331,25 @@ impl Bucket {
             out.push(slice.filter(|d| b.verify(d)));
         }
         Ok(out)
+    }
+
+    /// Opens `range` of object `name` as a stream of its bytes, in order,
+    /// in the pieces they arrive in. Not guarded: the caller runs the
+    /// request and the reading of its body in [`Bucket::guarded`].
+    pub(super) async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+    ) -> object_store::Result<BoxStream<'static, object_store::Result<Bytes>>> {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            ..GetOptions::default()
+        };
+        Ok(self
+            .store
+            .get_opts(&self.path(name), opts)
+            .await?
+            .into_stream())
     }
 
     /// Deletes an object (a missing one is fine).

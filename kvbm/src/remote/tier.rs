@@ -17,13 +17,15 @@
 //!   node's own blocks included; a block whose token ids do not open
 //!   (another key, no key here, tampered) is never listed, and another
 //!   node's segment with no block listed is refused.
-//! - Reads ([`RemoteTier::fetch`]) take a chain in one coalesced read per
-//!   segment, all under one deadline, and return the verified prefix: each
-//!   block's stored bytes checked against their checksum, then decoded. A
-//!   segment that is gone or damaged (404, bad footer, a block failing its
-//!   checksum, its authentication or its decompression) leaves the catalog;
-//!   so does one this node can never read (encrypted under another key, or
-//!   not encrypted where this node has a key; not counted as damage). A
+//! - Reads ([`RemoteTier::plan`], [`RemoteTier::read`]) take a chain in one
+//!   ranged GET per run of adjacent blocks of a segment, up to `READS` in
+//!   flight, all under one deadline, and stream each block's bytes to the
+//!   caller as they arrive, then whether the block verified: its stored
+//!   bytes checked against their checksum, then decoded. A segment that is
+//!   gone or damaged (404, a block failing its checksum, its authentication
+//!   or its decompression) leaves the catalog; so does one this node can
+//!   never read (encrypted under another key, or not encrypted where this
+//!   node has a key; not counted as damage). A
 //!   slow or failing server (timeout, 5xx, open breaker) is a miss that
 //!   keeps the entries, since the data is likely fine and dropping it would
 //!   forget other nodes' segments for good.
@@ -50,7 +52,7 @@ use super::segment::{Announcement, Builder, Footer, Origin, CODEC_ENCRYPTED, COD
 use crate::catalog::Catalog;
 use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
-use crate::index::Key;
+use crate::index::{BlockId, BlockMap, Key};
 
 pub use super::bucket::{READS, UPLOADS};
 /// How far back each listing reaches behind the newest index object seen:
@@ -76,13 +78,39 @@ pub struct Upload {
     pub data: Bytes,
 }
 
-/// A block read back from the bucket, verified.
+/// A chain the catalog lists in the bucket, planned for reading
+/// ([`RemoteTier::plan`]); empty when the first key is not listed.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The listed blocks, in chain order.
+    pub blocks: Vec<Planned>,
+    parts: Vec<Part>,
+    block_bytes: u64,
+}
+
+/// A block of a [`Plan`].
 #[derive(Debug, Clone)]
-pub struct Fetched {
+pub struct Planned {
     pub key: Key,
     pub parent: Vec<u8>,
     pub tokens: Vec<u32>,
-    pub data: Bytes,
+}
+
+/// What a read of a [`Plan`] delivers ([`RemoteTier::read`]); blocks are
+/// numbered by their place in the plan.
+#[derive(Debug)]
+pub enum Piece {
+    /// Bytes of block `block`'s content from byte `at` on, not verified
+    /// yet.
+    Data {
+        block: usize,
+        at: usize,
+        bytes: Bytes,
+    },
+    /// All of block `block` arrived, passed its checksum and decoded to the
+    /// block size: what the `Data` pieces of this block said is its
+    /// content.
+    Verified(usize),
 }
 
 /// What changed in the tier, for the event stream: blocks of `namespace`
@@ -157,7 +185,7 @@ struct Index {
     segments: HashMap<u64, Segment>,
     by_name: HashMap<String, u64>,
     /// `(namespace, key)` → `(segment, index in its footer)`.
-    blocks: HashMap<(u32, Key), (u64, u32)>,
+    blocks: BlockMap<(u64, u32)>,
     /// This node's segments, oldest first, and their bytes.
     own: VecDeque<u64>,
     own_bytes: u64,
@@ -198,10 +226,10 @@ impl Index {
                 continue;
             };
             let nsid = ns[usize::from(b.namespace)];
-            if self.blocks.contains_key(&(nsid, key)) {
+            if self.blocks.contains_key(&BlockId(nsid, key)) {
                 continue;
             }
-            self.blocks.insert((nsid, key), (id, i as u32));
+            self.blocks.insert(BlockId(nsid, key), (id, i as u32));
             let namespace = &a.footer.namespaces[usize::from(b.namespace)];
             let entry = (b.key.clone(), b.parent.clone(), b.tokens.clone());
             match changes.last_mut() {
@@ -248,8 +276,12 @@ impl Index {
                 continue;
             };
             let nsid = seg.ns[usize::from(b.namespace)];
-            if self.blocks.get(&(nsid, key)).is_some_and(|&(s, _)| s == id) {
-                self.blocks.remove(&(nsid, key));
+            if self
+                .blocks
+                .get(&BlockId(nsid, key))
+                .is_some_and(|&(s, _)| s == id)
+            {
+                self.blocks.remove(&BlockId(nsid, key));
                 let namespace = &seg.footer.namespaces[usize::from(b.namespace)];
                 match changes.last_mut() {
                     Some(Change::Removed { namespace: n, keys }) if n == namespace => {
@@ -479,7 +511,7 @@ impl RemoteTier {
             return 0;
         };
         keys.iter()
-            .take_while(|k| index.blocks.contains_key(&(ns, **k)))
+            .take_while(|k| index.blocks.contains_key(&BlockId(ns, **k)))
             .count()
     }
 
@@ -497,7 +529,7 @@ impl RemoteTier {
         keys.iter()
             .map(|k| {
                 probe.1 = *k;
-                !ns.is_some_and(|ns| index.blocks.contains_key(&(ns, *k)))
+                !ns.is_some_and(|ns| index.blocks.contains_key(&BlockId(ns, *k)))
                     && !pending.contains(&probe)
             })
             .collect()
@@ -530,16 +562,25 @@ impl RemoteTier {
         true
     }
 
-    /// Reads the chain `keys` of `namespace` (blocks of `block_bytes`) from
-    /// the bucket: the longest prefix that arrived whole and verified,
-    /// within one deadline for the whole chain.
-    pub async fn fetch(&self, namespace: &str, keys: &[Key], block_bytes: u64) -> Vec<Fetched> {
+    /// What the catalog holds of the chain `keys` of `namespace` (blocks
+    /// of `block_bytes`): the listed prefix, in chain order, and the reads
+    /// that bring it. No network.
+    pub fn plan(&self, namespace: &str, keys: &[Key], block_bytes: u64) -> Plan {
+        plan(&self.shared, namespace, keys, block_bytes)
+    }
+
+    /// Starts reading `plan` from the bucket: its blocks' bytes come out of
+    /// the receiver in pieces as they arrive, each block followed by
+    /// [`Piece::Verified`] once all of it passed its checksum (and
+    /// decoded). Everything stops after one deadline for the whole chain,
+    /// `limit` at most, or once the receiver is dropped; the receiver then
+    /// ends. Segments found gone or damaged leave the catalog.
+    pub fn read(&self, plan: Plan, limit: Duration) -> mpsc::Receiver<Piece> {
+        let (tx, rx) = mpsc::channel(PIECES);
         let shared = self.shared.clone();
-        let (namespace, keys) = (namespace.to_owned(), keys.to_vec());
-        let task = self
-            .handle
-            .spawn(async move { fetch(&shared, &namespace, &keys, block_bytes).await });
-        task.await.unwrap_or_default()
+        self.handle
+            .spawn(async move { read_plan(&shared, plan, limit, tx).await });
+        rx
     }
 
     /// Runs `f` on the tier's blocking pool (copies out of the host pool).
@@ -585,7 +626,7 @@ impl RemoteTier {
                     continue;
                 };
                 let nsid = seg.ns[usize::from(b.namespace)];
-                if index.blocks.get(&(nsid, key)) == Some(&(*id, i as u32)) {
+                if index.blocks.get(&BlockId(nsid, key)) == Some(&(*id, i as u32)) {
                     out.push(Change::Stored {
                         namespace: seg.footer.namespaces[usize::from(b.namespace)].clone(),
                         blocks: vec![(b.key.clone(), b.parent.clone(), b.tokens.clone())],
@@ -922,183 +963,281 @@ async fn discover_loop(s: Arc<Shared>, mut d: Discovery) {
     }
 }
 
-/// One segment's share of a chain read: positions in the chain and block
-/// indexes in the footer, ascending.
+/// Pieces a read keeps in flight toward its consumer.
+const PIECES: usize = 256;
+
+/// One segment's share of a plan: block indexes in the footer, ascending
+/// and in chain order; the first is the plan's block `first`.
+#[derive(Debug)]
 struct Part {
     seg: u64,
     name: String,
     footer: Arc<Footer>,
     blocks: Vec<usize>,
+    first: usize,
 }
 
-async fn fetch(s: &Arc<Shared>, namespace: &str, keys: &[Key], block_bytes: u64) -> Vec<Fetched> {
-    let mut parts: Vec<Part> = Vec::new();
-    {
-        let index = s.index.read();
-        let Some(ns) = index.namespace(namespace) else {
-            return Vec::new();
+fn plan(s: &Shared, namespace: &str, keys: &[Key], block_bytes: u64) -> Plan {
+    let mut out = Plan {
+        block_bytes,
+        ..Plan::default()
+    };
+    let index = s.index.read();
+    let Some(ns) = index.namespace(namespace) else {
+        return out;
+    };
+    for key in keys {
+        let Some(&(seg, i)) = index.blocks.get(&BlockId(ns, *key)) else {
+            break;
         };
-        for key in keys {
-            let Some(&(seg, i)) = index.blocks.get(&(ns, *key)) else {
-                break;
-            };
-            let i = i as usize;
-            match parts.last_mut() {
-                Some(p) if p.seg == seg && p.blocks.last().is_some_and(|&l| l < i) => {
-                    p.blocks.push(i)
-                }
-                _ => {
-                    let Some(sg) = index.segments.get(&seg) else {
-                        break;
-                    };
-                    parts.push(Part {
-                        seg,
-                        name: sg.name.clone(),
-                        footer: sg.footer.clone(),
-                        blocks: vec![i],
-                    });
-                }
-            }
-        }
-    }
-    if parts.is_empty() {
-        return Vec::new();
-    }
-    let total: u64 = parts.iter().map(|p| p.blocks.len() as u64).sum::<u64>() * block_bytes;
-    let deadline =
-        s.cfg.timeout + Duration::from_secs_f64(total as f64 / s.cfg.min_bytes_per_s as f64);
-    // Owned futures: the spawned task must not hold a borrow of `parts`
-    // in its stream (the compiler cannot prove that one general enough).
-    let futs: Vec<_> = parts
-        .iter()
-        .map(|p| {
-            let (s, name) = (s.clone(), p.name.clone());
-            let (footer, blocks) = (p.footer.clone(), p.blocks.clone());
-            async move { s.bucket.read_blocks(&name, &footer, &blocks).await }
-        })
-        .collect();
-    let reads = futures::stream::iter(futs)
-        .buffered(READS)
-        .collect::<Vec<_>>();
-    let results = match tokio::time::timeout(deadline, reads).await {
-        Ok(r) => r,
-        Err(_) => {
-            s.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Vec::new();
-        }
-    };
-    // The prefix whose stored bytes arrived and passed their checksum.
-    let mut stored: Vec<(&Part, usize, Bytes)> = Vec::new();
-    let mut damaged = Vec::new();
-    'parts: for (p, r) in parts.iter().zip(results) {
-        let datas = match r {
-            Ok(d) => d,
-            Err(Miss::NotFound | Miss::Segment(_)) => {
-                damaged.push(p.seg);
-                break;
-            }
-            Err(_) => break,
+        let Some(sg) = index.segments.get(&seg) else {
+            break;
         };
-        for (&i, data) in p.blocks.iter().zip(datas) {
-            let b = &p.footer.blocks[i];
-            match data {
-                Some(d) if u64::from(b.raw_len) == block_bytes => stored.push((p, i, d)),
-                // Another layout under the same namespace name: not ours
-                // to use, not damage.
-                Some(_) => break 'parts,
-                None => {
-                    s.counters.checksum.fetch_add(1, Ordering::Relaxed);
-                    damaged.push(p.seg);
-                    break 'parts;
-                }
-            }
+        let i = i as usize;
+        let b = &sg.footer.blocks[i];
+        // Another layout under the same namespace name: not ours to use.
+        if u64::from(b.raw_len) != block_bytes {
+            break;
         }
-    }
-    // Decoded in order; the first block that does not decode ends the
-    // prefix. Blocks stored raw in the clear decode for free (no copy);
-    // anything else goes to the blocking pool.
-    let jobs: Vec<_> = stored
-        .iter()
-        .map(|(p, i, d)| {
-            let b = &p.footer.blocks[*i];
-            let ns = p.footer.namespaces[usize::from(b.namespace)].clone();
-            (ns, b.key.clone(), b.codec, b.raw_len, d.clone())
-        })
-        .collect();
-    let decode = {
-        let shared = s.clone();
-        move || {
-            let mut done = Vec::with_capacity(jobs.len());
-            for (ns, key, codec, raw_len, d) in jobs {
-                let r = shared.codec.open(&ns, &key, codec, raw_len, d, block_bytes);
-                let stop = r.is_err();
-                done.push(r);
-                if stop {
-                    break;
-                }
-            }
-            done
-        }
-    };
-    let decoded = if stored
-        .iter()
-        .all(|(p, i, _)| p.footer.blocks[*i].codec == CODEC_RAW)
-    {
-        decode()
-    } else {
-        tokio::task::spawn_blocking(decode)
-            .await
-            .unwrap_or_default()
-    };
-    let mut out = Vec::new();
-    let mut foreign = None;
-    for ((p, i, _), r) in stored.iter().zip(decoded) {
-        let b = &p.footer.blocks[*i];
-        match r {
-            Ok(data) => out.push(Fetched {
-                key: Key::new(&b.key).expect("indexed keys are valid"),
-                parent: b.parent.clone(),
-                tokens: b.tokens.clone(),
-                data,
+        match out.parts.last_mut() {
+            Some(p) if p.seg == seg && p.blocks.last().is_some_and(|&l| l < i) => p.blocks.push(i),
+            _ => out.parts.push(Part {
+                seg,
+                name: sg.name.clone(),
+                footer: sg.footer.clone(),
+                blocks: vec![i],
+                first: out.blocks.len(),
             }),
-            Err(Refused::Layout) => break,
-            // Fails authentication or decompression: damaged or forged,
-            // like a bad checksum.
-            Err(Refused::Damaged) => {
-                s.counters.checksum.fetch_add(1, Ordering::Relaxed);
-                damaged.push(p.seg);
-                break;
-            }
-            // Under another key (or not encrypted as this node requires):
-            // not damage, but no read here will ever succeed, so the
-            // segment leaves this node's catalog (lookups stop offering
-            // it); the object stays for the nodes that can read it.
-            Err(Refused::Foreign) => {
-                foreign = Some(p.seg);
-                break;
-            }
         }
-    }
-    for id in damaged {
-        if let Some(seg) = forget_segment(s, id) {
-            tracing::warn!(segment = %seg.name, "G4 segment gone or damaged; its blocks are forgotten");
-        }
-    }
-    if let Some(seg) = foreign.and_then(|id| forget_segment(s, id)) {
-        tracing::warn!(
-            segment = %seg.name,
-            encrypted_here = s.codec.encrypts(),
-            "G4 segment written under another key (or encrypted otherwise than here); \
-             this node forgets its blocks"
-        );
-    }
-    s.counters
-        .hits
-        .fetch_add(out.len() as u64, Ordering::Relaxed);
-    if out.len() < keys.len() {
-        s.counters.misses.fetch_add(1, Ordering::Relaxed);
+        out.blocks.push(Planned {
+            key: *key,
+            parent: b.parent.clone(),
+            tokens: b.tokens.clone(),
+        });
     }
     out
+}
+
+/// How one part's read ended.
+enum Ended {
+    /// Every block delivered and verified.
+    Whole,
+    /// The consumer went away.
+    Stopped,
+    /// A block failed its checksum, authentication or decompression.
+    Damaged,
+    /// A block is under another key (or not encrypted as required here).
+    Foreign,
+}
+
+async fn read_plan(s: &Arc<Shared>, plan: Plan, limit: Duration, tx: mpsc::Sender<Piece>) {
+    if plan.blocks.is_empty() {
+        return;
+    }
+    let total = plan.blocks.len() as u64 * plan.block_bytes;
+    let deadline = (s.cfg.timeout
+        + Duration::from_secs_f64(total as f64 / s.cfg.min_bytes_per_s.max(1) as f64))
+    .min(limit);
+    let bb = plan.block_bytes;
+    // Owned futures: the spawned task must not hold a borrow of `plan`
+    // in its stream (the compiler cannot prove that one general enough).
+    let reads: Vec<_> = plan
+        .parts
+        .into_iter()
+        .map(|p| {
+            let (s, tx) = (s.clone(), tx.clone());
+            async move {
+                let r = read_part(&s, &p, bb, &tx).await;
+                (p, r)
+            }
+        })
+        .collect();
+    // The consumer sees the end once the last part's sender goes.
+    drop(tx);
+    let mut ended = Vec::new();
+    let all = futures::stream::iter(reads)
+        .buffer_unordered(READS)
+        .for_each(|e| {
+            ended.push(e);
+            futures::future::ready(())
+        });
+    // Past the deadline, the parts not done are dropped (and with them
+    // the sender): the consumer sees the end.
+    let _ = tokio::time::timeout(deadline, all).await;
+    // Parts in chain order: the verified prefix ends at the first part not
+    // read whole.
+    ended.sort_by_key(|(p, _)| p.first);
+    let mut hits = 0;
+    let mut whole = true;
+    for (p, r) in &ended {
+        let forget = match r {
+            Ok(Ended::Whole) if whole && hits == p.first => {
+                hits += p.blocks.len();
+                continue;
+            }
+            Err(Miss::NotFound | Miss::Segment(_)) | Ok(Ended::Damaged) => {
+                tracing::warn!(segment = %p.name, "G4 segment gone or damaged; its blocks are forgotten");
+                true
+            }
+            // Not damage, but no read here will ever succeed, so the segment
+            // leaves this node's catalog (lookups stop offering it); the
+            // object stays for the nodes that can read it.
+            Ok(Ended::Foreign) => {
+                tracing::warn!(
+                    segment = %p.name,
+                    encrypted_here = s.codec.encrypts(),
+                    "G4 segment written under another key (or encrypted otherwise than here); \
+                     this node forgets its blocks"
+                );
+                true
+            }
+            // A slow or failing server: the data is likely fine.
+            Ok(Ended::Whole | Ended::Stopped) | Err(_) => false,
+        };
+        whole = false;
+        if forget {
+            forget_segment(s, p.seg);
+        }
+    }
+    s.counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
+    if hits < plan.blocks.len() {
+        s.counters.misses.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Streams the blocks of one part to `tx`: one ranged GET per run of
+/// adjacent blocks, each block's stored bytes checksummed as they pass.
+/// Blocks stored raw in the clear go out as they arrive (no copy here);
+/// encoded ones are gathered, checked, then decoded on the blocking pool.
+async fn read_part(
+    s: &Arc<Shared>,
+    p: &Part,
+    block_bytes: u64,
+    tx: &mpsc::Sender<Piece>,
+) -> std::result::Result<Ended, Miss> {
+    let mut next = 0; // index into p.blocks of the block being read
+    for range in p.footer.ranges(&p.blocks) {
+        let len = range.end - range.start;
+        let ended = s
+            .bucket
+            .guarded(s.bucket.deadline(len, READS), async {
+                let mut body = s.bucket.read_range(&p.name, range.clone()).await?;
+                let mut pos = range.start;
+                let mut block = Block::default();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    let mut rest = chunk.clone();
+                    while !rest.is_empty() && next < p.blocks.len() {
+                        let i = p.blocks[next];
+                        let b = &p.footer.blocks[i];
+                        let end = b.offset + u64::from(b.len);
+                        if pos < b.offset {
+                            // Padding between blocks.
+                            let skip = (b.offset - pos).min(rest.len() as u64);
+                            pos += skip;
+                            let _ = rest.split_to(skip as usize);
+                            continue;
+                        }
+                        if pos >= range.end || pos >= end {
+                            break;
+                        }
+                        let take = (end - pos).min(rest.len() as u64) as usize;
+                        let piece = rest.split_to(take);
+                        let at = (pos - b.offset) as usize;
+                        pos += take as u64;
+                        block.hash.update(&piece);
+                        let n = p.first + next;
+                        if b.codec == CODEC_RAW {
+                            if tx
+                                .send(Piece::Data {
+                                    block: n,
+                                    at,
+                                    bytes: piece,
+                                })
+                                .await
+                                .is_err()
+                            {
+                                return Ok(Ended::Stopped);
+                            }
+                        } else {
+                            block.stored.extend_from_slice(&piece);
+                        }
+                        if pos < end {
+                            continue;
+                        }
+                        let stored = std::mem::take(&mut block).finish(b.checksum);
+                        let Some(stored) = stored else {
+                            s.counters.checksum.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Ended::Damaged);
+                        };
+                        if b.codec != CODEC_RAW {
+                            let ns = p.footer.namespaces[usize::from(b.namespace)].clone();
+                            let (key, codec, raw_len) = (b.key.clone(), b.codec, b.raw_len);
+                            let shared = s.clone();
+                            let open = tokio::task::spawn_blocking(move || {
+                                shared
+                                    .codec
+                                    .open(&ns, &key, codec, raw_len, stored, block_bytes)
+                            });
+                            match open.await.unwrap_or(Err(Refused::Damaged)) {
+                                Ok(bytes) => {
+                                    let data = Piece::Data {
+                                        block: n,
+                                        at: 0,
+                                        bytes,
+                                    };
+                                    if tx.send(data).await.is_err() {
+                                        return Ok(Ended::Stopped);
+                                    }
+                                }
+                                // Fails authentication or decompression:
+                                // damaged or forged, like a bad checksum.
+                                Err(Refused::Damaged) => {
+                                    s.counters.checksum.fetch_add(1, Ordering::Relaxed);
+                                    return Ok(Ended::Damaged);
+                                }
+                                Err(Refused::Foreign) => return Ok(Ended::Foreign),
+                                // The plan checked the raw length.
+                                Err(Refused::Layout) => return Ok(Ended::Stopped),
+                            }
+                        }
+                        if tx.send(Piece::Verified(n)).await.is_err() {
+                            return Ok(Ended::Stopped);
+                        }
+                        next += 1;
+                    }
+                }
+                Ok(Ended::Whole)
+            })
+            .await?;
+        if !matches!(ended, Ended::Whole) {
+            return Ok(ended);
+        }
+        // Every block starting in the range must be done.
+        if p.blocks
+            .get(next)
+            .is_some_and(|&i| p.footer.blocks[i].offset < range.end)
+        {
+            return Err(Miss::Store("short range answer".into()));
+        }
+    }
+    Ok(Ended::Whole)
+}
+
+/// One block's stored bytes as they pass: their running checksum, and the
+/// bytes themselves when they must be decoded.
+#[derive(Default)]
+struct Block {
+    hash: xxhash_rust::xxh3::Xxh3,
+    stored: Vec<u8>,
+}
+
+impl Block {
+    /// The stored bytes (empty for raw blocks, which went out as they
+    /// came) when the checksum matches.
+    fn finish(self, checksum: u64) -> Option<Bytes> {
+        (self.hash.digest() == checksum).then(|| Bytes::from(self.stored))
+    }
 }
 
 #[cfg(test)]
@@ -1184,8 +1323,8 @@ mod tests {
         assert_eq!(ix.own_bytes, 0);
         assert!(ix.own.is_empty());
         let k = |b: u8| Key::new(&[b; 8]).unwrap();
-        assert!(!ix.blocks.contains_key(&(ns, k(2))));
-        assert!(ix.blocks.contains_key(&(ns, k(3))));
+        assert!(!ix.blocks.contains_key(&BlockId(ns, k(2))));
+        assert!(ix.blocks.contains_key(&BlockId(ns, k(3))));
     }
 
     /// A chain of `keys` encrypted under `key`, each block's tokens sealed.

@@ -95,8 +95,8 @@ impl Store {
                     region: loc.region,
                     generation: loc.generation,
                     offset: loc.offset,
+                    len: loc.len,
                 },
-                len: loc.len,
                 checksum,
             },
             Err(e) => {
@@ -135,7 +135,8 @@ impl Store {
             region: job.disk.region,
             generation: job.disk.generation,
             offset: job.disk.offset,
-            len: job.block_bytes as u32,
+            len: job.disk.len,
+            raw_len: job.block_bytes as u32,
         };
         // SAFETY: the slot is a fresh pool slot of `slot_bytes`, pinned and
         // marked loading, so nobody else touches it until the completion.
@@ -158,9 +159,13 @@ impl Store {
     pub(super) fn load_finished(&self, job: LoadJob, res: std::result::Result<(), DiskError>) {
         let outcome = match &res {
             Ok(()) => LoadOutcome::Loaded,
-            Err(DiskError::ChecksumMismatch | DiskError::BadHeader | DiskError::Stale) => {
-                LoadOutcome::Corrupt
-            }
+            Err(
+                DiskError::ChecksumMismatch
+                | DiskError::BadHeader
+                | DiskError::Stale
+                | DiskError::Undecodable,
+            ) => LoadOutcome::Corrupt,
+            Err(DiskError::Foreign) => LoadOutcome::Foreign,
             Err(_) => LoadOutcome::Failed,
         };
         if let Err(e) = res {
@@ -183,11 +188,13 @@ pub(super) fn open_disk(
     cfg: &Config,
     pool: &Pool,
     regions: &[RegionRecord],
+    codec: Option<Arc<DiskCodec>>,
 ) -> Result<Option<DiskTier>> {
     if cfg.disk_bytes == 0 {
         return Ok(None);
     }
     let mut dcfg = DiskConfig::new(cfg.disk_path.clone(), cfg.disk_bytes);
+    dcfg.codec = codec;
     dcfg.region_bytes = cfg.region_bytes;
     dcfg.queue_depth = cfg.disk_queue_depth;
     dcfg.write_queue = cfg.write_queue;

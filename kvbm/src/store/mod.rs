@@ -23,9 +23,11 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use prost::Message;
 use tokio::sync::oneshot;
 
-use crate::catalog::{BlockRecord, Catalog, NamespaceRecord, RegionRecord};
+use crate::catalog::{
+    BlockRecord, Catalog, NamespaceRecord, RegionRecord, SealedCatalog, TokenSeal,
+};
 use crate::config::Config;
-use crate::disk::{DiskConfig, DiskError, DiskLocation, DiskTier, RegionState};
+use crate::disk::{DiskCodec, DiskConfig, DiskError, DiskLocation, DiskTier, RegionState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::EventBus;
 use crate::index::{DiskRef, Key};
@@ -132,6 +134,28 @@ impl Store {
     /// disk tier (warm restart), and starts the journal thread.
     pub fn open(cfg: Config, catalog: Arc<dyn Catalog>) -> Result<Arc<Store>> {
         let tenants = Tenants::load(&cfg.tenants)?;
+        // The disk key seals the catalog's token ids too, whether or not
+        // the disk tier is on: host-only blocks are in the catalog as well.
+        let disk_codec = DiskCodec::from_config(&cfg)?;
+        let token_seal = disk_codec
+            .clone()
+            .filter(|c| c.encrypts())
+            .map(|c| c as Arc<dyn TokenSeal>);
+        if let Some(c) = &disk_codec {
+            tracing::info!(
+                compression = ?cfg.disk_compression,
+                key_id = c.key_id().as_deref().unwrap_or("none"),
+                "G3 entries encoded at rest"
+            );
+        }
+        if token_seal.is_some() && cfg.remote.as_ref().is_some_and(|r| r.key_file.is_none()) {
+            tracing::warn!(
+                "disk_key_file is set but remote_key_file is not: G4 blocks, and the \
+                 catalog's copies of their segment footers (token ids included), stay in \
+                 the clear (the same key file may serve both)"
+            );
+        }
+        let catalog: Arc<dyn Catalog> = Arc::new(SealedCatalog::new(catalog, token_seal));
         // The shared pool, then one per tenant, each its own memfd.
         let lens: Vec<u64> = std::iter::once(cfg.host_bytes)
             .chain(tenants.iter().map(|t| t.host_bytes))
@@ -166,7 +190,7 @@ impl Store {
         }
 
         let region_records = catalog.regions()?;
-        let disk = open_disk(&cfg, &pool, &region_records)?;
+        let disk = open_disk(&cfg, &pool, &region_records, disk_codec)?;
 
         // Blocks that were durable on disk come back; everything else in the
         // catalog was memory-only and is gone.
@@ -188,8 +212,9 @@ impl Store {
                             region: d.region,
                             generation: d.generation,
                             offset: d.offset,
+                            len: d.len,
                         };
-                        table.recover(rec.ns, key, at, rec.checksum, rec.hits)
+                        table.recover(rec.ns, key, at, rec.hits)
                     }
                     _ => None,
                 };
@@ -936,6 +961,7 @@ fn memory_record(ns: &Namespace, b: Committed) -> BlockRecord {
         key: b.key.as_bytes().to_vec(),
         parent: b.parent,
         tokens: b.tokens,
+        sealed_tokens: vec![],
         size: ns.block_bytes,
         checksum: 0,
         disk: None,

@@ -5,6 +5,7 @@
 //! what the tier gains or loses is published like any tier's events.
 
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, event};
@@ -14,7 +15,7 @@ use crate::catalog::Catalog;
 use crate::config::RemoteConfig;
 use crate::error::Result;
 use crate::index::Key;
-use crate::remote::tier::{Change, RemoteTier, Upload};
+use crate::remote::tier::{Change, Piece, RemoteTier, Upload};
 use crate::table::NewBlock;
 
 /// A block to offer: its key, and its parent and tokens when the caller has
@@ -77,9 +78,11 @@ impl Store {
     }
 
     /// Brings the G4 continuation of the prefix of `keys` held locally into
-    /// host memory, so the acquire that follows finds it there. Whatever
-    /// fails (a miss, a slow server, a full pool) leaves the prefix as it
-    /// was: the engine computes the rest.
+    /// host memory, so the acquire that follows finds it there. The blocks
+    /// are reserved first and the bytes copied into their slots as they
+    /// arrive; what verified, from the first block on, is committed. Whatever
+    /// fails (a miss, a slow server, a full pool) leaves the rest as it was:
+    /// the engine computes it.
     pub(super) async fn promote_remote(&self, ns: &Namespace, keys: &[Key]) {
         let Some(r) = &self.remote else { return };
         let local = self.core.lock().table.lookup(ns.id, keys).locations.len();
@@ -87,34 +90,69 @@ impl Store {
         if n == 0 {
             return;
         }
-        let got = r
-            .fetch(&ns.name, &keys[local..local + n], ns.block_bytes)
-            .await;
-        if got.is_empty() {
+        let plan = r.plan(&ns.name, &keys[local..local + n], ns.block_bytes);
+        if plan.blocks.is_empty() {
             return;
         }
         let s = self.daemon_session();
-        let blocks = got
+        let keys: Vec<Vec<u8>> = plan
+            .blocks
             .iter()
-            .map(|f| NewBlock {
-                key: f.key.as_bytes().to_vec(),
-                parent: f.parent.clone(),
-                tokens: f.tokens.clone(),
+            .map(|b| b.key.as_bytes().to_vec())
+            .collect();
+        let blocks = plan
+            .blocks
+            .iter()
+            .zip(&keys)
+            .map(|(b, key)| NewBlock {
+                key: key.clone(),
+                parent: b.parent.clone(),
+                tokens: b.tokens.clone(),
             })
             .collect();
-        let now = std::time::Instant::now();
-        let Ok(grants) = self.with_table(|c| c.table.reserve(s.session, ns.id, blocks, now)) else {
+        let started = Instant::now();
+        let Ok(grants) = self.with_table(|c| c.table.reserve(s.session, ns.id, blocks, started))
+        else {
             // The pool is pinned full: nothing to promote into.
             return;
         };
-        for (g, f) in grants.iter().zip(&got) {
-            if g.length > 0 {
-                // SAFETY: reserved by this call's own session until commit.
-                unsafe { self.pool.slice_mut(g.offset, g.length) }.copy_from_slice(&f.data);
+        // Reservations expire after the lease TTL and their slots go to
+        // others: every copy into them ends well before.
+        let limit = self.cfg.lease_ttl / 2;
+        let mut pieces = r.read(plan, limit);
+        let mut verified = vec![false; grants.len()];
+        let copy = async {
+            while let Some(piece) = pieces.recv().await {
+                match piece {
+                    Piece::Data { block, at, bytes } => {
+                        let Some(g) = grants.get(block).filter(|g| g.length > 0) else {
+                            // Already in the pool (another writer was first).
+                            continue;
+                        };
+                        if at as u64 + bytes.len() as u64 > g.length {
+                            return;
+                        }
+                        // SAFETY: reserved by this call's own session until
+                        // commit, within the reservation's lifetime (`limit`).
+                        unsafe {
+                            self.pool
+                                .slice_mut(g.offset + at as u64, bytes.len() as u64)
+                        }
+                        .copy_from_slice(&bytes);
+                    }
+                    Piece::Verified(block) => {
+                        if let Some(v) = verified.get_mut(block) {
+                            *v = true;
+                        }
+                    }
+                }
             }
-        }
-        let keys: Vec<&[u8]> = got.iter().map(|f| f.key.as_bytes()).collect();
-        let _ = self.commit(s.session, &ns.name, &keys);
+        };
+        let _ = tokio::time::timeout(limit.saturating_sub(started.elapsed()), copy).await;
+        drop(pieces);
+        let ok = verified.iter().take_while(|&&v| v).count();
+        let _ = self.commit(s.session, &ns.name, &keys[..ok]);
+        // The session's end releases the rest of the reservations.
     }
 
     /// Offers those of `blocks` the bucket lacks and that were seen

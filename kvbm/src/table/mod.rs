@@ -127,7 +127,7 @@ pub enum StartWrite {
 pub enum WriteOutcome {
     Written {
         disk: DiskRef,
-        len: u32,
+        /// xxh3-64 of the stored bytes (what the catalog records).
         checksum: u64,
     },
     /// Never queued (full queue, degraded disk, no room) or failed.
@@ -141,6 +141,9 @@ pub enum LoadOutcome {
     /// The bytes failed verification, or the location was recycled: the
     /// disk copy is gone.
     Corrupt,
+    /// The entry is intact but not readable here (another key): the disk
+    /// copy is dropped, not counted as damage.
+    Foreign,
     /// The read failed (I/O error, not submitted): the disk copy may still
     /// be good.
     Failed,
@@ -345,21 +348,13 @@ impl BlockTable {
 
     /// Adds a block found durable on disk at start-up; `false` when the
     /// namespace is unknown or the key already present.
-    pub fn recover(
-        &mut self,
-        ns: u32,
-        key: Key,
-        disk: DiskRef,
-        checksum: u64,
-        hits: u32,
-    ) -> Option<u32> {
+    pub fn recover(&mut self, ns: u32, key: Key, disk: DiskRef, hits: u32) -> Option<u32> {
         if !self.sizes.contains_key(&ns) || self.index.find(ns, &key).is_some() {
             return None;
         }
         let id = self.index.insert(ns, key, State::Ready, None);
         let e = self.index.get_mut(id);
         e.set_disk(Some(disk));
-        e.checksum = checksum;
         e.hits = hits;
         self.regions.entry(disk.region).or_default().push(id);
         self.disk_added(id);
@@ -583,14 +578,9 @@ impl BlockTable {
             self.pools[s.pool as usize].writing_bytes -= s.slot_bytes;
         }
         match outcome {
-            WriteOutcome::Written {
-                disk,
-                len,
-                checksum,
-            } => {
+            WriteOutcome::Written { disk, checksum } => {
                 let e = self.index.get_mut(job.id);
                 e.set_disk(Some(disk));
-                e.checksum = checksum;
                 e.undurable = false;
                 record.hits = e.hits;
                 record.checksum = checksum;
@@ -598,7 +588,7 @@ impl BlockTable {
                     region: disk.region,
                     generation: disk.generation,
                     offset: disk.offset,
-                    len,
+                    len: disk.len,
                 });
                 self.regions.entry(disk.region).or_default().push(job.id);
                 self.disk_added(job.id);

@@ -217,8 +217,10 @@ impl BlockTable {
             e.pins = e.pins.saturating_sub(1);
         }
         self.drop_host_copy(job.id);
-        if outcome == LoadOutcome::Corrupt {
-            self.counters.checksum_failures += 1;
+        if matches!(outcome, LoadOutcome::Corrupt | LoadOutcome::Foreign) {
+            if outcome == LoadOutcome::Corrupt {
+                self.counters.checksum_failures += 1;
+            }
             self.disk_removed(job.id);
             self.index.get_mut(job.id).set_disk(None);
             if self.index.get(job.id).pins == 0 {

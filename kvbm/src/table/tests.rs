@@ -40,6 +40,7 @@ fn record(ns: u32, k: Key) -> BlockRecord {
         key: k.as_bytes().to_vec(),
         parent: vec![],
         tokens: vec![],
+        sealed_tokens: vec![],
         size: SLOT,
         checksum: 0,
         disk: None,
@@ -190,8 +191,8 @@ fn disk_at(n: u64) -> WriteOutcome {
             region: (n % 4) as u32,
             generation: 1,
             offset: n * SLOT,
+            len: SLOT as u32,
         },
-        len: SLOT as u32,
         checksum: n,
     }
 }
