@@ -39,6 +39,18 @@ def run_a(eng: Engine, tokens: list[int], req_id="A"):
     return a
 
 
+def ask_until_reported(eng: Engine, r) -> list:
+    """`get_num_new_matched_tokens(r, 0)` asked again as vLLM does while
+    the answer is "ask me again" (None); every answer."""
+    answers = []
+    for _ in range(1000):
+        answers.append(eng.scheduler.get_num_new_matched_tokens(r, 0))
+        if answers[-1][0] is not None:
+            break
+        time.sleep(0.01)
+    return answers
+
+
 def test_save_then_load_prefix_bytes_identical(daemon):
     eng = Engine(daemon.socket)
     a = run_a(eng, prompt(80))  # 5 full blocks
@@ -315,12 +327,7 @@ def test_match_skips_tiers_slower_than_recompute(tmp_path):
     # A fast one: promoted into host memory and leased first (vLLM is told
     # to ask again meanwhile), then loaded, bytes identical.
     side.cost = measured(10e-6)
-    answers = []
-    for _ in range(1000):
-        answers.append(eng.scheduler.get_num_new_matched_tokens(b, 0))
-        if answers[-1][0] is not None:
-            break
-        time.sleep(0.01)
+    answers = ask_until_reported(eng, b)
     assert answers[0] == (None, False) and answers[-1] == (79, True), answers
     assert side.stats["promotions"] == 1
     assert Client(d.socket).lookup_counts(eng.worker.worker_side.namespace, b.block_hashes)[1] == 5

@@ -88,7 +88,13 @@ fn replies(kind: u8, body: &[u8]) {
             let mut buf = Vec::new();
             wire::encode_lookup_reply(&mut buf, c);
             let again = body_of(&buf, wire::STATUS_OK);
-            assert_eq!(again, &body[..12]);
+            if body.len() >= 16 {
+                assert_eq!(again, &body[..16]);
+            } else {
+                // A 3-value reply (an older daemon's): all of it local.
+                assert_eq!(&again[..12], &body[..12]);
+                assert_eq!(c.local, c.matched);
+            }
             assert_eq!(wire::decode_lookup_reply(wire::STATUS_OK, again), Ok(c));
         }
         Err((status, msg)) if kind != wire::STATUS_OK => {

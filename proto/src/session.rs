@@ -55,13 +55,44 @@ pub struct Reserve<'a> {
     pub tokens: Vec<u32>,
 }
 
-/// A Lookup's answer: blocks of the chain present in any tier, and the
-/// prefixes wholly in host memory and wholly on disk.
+/// A Lookup's answer: blocks of the chain present in any tier, the
+/// prefixes wholly in host memory and wholly on disk, and the prefix held on
+/// this node (each block in host memory or on disk): blocks
+/// `[local, matched)` are only in the shared object store (G4), which reads
+/// at its own, usually slower, rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LookupCounts {
     pub matched: u32,
     pub host: u32,
     pub disk: u32,
+    pub local: u32,
+}
+
+impl From<&crate::v1::LookupResponse> for LookupCounts {
+    /// The counts of a gRPC answer: `local` ends at the first block whose
+    /// fastest tier is the object store. Blocks without a location (an
+    /// answer that lists none) count as local, as in a 3-value reply.
+    fn from(r: &crate::v1::LookupResponse) -> LookupCounts {
+        let prefix = |tier: crate::v1::Tier| {
+            r.tiers
+                .iter()
+                .find(|t| t.tier == tier as i32)
+                .map_or(0, |t| t.blocks)
+        };
+        let remote = crate::v1::Tier::Remote as i32;
+        let local = r
+            .locations
+            .iter()
+            .take(r.matched as usize)
+            .position(|&t| t == remote)
+            .map_or(r.matched, |i| i as u32);
+        LookupCounts {
+            matched: r.matched,
+            host: prefix(crate::v1::Tier::Host),
+            disk: prefix(crate::v1::Tier::Disk),
+            local,
+        }
+    }
 }
 
 /// Appends a Lookup request frame to `buf`. Every key must have the length
@@ -259,7 +290,7 @@ fn read_keys<'a>(r: &mut Reader<'a>) -> Result<Keys<'a>, String> {
 /// Appends a success reply to a Lookup.
 pub fn encode_lookup_reply(buf: &mut Vec<u8>, c: LookupCounts) {
     let start = begin_frame(buf, STATUS_OK);
-    for v in [c.matched, c.host, c.disk] {
+    for v in [c.matched, c.host, c.disk, c.local] {
         buf.extend_from_slice(&v.to_le_bytes());
     }
     reply_done(buf, start);
@@ -343,7 +374,8 @@ pub fn encode_error(buf: &mut Vec<u8>, status: u8, message: &str) {
 }
 
 /// Decodes a reply frame's kind and body into the Lookup answer, or the
-/// daemon's `(status, message)`.
+/// daemon's `(status, message)`. A daemon without the object-store count
+/// sends three values: everything it matched is then local.
 pub fn decode_lookup_reply(kind: u8, body: &[u8]) -> Result<LookupCounts, (u8, String)> {
     ok_body(kind, body)?;
     let mut r = Reader(body);
@@ -352,10 +384,12 @@ pub fn decode_lookup_reply(kind: u8, body: &[u8]) -> Result<LookupCounts, (u8, S
             .map(u32::from_le_bytes)
             .map_err(|e| (STATUS_INVALID, format!("malformed lookup reply: {e}")))
     };
+    let (matched, host, disk) = (next()?, next()?, next()?);
     Ok(LookupCounts {
-        matched: next()?,
-        host: next()?,
-        disk: next()?,
+        matched,
+        host,
+        disk,
+        local: next().unwrap_or(matched),
     })
 }
 
@@ -417,12 +451,61 @@ mod tests {
         let c = LookupCounts {
             matched: 9,
             host: 4,
-            disk: 9,
+            disk: 6,
+            local: 6,
         };
         let mut rep = Vec::new();
         encode_lookup_reply(&mut rep, c);
         let (kind, body) = frame(&rep);
+        assert_eq!(body.len(), 16);
         assert_eq!(decode_lookup_reply(kind, body), Ok(c));
+    }
+
+    /// A daemon that predates the object-store count answers three values:
+    /// the whole match is then local, priced as host memory and disk.
+    #[test]
+    fn a_three_value_lookup_reply_is_all_local() {
+        let body: Vec<u8> = [9u32, 4, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let c = decode_lookup_reply(STATUS_OK, &body).unwrap();
+        assert_eq!(
+            c,
+            LookupCounts {
+                matched: 9,
+                host: 4,
+                disk: 9,
+                local: 9
+            }
+        );
+        // Fewer than three is malformed; a partial fourth is ignored.
+        assert!(decode_lookup_reply(STATUS_OK, &body[..11]).is_err());
+        let mut longer = body.clone();
+        longer.extend_from_slice(&[1, 2]);
+        assert_eq!(decode_lookup_reply(STATUS_OK, &longer), Ok(c));
+    }
+
+    /// Over gRPC the local prefix is read from the blocks' locations: it
+    /// ends at the first block only in the object store.
+    #[test]
+    fn counts_of_a_grpc_lookup() {
+        use crate::v1::{LookupResponse, Tier, TierPrefix};
+        let (h, d, r) = (Tier::Host as i32, Tier::Disk as i32, Tier::Remote as i32);
+        let resp = |locations: Vec<i32>| LookupResponse {
+            matched: locations.len() as u32,
+            tiers: vec![
+                TierPrefix { tier: h, blocks: 2 },
+                TierPrefix { tier: d, blocks: 0 },
+                TierPrefix { tier: r, blocks: 0 },
+            ],
+            locations,
+        };
+        let c = LookupCounts::from(&resp(vec![h, h, d, r, r]));
+        assert_eq!((c.matched, c.host, c.disk, c.local), (5, 2, 0, 3));
+        assert_eq!(LookupCounts::from(&resp(vec![r, r])).local, 0);
+        assert_eq!(LookupCounts::from(&resp(vec![h, d])).local, 2);
+        // No locations listed: nothing says the blocks are remote.
+        let mut bare = resp(vec![h, d, r]);
+        bare.locations.clear();
+        assert_eq!(LookupCounts::from(&bare).local, 3);
     }
 
     #[test]

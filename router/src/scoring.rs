@@ -196,7 +196,9 @@ impl ScoringConfig {
         let model = CostModel::from_rates(self.host_bandwidth, self.disk_bandwidth, rate);
         let bpt = self.kv_bytes_per_token.max(0.0) as u64;
         let (first, in_host, all) = (gpu, gpu + host, gpu + host + disk);
-        let end = model.plan(first as usize, in_host as usize, all as usize, bpt, 1) as u64;
+        // G4 is priced below, on its own: the plan ends at the disk's end.
+        let (f, h, a) = (first as usize, in_host as usize, all as usize);
+        let end = model.plan(f, h, a, a, bpt, 1) as u64;
         let from_host = end.min(in_host).saturating_sub(first);
         let from_disk = end.saturating_sub(in_host);
         let bring = |source, tokens: u64| {
@@ -336,7 +338,7 @@ mod tests {
             (e.onboard_s - 1000.0 * 131_072.0 / 25e9).abs() < 1e-9,
             "{e:?}"
         );
-        let plan = CostModel::from_rates(25e9, 1e9, 10_000.0).plan(0, 1000, 2000, 131_072, 1);
+        let plan = CostModel::from_rates(25e9, 1e9, 10_000.0).plan(0, 1000, 2000, 2000, 131_072, 1);
         assert_eq!(plan, 1000);
         // A fast disk is loaded, paying the disk and then the host copy.
         let fast = ScoringConfig::default();

@@ -837,7 +837,10 @@ fn pool_socket_lookup_fast_path() {
 
     let mut s = Session::connect(&d.socket, Some(Duration::from_secs(5))).unwrap();
     let fast = s.lookup("m", keys.iter().map(|k| &k[..])).unwrap();
-    assert_eq!((fast.matched, fast.host, fast.disk), (10, 10, 0));
+    assert_eq!(
+        (fast.matched, fast.host, fast.disk, fast.local),
+        (10, 10, 0, 10)
+    );
     // A chain that starts with an absent key matches nothing.
     let fast = s.lookup("m", keys[11..].iter().map(|k| &k[..])).unwrap();
     assert_eq!(fast.matched, 0);

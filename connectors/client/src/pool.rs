@@ -318,7 +318,8 @@ impl Session {
     }
 
     /// Longest prefix of the `keys` chain present in namespace `namespace`,
-    /// with the host and disk prefixes. Every key must have one length.
+    /// with the host and disk prefixes and the prefix held on the node (the
+    /// rest only in the object store). Every key must have one length.
     /// A daemon-side failure is `Error::Status` with the code gRPC would
     /// give; a broken connection or a timeout is `Error::Pool`.
     pub fn lookup<'k>(

@@ -396,20 +396,23 @@ impl Client {
         Ok(self.lookup_counts(py, namespace, keys)?.0)
     }
 
-    /// `(matched, host, disk)`: the longest prefix present in any tier, and
-    /// the longest held in host memory and on disk. Through the pool
-    /// socket's binary Lookup when the daemon is local.
+    /// `(matched, host, disk, local)`: the longest prefix present in any
+    /// tier, the longest held in host memory and on disk, and the longest
+    /// held on the daemon's node (host memory or disk): blocks
+    /// `[local, matched)` are only in the shared object store (G4). Through
+    /// the pool socket's binary Lookup when the daemon is local.
     fn lookup_counts(
         &self,
         py: Python<'_>,
         namespace: String,
         keys: &Bound<'_, PyAny>,
-    ) -> PyResult<(u32, u32, u32)> {
+    ) -> PyResult<(u32, u32, u32, u32)> {
+        let tuple = |c: kvtier_client::LookupCounts| (c.matched, c.host, c.disk, c.local);
         if let Some(socket) = &self.unix {
             let (flat, key_len) = flat_keys(keys)?;
             return py
                 .detach(|| self.fast_lookup(socket, &namespace, &flat, key_len))
-                .map(|c| (c.matched, c.host, c.disk))
+                .map(tuple)
                 .map_err(|e| {
                     if let CallError::Unavailable(_) = e {
                         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -423,13 +426,7 @@ impl Client {
                 .await?
                 .into_inner())
         })?;
-        let tier = |t: v1::Tier| {
-            r.tiers
-                .iter()
-                .find(|p| p.tier == t as i32)
-                .map_or(0, |p| p.blocks)
-        };
-        Ok((r.matched, tier(v1::Tier::Host), tier(v1::Tier::Disk)))
+        Ok(tuple(kvtier_client::LookupCounts::from(&r)))
     }
 
     /// `(matched, {tier: prefix blocks}, [fastest tier of each matched

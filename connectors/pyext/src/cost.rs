@@ -30,9 +30,27 @@ impl CostModel {
         self.inner.observe_disk_read(bytes, secs)
     }
 
+    /// Reading `bytes` from the object store (G4) into host memory took
+    /// `secs`.
+    fn observe_remote_read(&mut self, bytes: u64, secs: f64) {
+        self.inner.observe_remote_read(bytes, secs)
+    }
+
+    /// One promotion read `disk_bytes` from disk and `remote_bytes` from G4
+    /// into host memory in `secs` (G4 gets what the disk's known rate does
+    /// not explain).
+    fn observe_promotion(&mut self, disk_bytes: u64, remote_bytes: u64, secs: f64) {
+        self.inner.observe_promotion(disk_bytes, remote_bytes, secs)
+    }
+
     /// Whether loads from disk have a current measurement.
     fn knows_disk(&self) -> bool {
         self.inner.knows(cost::Source::Disk)
+    }
+
+    /// Whether loads from G4 have a current measurement.
+    fn knows_remote(&self) -> bool {
+        self.inner.knows(cost::Source::Remote)
     }
 
     /// A prefill step of `tokens` tokens took `secs`.
@@ -46,16 +64,18 @@ impl CostModel {
     }
 
     /// The end of the prefix worth loading (`first` when none is): blocks
-    /// `[first, host)` are in host memory, `[host, matched)` on disk.
+    /// `[first, host)` are in host memory, `[host, local)` on disk,
+    /// `[local, matched)` only in G4.
     fn plan(
         &self,
         first: usize,
         host: usize,
+        local: usize,
         matched: usize,
         block_bytes: u64,
         tokens_per_block: u64,
     ) -> usize {
         self.inner
-            .plan(first, host, matched, block_bytes, tokens_per_block)
+            .plan(first, host, local, matched, block_bytes, tokens_per_block)
     }
 }

@@ -3,6 +3,7 @@ serve (and whether loading it beats recomputing), which loads and saves each
 step carries to the workers, and kvbm's tier events as vLLM's KV events."""
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ logger = logging.getLogger("kvtier.vllm")
 # that the promotion's own pace is known early (a 2 MiB block reads in about
 # 1 ms from a 2 GB/s disk), then they grow to amortise the round trips.
 PROMOTE_CHUNKS = (32, 64, 128)
-# A probe (a promotion that only measures the disk) reads this many blocks
+# A probe (a promotion that only measures a tier) reads this many blocks
 # at most: the first chunk's pace includes one-time costs, the rest tells.
 PROBE_BLOCKS = sum(PROMOTE_CHUNKS)
 # Other requests' prefill must keep the engine busy at least this long for
@@ -77,16 +78,21 @@ class _ReqState:
 @dataclass
 class _Promotion:
     """A match's blocks `[first, first + len(keys))` being brought into
-    host memory (from disk) and leased by the scheduler before the match is
-    reported, so the load cannot miss them."""
+    host memory (from disk or G4) and leased by the scheduler before the
+    match is reported, so the load cannot miss them."""
 
     first: int
     keys: list[bytes]
     started: float
     # Longer than this and recomputing would have been faster.
     budget: float
-    # Only a measurement: nobody waits for it, its leases go at once.
+    # Blocks from here on are only in G4 (none by default); the Acquires
+    # split there, so each measures one tier.
+    local: int = sys.maxsize
+    # Only a measurement of `tier` ("disk" or "remote", kvbm's names):
+    # nobody waits for it, its leases go at once.
     probe: bool = False
+    tier: str = "disk"
     done: bool = False
     abandoned: bool = False
     # Blocks leased on every rank (a prefix of `keys`), and the leases.
@@ -110,10 +116,13 @@ class _SchedulerSide:
         # Whether a match is worth loading, from loads and prefills measured
         # here: kvtier's one cost model (kvtier_client::cost).
         self.cost = CostModel()
-        # req_id → blocks [first, host) of its match are in host memory.
-        self.match_host: dict[str, tuple[int, int]] = {}
-        # req_id → (start, host bytes, disk bytes) of its load in flight.
-        self.load_clock: dict[str, tuple[float, int, int]] = {}
+        # req_id → its match's blocks from here on were only in G4 when its
+        # promotion started.
+        self.match_local: dict[str, int] = {}
+        # req_id → (start, bytes) of its load in flight. Every block of a
+        # reported match is in host memory by the time it loads (disk and
+        # G4 blocks were promoted first), so a load measures host copies.
+        self.load_clock: dict[str, tuple[float, int]] = {}
         # Promotions in flight, and the leases of reported matches, kept
         # until their load is done (req_id → (session, lease) pairs). The
         # promotions' kvbm calls run on `promoter` with their own client
@@ -156,25 +165,34 @@ class _SchedulerSide:
             "planned_save_blocks": 0,
             "planned_load_blocks": 0,
             "events_skipped": 0,
-            # Matched blocks not loaded because recomputing them is faster.
+            # Matched blocks not loaded because recomputing them is faster,
+            # and those of them only in G4.
             "skipped_slow_blocks": 0,
-            # Matches whose disk blocks were promoted (and leased) before
-            # being reported, and those given up as slower than recompute.
+            "skipped_slow_remote_blocks": 0,
+            # Blocks planned for loading that were only in G4 at lookup.
+            "planned_remote_blocks": 0,
+            # Matches whose disk or G4 blocks were promoted (and leased)
+            # before being reported, and those given up as slower than
+            # recompute.
             "promotions": 0,
             "promotions_given_up": 0,
-            # Slow disk chains read while other requests kept the engine
-            # busy (the request waited for them at no cost).
+            # Slow disk or G4 chains read while other requests kept the
+            # engine busy (the request waited for them at no cost).
             "promotions_while_busy": 0,
-            # Promotions made only to measure the disk, and disk rates
-            # taken from kvbm's own measure instead.
+            # Promotions made only to measure the disk (G4), and rates
+            # taken from kvbm's own measure instead (kvbm reports none for
+            # G4 reads).
             "disk_probes": 0,
             "disk_rates_from_kvbm": 0,
+            "remote_probes": 0,
+            "remote_rates_from_kvbm": 0,
         }
 
-    def _lookup(self, hashes) -> tuple[int, int]:
-        """Blocks of the chain present, and in host memory, on every rank."""
+    def _lookup(self, hashes) -> tuple[int, int, int]:
+        """Blocks of the chain present, in host memory, and held on the
+        node (host memory or disk, not only G4), on every rank."""
         counts = [self.client.lookup_counts(ns, hashes) for ns in self.namespaces]
-        return min(c[0] for c in counts), min(c[1] for c in counts)
+        return tuple(min(c[i] for c in counts) for i in (0, 1, 3))
 
     def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         if not (self.settings.load or self.settings.save):
@@ -190,47 +208,48 @@ class _SchedulerSide:
             # that hit kvbm already holds need not be offloaded again (a
             # growing conversation would re-offer its whole history on every
             # turn).
-            present, host = self._lookup(hashes)
+            present, host, local = self._lookup(hashes)
             matched = present
             if present < first < len(hashes):
                 # kvbm lacks part of what the GPU holds; it may still hold
                 # blocks past it.
-                rest, rest_host = self._lookup(hashes[first:])
-                matched, host = first + rest, first + rest_host
+                rest, rest_host, rest_local = self._lookup(hashes[first:])
+                matched, host, local = first + rest, first + rest_host, first + rest_local
         except KvbmError as e:
             self.stats["lookup_failures"] += 1
             logger.debug("kvtier: lookup failed: %s", e)
             return 0, False
         self.present[request.request_id] = present
+        with self.promote_lock:
+            # A promotion of this request's chain has brought G4 blocks
+            # into host memory since the lookup that started it.
+            p = self.promotions.get(request.request_id)
+            g4_from = local if p is None else min(local, p.local)
         if not self.settings.load:
             return 0, False
         found = matched
+        host = min(host, matched)
         if matched > first:
             # Only what loads faster than it recomputes.
-            end = self.cost.plan(first, min(host, matched), matched, self.block_bytes, bs)
+            end = self.cost.plan(first, host, local, matched, self.block_bytes, bs)
             self.stats["skipped_slow_blocks"] += matched - end
-            matched = end
-        if found > max(host, first, matched) and self.cost.knows_disk():
-            # Disk blocks the plan skips, slower than recomputing: read them
-            # anyway while other requests' prefills keep the engine busy.
-            leased = self._while_busy(request, first, host, found)
+            self.stats["skipped_slow_remote_blocks"] += max(0, matched - max(end, local))
+            matched = self._measured(request, first, host, local, end)
+        start = max(host, first, matched)
+        if found > start and self._knows(start, found, local):
+            # Disk or G4 blocks the plan skips, slower than recomputing:
+            # read them anyway while other requests' prefills keep the
+            # engine busy.
+            leased = self._while_busy(request, first, host, local, found)
             if leased is None:
                 return None, False
             matched = max(matched, leased)
         elif matched > max(host, first):
-            if self.cost.knows_disk():
-                # Blocks from disk: bring them into host memory and lease
-                # them first; vLLM asks again meanwhile (None).
-                matched = self._promoted(request, first, host, matched)
-                if matched is None:
-                    return None, False
-            else:
-                # The disk's speed is unknown (or old): measure it with this
-                # request's blocks in the background, and recompute them
-                # this time rather than bet the request on it.
-                self._probe(request, first, host, matched)
-                host = max(host, first)
-                matched = self.cost.plan(first, host, host, self.block_bytes, bs)
+            # Blocks from disk or G4: bring them into host memory and lease
+            # them first; vLLM asks again meanwhile (None).
+            matched = self._promoted(request, first, host, local, matched)
+            if matched is None:
+                return None, False
         hit_tokens = matched * bs
         # A step needs one token to compute: never claim the whole prompt.
         hit_tokens = min(hit_tokens, request.num_tokens - 1)
@@ -241,70 +260,107 @@ class _SchedulerSide:
         # would load that last block.)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "kvtier: match %s gpu=%d kvbm=%d host=%d -> load %d tokens",
-                request.request_id, first, found, host, max(ext, 0),
+                "kvtier: match %s gpu=%d kvbm=%d host=%d local=%d -> load %d tokens",
+                request.request_id, first, found, host, local, max(ext, 0),
             )
         if ext < max(self.settings.min_match_blocks, 1) * bs:
             return 0, False
         self.local_hit[request.request_id] = num_computed_tokens
-        self.match_host[request.request_id] = (first, host)
+        self.match_local[request.request_id] = g4_from
         # Every block of a reported match is in host memory by now (disk
-        # blocks were promoted first): a layer-by-layer load runs in the
-        # step that computes the rest of the request.
+        # and G4 blocks were promoted first): a layer-by-layer load runs in
+        # the step that computes the rest of the request.
         return ext, not self.layerwise
 
-    def _probe(self, request, first: int, host: int, end: int) -> None:
+    def _knows(self, start: int, end: int, local: int) -> bool:
+        """Whether the rates of the tiers holding blocks `[start, end)`
+        (past host memory: disk before `local`, G4 from it) are measured."""
+        disk = start >= local or self.cost.knows_disk()
+        return disk and (end <= local or self.cost.knows_remote())
+
+    def _measured(self, request, first: int, host: int, local: int, end: int) -> int:
+        """`end`, the plan's, short of the first tier it reaches whose
+        speed is unknown (or old), which the plan counts as a win: that tier
+        is measured with this request's blocks in the background, and its
+        blocks are recomputed this time rather than bet the request on it.
+        The disk comes first in the chain, so it is measured first."""
+        bs, bb = self.block_size, self.block_bytes
+        near = max(host, first)
+        if min(end, local) > near and not self.cost.knows_disk():
+            self._probe(request, first, host, min(end, local))
+            return self.cost.plan(first, near, near, near, bb, bs)
+        g4 = max(local, first)
+        if end > g4 and not self.cost.knows_remote():
+            self._probe(request, g4, g4, end, tier="remote")
+            return self.cost.plan(first, host, local, local, bb, bs)
+        return end
+
+    def _probe(self, request, first: int, host: int, end: int, tier: str = "disk") -> None:
+        """Measures `tier` by reading blocks `[first, end)` of the request's
+        chain (at most `PROBE_BLOCKS` past `host`, those before it being in
+        host memory already), unless kvbm has measured it already."""
         with self.promote_lock:
             if any(p.probe for p in self.promotions.values()):
                 return  # one measurement at a time
             end = min(end, max(host, first) + PROBE_BLOCKS)
-            p = self._start_promotion(request, first, host, end, 0.0, probe=True)
+            local = first if tier == "remote" else end
+            p = self._start_promotion(request, first, local, end, 0.0, probe=True, tier=tier)
             self.promotions["probe:" + request.request_id] = p
 
-    def _start_promotion(self, request, first, host, end, budget, probe=False) -> _Promotion:
-        """Under promote_lock. A promotion a request waits for stops any
-        probe: two readers would share the disk."""
+    def _start_promotion(
+        self, request, first, local, end, budget, probe=False, tier="disk"
+    ) -> _Promotion:
+        """Under promote_lock. A promotion a request waits for stops the
+        probes of the tiers it reads: two readers would share the disk (or
+        the network). Every promotion may read the disk; only one reaching
+        past `local` reads G4."""
         if not probe:
-            for key in [k for k, v in self.promotions.items() if v.probe]:
+            reads = {"disk", "remote"} if end > local else {"disk"}
+            for key in [k for k, v in self.promotions.items() if v.probe and v.tier in reads]:
                 self._abandon(self.promotions.pop(key))
         p = _Promotion(
             first,
             list(request.block_hashes[first:end]),
             time.monotonic(),
             budget,
+            local=local,
             probe=probe,
+            tier=tier,
         )
         if self.promoter is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self.promoter = ThreadPoolExecutor(2, thread_name_prefix="kvtier-promote")
-        self.promoter.submit(self._measure_disk if probe else self._promote, p)
+        self.promoter.submit(self._measure if probe else self._promote, p)
         return p
 
-    def _measure_disk(self, p: _Promotion) -> None:
-        """A probe: kvbm's own measure of its disk when it has a current
-        one (its reads for any engine count); otherwise `p`'s blocks read
-        for the purpose. On the promoter thread."""
+    def _measure(self, p: _Promotion) -> None:
+        """A probe: kvbm's own measure of the tier's reads when it has a
+        current one (its reads for any engine count); otherwise `p`'s blocks
+        read for the purpose. On the promoter thread."""
         try:
-            disk = self.promote_client.stats()["tiers"].get("disk", {})
-            rate = disk.get("read_bytes_per_s", 0)
+            tier = self.promote_client.stats()["tiers"].get(p.tier, {})
+            rate = tier.get("read_bytes_per_s", 0)
         except KvbmError as e:
             logger.debug("kvtier: stats failed: %s", e)
             rate = 0
         if not rate:
             return self._promote(p)
         with self.promote_lock:
-            self.cost.observe_disk_read(int(rate), 1.0)
-            self.stats["disk_rates_from_kvbm"] += 1
+            if p.tier == "remote":
+                self.cost.observe_remote_read(int(rate), 1.0)
+            else:
+                self.cost.observe_disk_read(int(rate), 1.0)
+            self.stats[p.tier + "_rates_from_kvbm"] += 1
             p.done = p.abandoned = True
             self._forget(p)
-        logger.debug("kvtier: kvbm reads its disk at %.2f GB/s", rate / 1e9)
+        logger.debug("kvtier: kvbm reads its %s at %.2f GB/s", p.tier, rate / 1e9)
 
-    def _promoted(self, request, first: int, host: int, end: int) -> int | None:
+    def _promoted(self, request, first: int, host: int, local: int, end: int) -> int | None:
         """The end of the match once `[first, end)` is leased in host
         memory; None while the promotion runs. One that takes longer than
-        recomputing those blocks is given up: the match ends where host
-        memory's prefix did."""
+        recomputing those blocks is given up: the match ends where the
+        prefix leased by then does."""
         req_id = request.request_id
         now = time.monotonic()
         with self.promote_lock:
@@ -316,11 +372,11 @@ class _SchedulerSide:
                 budget = self._recompute_secs(first, end)
                 if budget is None:
                     budget = self.settings.timeout_ms / 1000
-                self.promotions[req_id] = self._start_promotion(request, first, host, end, budget)
+                self.promotions[req_id] = self._start_promotion(request, first, local, end, budget)
                 self.stats["promotions"] += 1
                 logger.debug(
-                    "kvtier: promoting %s: blocks %d..%d (host to %d), budget %.1f ms",
-                    req_id, first, end, host, budget * 1e3,
+                    "kvtier: promoting %s: blocks %d..%d (host to %d, local to %d), "
+                    "budget %.1f ms", req_id, first, end, host, local, budget * 1e3,
                 )
                 return None
             if not p.done:
@@ -336,13 +392,13 @@ class _SchedulerSide:
                 )
             return self._take_leased(req_id, p, end)
 
-    def _while_busy(self, request, first: int, host: int, end: int) -> int | None:
-        """Blocks `[host, end)` are on a disk slower than recomputing them.
-        While other requests have prefill left to run, this one can wait
-        without costing anything: it reads the chain into host memory in the
-        meantime (None: ask again), and loads what was leased once they are
-        done. With the engine otherwise idle it does not wait (returns
-        `first`, nothing more to load)."""
+    def _while_busy(self, request, first: int, host: int, local: int, end: int) -> int | None:
+        """Blocks `[host, end)` are on a disk (or in G4) slower than
+        recomputing them. While other requests have prefill left to run,
+        this one can wait without costing anything: it reads the chain into
+        host memory in the meantime (None: ask again), and loads what was
+        leased once they are done. With the engine otherwise idle it does
+        not wait (returns `first`, nothing more to load)."""
         req_id = request.request_id
         busy = self._busy_secs(req_id)
         with self.promote_lock:
@@ -350,7 +406,7 @@ class _SchedulerSide:
             if p is None:
                 if busy < WAIT_MIN_SECS:
                     return first
-                self.promotions[req_id] = self._start_promotion(request, first, host, end, busy)
+                self.promotions[req_id] = self._start_promotion(request, first, local, end, busy)
                 self.stats["promotions_while_busy"] += 1
                 logger.debug(
                     "kvtier: %s reads blocks %d..%d (host to %d) while the engine is busy "
@@ -406,9 +462,9 @@ class _SchedulerSide:
 
     def _promote(self, p: _Promotion) -> None:
         """Leases `p.keys` on every rank, `PROMOTE_CHUNKS` blocks per
-        Acquire (which reads what is on disk into host memory), so the
-        leased prefix grows while the request waits and can be used as it
-        is when the wait must end. On the promoter thread."""
+        Acquire (which reads what is on disk or only in G4 into host
+        memory), so the leased prefix grows while the request waits and can
+        be used as it is when the wait must end. On the promoter thread."""
         try:
             if self.promote_pool is None or self.promote_pool.closed:
                 self.promote_pool = Pool(self.settings.socket, timeout_ms=self.settings.timeout_ms)
@@ -417,6 +473,11 @@ class _SchedulerSide:
             while pos < len(p.keys) and not p.abandoned:
                 chunk = PROMOTE_CHUNKS[min(n, len(PROMOTE_CHUNKS) - 1)]
                 n += 1
+                at = p.first + pos
+                if at < p.local:
+                    # No Acquire reads from both the disk and G4: kvbm
+                    # does not time them apart.
+                    chunk = min(chunk, p.local - at)
                 part = p.keys[pos : pos + chunk]
                 started = time.monotonic()
                 counts, leases, from_disk = [], [], 0
@@ -427,16 +488,24 @@ class _SchedulerSide:
                     counts.append(len(slots))
                     from_disk += disk
                 got = min(counts)
+                # What kvbm actually read from disk, and what only G4 held at
+                # the lookup, summed over the ranks as `from_disk` is: blocks
+                # already in host memory (another promotion, a probe) would
+                # make the disk look fast. (G4 blocks another request brought
+                # in meanwhile do make G4 look fast; the promotion's own pace
+                # still cuts it short.)
+                ranks = len(self.namespaces)
+                in_g4 = (at + len(part) - max(at, p.local)) * ranks
+                from_g4 = max(0, min(in_g4, got * ranks - from_disk))
                 with self.promote_lock:
-                    # The disk's rate from what kvbm actually read from it:
-                    # blocks already in host memory (another promotion, a
-                    # probe) would make the disk look fast.
                     secs = time.monotonic() - started
-                    if got == len(part) and from_disk:
-                        self.cost.observe_disk_read(from_disk * self.block_bytes, secs)
+                    if got == len(part) and (from_disk or from_g4):
+                        bb = self.block_bytes
+                        self.cost.observe_promotion(from_disk * bb, from_g4 * bb, secs)
                     logger.debug(
-                        "kvtier: promoted %d/%d blocks (%d from disk) in %.1f ms%s",
-                        got, len(part), from_disk, secs * 1e3, " (probe)" if p.probe else "",
+                        "kvtier: promoted %d/%d blocks (%d from disk, %d from G4) in %.1f ms%s",
+                        got, len(part), from_disk, from_g4, secs * 1e3,
+                        " (probe)" if p.probe else "",
                     )
                     if p.abandoned:
                         self._release(leases)
@@ -454,7 +523,7 @@ class _SchedulerSide:
         with self.promote_lock:
             p.done = True
             if p.probe:
-                self.stats["disk_probes"] += 1
+                self.stats[p.tier + "_probes"] += 1
                 self._forget(p)
                 p.abandoned = True
             if p.abandoned:
@@ -511,22 +580,18 @@ class _SchedulerSide:
                 sync=self.layerwise,
             )
         )
-        _, host = self.match_host.pop(req_id, (first, last))
-        in_host = max(0, min(host, last) - first)
-        self.load_clock[req_id] = (
-            0.0,
-            in_host * self.block_bytes,
-            (last - first - in_host) * self.block_bytes,
-        )
+        local = self.match_local.pop(req_id, last)
+        self.load_clock[req_id] = (0.0, (last - first) * self.block_bytes)
         self.stats["planned_load_blocks"] += last - first
+        self.stats["planned_remote_blocks"] += max(0, last - max(local, first))
         # Loaded blocks are in kvbm already: saving starts past them.
         st.saved = max(st.saved, last)
 
     def build_meta(self, so) -> KvtierMetadata:
         now = time.monotonic()
         for spec in self.pending_loads:
-            _, host_bytes, disk_bytes = self.load_clock.get(spec.req_id, (0.0, 0, 0))
-            self.load_clock[spec.req_id] = (now, host_bytes, disk_bytes)
+            _, nbytes = self.load_clock.get(spec.req_id, (0.0, 0))
+            self.load_clock[spec.req_id] = (now, nbytes)
         sync = [spec.req_id for spec in self.pending_loads if spec.sync]
         if so.total_num_scheduled_tokens:
             keep = self.steps_in_flight - 1
@@ -579,7 +644,7 @@ class _SchedulerSide:
 
     def finished(self, request) -> bool:
         req_id = request.request_id
-        self.match_host.pop(req_id, None)
+        self.match_local.pop(req_id, None)
         self.load_clock.pop(req_id, None)
         self.local_hit.pop(req_id, None)
         with self.promote_lock:
@@ -617,24 +682,21 @@ class _SchedulerSide:
                 tokens, (now - started) * 1e3, " (with loads)" if sync else "",
             )
             # Loads that ran inside the step: it measured them together with
-            # the prefill they overlapped (an upper bound on the load). Their
-            # blocks were all in host memory (promotions read the disk ones
-            # first, and measured the disk).
+            # the prefill they overlapped (an upper bound on the load).
             loaded = 0
             for req_id in sync:
                 with self.promote_lock:
                     self._release(self.held.pop(req_id, []))
-                _, h, d = self.load_clock.pop(req_id, (0.0, 0, 0))
-                loaded += h + d
+                loaded += self.load_clock.pop(req_id, (0.0, 0))[1]
             if loaded and not failed:
                 self.cost.observe_load(loaded, 0, now - started)
         for req_id in getattr(output, "finished_recving", None) or ():
             with self.promote_lock:
                 self._release(self.held.pop(req_id, []))
-            started, host_bytes, disk_bytes = self.load_clock.pop(req_id, (0.0, 0, 0))
+            started, nbytes = self.load_clock.pop(req_id, (0.0, 0))
             # A load with failed blocks measured a failure, not a rate.
             if started and not failed:
-                self.cost.observe_load(host_bytes, disk_bytes, now - started)
+                self.cost.observe_load(nbytes, 0, now - started)
 
     def take_events(self) -> list:
         if not self.settings.events:

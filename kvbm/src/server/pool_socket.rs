@@ -195,17 +195,7 @@ fn lookup(
 ) -> std::result::Result<LookupCounts, tonic::Status> {
     let req = wire::decode_keys(body).map_err(tonic::Status::invalid_argument)?;
     let r = store.lookup(&who.namespace(req.namespace), &req.keys)?;
-    let prefix = |tier: kvtier_proto::v1::Tier| {
-        r.tiers
-            .iter()
-            .find(|t| t.tier == tier as i32)
-            .map_or(0, |t| t.blocks)
-    };
-    Ok(LookupCounts {
-        matched: r.matched,
-        host: prefix(kvtier_proto::v1::Tier::Host),
-        disk: prefix(kvtier_proto::v1::Tier::Disk),
-    })
+    Ok(LookupCounts::from(&r))
 }
 
 fn handshake(conn: &UnixStream, session: u64, pool: u8, store: &Store) -> std::io::Result<()> {
