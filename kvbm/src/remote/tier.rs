@@ -1035,9 +1035,7 @@ async fn read_plan(s: &Arc<Shared>, plan: Plan, limit: Duration, tx: mpsc::Sende
         return;
     }
     let total = plan.blocks.len() as u64 * plan.block_bytes;
-    let deadline = (s.cfg.timeout
-        + Duration::from_secs_f64(total as f64 / s.cfg.min_bytes_per_s.max(1) as f64))
-    .min(limit);
+    let deadline = s.bucket.deadline(total, 1).min(limit);
     let bb = plan.block_bytes;
     // Owned futures: the spawned task must not hold a borrow of `plan`
     // in its stream (the compiler cannot prove that one general enough).
@@ -1068,14 +1066,15 @@ async fn read_plan(s: &Arc<Shared>, plan: Plan, limit: Duration, tx: mpsc::Sende
     // read whole.
     ended.sort_by_key(|(p, _)| p.first);
     let mut hits = 0;
-    let mut whole = true;
     for (p, r) in &ended {
         let forget = match r {
-            Ok(Ended::Whole) if whole && hits == p.first => {
+            // Whole, and every block before it too (else `hits` stopped
+            // short of its first block).
+            Ok(Ended::Whole) if hits == p.first => {
                 hits += p.blocks.len();
                 continue;
             }
-            Err(Miss::NotFound | Miss::Segment(_)) | Ok(Ended::Damaged) => {
+            Err(Miss::NotFound) | Ok(Ended::Damaged) => {
                 tracing::warn!(segment = %p.name, "G4 segment gone or damaged; its blocks are forgotten");
                 true
             }
@@ -1094,7 +1093,6 @@ async fn read_plan(s: &Arc<Shared>, plan: Plan, limit: Duration, tx: mpsc::Sende
             // A slow or failing server: the data is likely fine.
             Ok(Ended::Whole | Ended::Stopped) | Err(_) => false,
         };
-        whole = false;
         if forget {
             forget_segment(s, p.seg);
         }
@@ -1125,8 +1123,7 @@ async fn read_part(
                 let mut pos = range.start;
                 let mut block = Block::default();
                 while let Some(chunk) = body.next().await {
-                    let chunk = chunk?;
-                    let mut rest = chunk.clone();
+                    let mut rest = chunk?;
                     while !rest.is_empty() && next < p.blocks.len() {
                         let i = p.blocks[next];
                         let b = &p.footer.blocks[i];
@@ -1171,25 +1168,8 @@ async fn read_part(
                             return Ok(Ended::Damaged);
                         };
                         if b.codec != CODEC_RAW {
-                            let ns = p.footer.namespaces[usize::from(b.namespace)].clone();
-                            let (key, codec, raw_len) = (b.key.clone(), b.codec, b.raw_len);
-                            let shared = s.clone();
-                            let open = tokio::task::spawn_blocking(move || {
-                                shared
-                                    .codec
-                                    .open(&ns, &key, codec, raw_len, stored, block_bytes)
-                            });
-                            match open.await.unwrap_or(Err(Refused::Damaged)) {
-                                Ok(bytes) => {
-                                    let data = Piece::Data {
-                                        block: n,
-                                        at: 0,
-                                        bytes,
-                                    };
-                                    if tx.send(data).await.is_err() {
-                                        return Ok(Ended::Stopped);
-                                    }
-                                }
+                            let bytes = match open_block(s, p, i, stored, block_bytes).await {
+                                Ok(bytes) => bytes,
                                 // Fails authentication or decompression:
                                 // damaged or forged, like a bad checksum.
                                 Err(Refused::Damaged) => {
@@ -1199,6 +1179,14 @@ async fn read_part(
                                 Err(Refused::Foreign) => return Ok(Ended::Foreign),
                                 // The plan checked the raw length.
                                 Err(Refused::Layout) => return Ok(Ended::Stopped),
+                            };
+                            let data = Piece::Data {
+                                block: n,
+                                at: 0,
+                                bytes,
+                            };
+                            if tx.send(data).await.is_err() {
+                                return Ok(Ended::Stopped);
                             }
                         }
                         if tx.send(Piece::Verified(n)).await.is_err() {
@@ -1222,6 +1210,28 @@ async fn read_part(
         }
     }
     Ok(Ended::Whole)
+}
+
+/// Decodes block `i` of part `p` from its verified stored bytes, on the
+/// blocking pool (decryption and decompression cost CPU).
+async fn open_block(
+    s: &Arc<Shared>,
+    p: &Part,
+    i: usize,
+    stored: Bytes,
+    block_bytes: u64,
+) -> std::result::Result<Bytes, Refused> {
+    let b = &p.footer.blocks[i];
+    let ns = p.footer.namespaces[usize::from(b.namespace)].clone();
+    let (key, codec, raw_len) = (b.key.clone(), b.codec, b.raw_len);
+    let shared = s.clone();
+    tokio::task::spawn_blocking(move || {
+        shared
+            .codec
+            .open(&ns, &key, codec, raw_len, stored, block_bytes)
+    })
+    .await
+    .unwrap_or(Err(Refused::Damaged))
 }
 
 /// One block's stored bytes as they pass: their running checksum, and the
